@@ -1,0 +1,138 @@
+"""What one container run is: a plain-data `RunSpec` in, a `RunResult` out.
+
+Runners know nothing of challenges, datasets or the database: the engine turns
+a job into a `RunSpec`, and a `Runner` turns that into a `RunResult`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class RunStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class FailureReason(StrEnum):
+    """Why a run failed. Typed, so that the engine and participants never parse free text."""
+
+    TIMEOUT = "TIMEOUT"
+    OOM_KILLED = "OOM_KILLED"
+    NONZERO_EXIT = "NONZERO_EXIT"
+    OUTPUT_MISSING = "OUTPUT_MISSING"
+    OUTPUT_INVALID = "OUTPUT_INVALID"
+    OUTPUT_QUOTA = "OUTPUT_QUOTA"
+    IMAGE_INVALID = "IMAGE_INVALID"
+    INFRASTRUCTURE = "INFRASTRUCTURE"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def retryable(self) -> bool:
+        """Only the platform's own failures are retried; a participant's never are."""
+        return self is FailureReason.INFRASTRUCTURE
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a runner needs to run one container, and nothing it must not know."""
+
+    image: str
+    command: tuple[str, ...] | None = None  # None: the image's own ENTRYPOINT/CMD
+    env: Mapping[str, str] = field(default_factory=dict)
+    input_dir: Path | None = None  # mounted read-only at /input
+    output_dir: Path | None = None  # regular files written to /output are collected here
+    output_quota_bytes: int = 1 * GiB
+    tmp_size_bytes: int = 256 * MiB  # tmpfs at /tmp, charged to the memory limit
+    memory_bytes: int = 2 * GiB  # memory and memory+swap: no swap
+    cpus: float = 1.0
+    pids_limit: int = 256
+    shm_size_bytes: int = 64 * MiB
+    nofile: int = 4096
+    timeout_seconds: float = 600.0
+    stop_grace_seconds: float = 10.0  # SIGTERM, then SIGKILL after this long
+    gpu_uuids: tuple[str, ...] = ()
+    user: str | None = None  # None: the image's user, remapped when it is root
+    log_cap_bytes: int = 1 * MiB
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "output_quota_bytes": self.output_quota_bytes,
+            "tmp_size_bytes": self.tmp_size_bytes,
+            "memory_bytes": self.memory_bytes,
+            "cpus": self.cpus,
+            "pids_limit": self.pids_limit,
+            "shm_size_bytes": self.shm_size_bytes,
+            "nofile": self.nofile,
+            "timeout_seconds": self.timeout_seconds,
+            "log_cap_bytes": self.log_cap_bytes,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"RunSpec.{name} must be positive, got {value!r}")
+        if self.stop_grace_seconds < 0:
+            raise ValueError("RunSpec.stop_grace_seconds must not be negative")
+        if self.input_dir is not None and not Path(self.input_dir).is_dir():
+            raise ValueError(f"input directory {self.input_dir} does not exist")
+
+
+@dataclass
+class RunResult:
+    """What happened, measured by the platform rather than reported by the container."""
+
+    status: RunStatus
+    reason: FailureReason | None
+    message: str  # for the participant: what happened and what to do about it
+    exit_code: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    wall_seconds: float | None = None
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    oom_kills: int | None = None
+    peak_pids: int | None = None
+    output_bytes: int = 0
+    output_files: int = 0
+    skipped_outputs: list[str] = field(default_factory=list)  # links, devices: never collected
+    log_tail: str = ""
+    log_bytes: int = 0
+    log_truncated: bool = False
+    image_id: str | None = None
+    user: str | None = None  # the user the container actually ran as
+    accounting: str = "none"  # where the numbers came from: cgroup-v1, cgroup-v2, sampled
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is RunStatus.SUCCEEDED
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["reason"] = self.reason.value if self.reason else None
+        for key in ("started_at", "finished_at"):
+            value = data[key]
+            data[key] = value.isoformat() if value else None
+        return data
+
+
+class Runner(Protocol):
+    """Runs one container to completion: provision, execute, collect, deprovision."""
+
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+        """Never raises for anything the container did; the result says what happened."""
+        ...
+
+
+def failed(reason: FailureReason, message: str, **measured: Any) -> RunResult:
+    return RunResult(status=RunStatus.FAILED, reason=reason, message=message, **measured)

@@ -1,0 +1,475 @@
+"""One hardened container run on the local Docker Engine, through the docker SDK.
+
+provision: resolve the image locally (never pull), make the /output area and
+           the per-run cgroup, create the container locked down
+execute:   attach to its logs, start it, keep our own clock; SIGTERM then
+           SIGKILL on timeout or cancel, SIGKILL at once when /output is over quota
+collect:   inspect, read the kernel's accounting, copy regular output files
+deprovision: remove the container, the output area and the cgroup, always
+
+Every container carries labels naming its owner process, so that containers
+left behind by a crashed process are removed the next time a runner starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
+
+from runners import messages
+from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed
+from runners.cgroups import CgroupUsage, RunCgroup, make_run_cgroup
+from runners.logs import LogTail
+from runners.output_area import OutputArea, unmount
+
+LABEL_MANAGED = "org.epreuve.managed"
+LABEL_OWNER = "org.epreuve.owner"
+LABEL_RUN = "org.epreuve.run"
+REMAPPED_USER = "65534:65534"  # nobody:nogroup, for images whose user is root
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+WAIT_SLACK_SECONDS = 30.0
+OOM_PEAK_FRACTION = 0.9  # exit 137 with a peak this close to the limit is an OOM kill
+# Start failures caused by the image rather than by the platform.
+IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
+                      "unable to find user", "permission denied", "exec format error",
+                      "no command specified", "not a directory")
+ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
+
+
+class DockerUnavailable(RuntimeError):
+    """The Docker Engine did not answer."""
+
+
+class ImageRejected(Exception):
+    """The image cannot be run as it is; the message tells the participant why."""
+
+
+@dataclass
+class _Run:
+    """The resources of one run, so that deprovision knows what to undo."""
+
+    name: str
+    directory: Path
+    spec: RunSpec
+    image: dict[str, Any] = field(default_factory=dict)
+    user: str = REMAPPED_USER
+    area: OutputArea | None = None
+    cgroup: RunCgroup | None = None
+    container_id: str | None = None
+    logs: LogTail | None = None
+
+
+@dataclass
+class _Execution:
+    stop_reason: FailureReason | None = None
+    leaf_oom_kills: int = 0
+    sampled: CgroupUsage = field(default_factory=CgroupUsage)
+    over_quota: bool = False
+
+
+class DockerRunner:
+    """The `Runner` for a Docker Engine on this host (cgroup accounting needs the local kernel)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        state_dir: Path | None = None,
+        poll_interval: float = 0.1,
+        use_cgroups: bool = True,
+        reap_orphans: bool = True,
+    ):
+        # Explicit daemon: docker.from_env() would follow the CLI's current context.
+        self.base_url = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+        try:
+            self.client = docker.DockerClient(base_url=self.base_url, timeout=120)
+            info = self.client.api.info()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(
+                f"no Docker Engine answers at {self.base_url}: {exc}. "
+                "Start one (scripts/ensure-docker) or set DOCKER_HOST."
+            ) from exc
+        self.api = self.client.api
+        self.state_dir = Path(state_dir or default_state_dir())
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.poll_interval = poll_interval
+        self.cgroup_version = int(info.get("CgroupVersion") or 1)
+        self.cgroup_driver = info.get("CgroupDriver")
+        self.node_arch = ARCH_ALIASES.get(info.get("Architecture", ""), info.get("Architecture"))
+        self.use_cgroups = use_cgroups
+        self.owner = owner_token()
+        if reap_orphans:
+            self.reap_orphans()
+
+    # -- the Runner protocol -------------------------------------------------------------
+
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+        name = f"epreuve-{uuid.uuid4().hex[:12]}"
+        run = _Run(name=name, directory=self.state_dir / name, spec=spec)
+        try:
+            self._provision(run)
+            execution = self._execute(run, cancel)
+            return self._collect(run, execution)
+        except ImageRejected as exc:
+            return failed(FailureReason.IMAGE_INVALID, str(exc), image_id=run.image.get("Id"))
+        except (docker.errors.DockerException, requests.exceptions.RequestException,
+                OSError) as exc:
+            return failed(FailureReason.INFRASTRUCTURE, messages.infrastructure(exc),
+                          image_id=run.image.get("Id"))
+        finally:
+            self._deprovision(run)
+
+    # -- provision -----------------------------------------------------------------------
+
+    def _provision(self, run: _Run) -> None:
+        run.image = self.resolve_image(run.spec.image, run.spec.command)
+        run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "")
+        run.directory.mkdir(mode=0o700)
+        run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
+        if self.use_cgroups:
+            run.cgroup = make_run_cgroup(run.name, version=self.cgroup_version,
+                                         driver=self.cgroup_driver)
+        input_dir = run.spec.input_dir
+        if input_dir is None:  # the contract holds even with nothing to read
+            input_dir = run.directory / "empty-input"
+            input_dir.mkdir()
+        run.container_id = self._create_container(run, Path(input_dir))
+
+    def resolve_image(self, reference: str, command: tuple[str, ...] | None = None) -> dict:
+        """The image's attributes, from this node only: a missing image is refused, not pulled."""
+        try:
+            image = self.api.inspect_image(reference)
+        except docker.errors.ImageNotFound:
+            raise ImageRejected(messages.image_missing(reference)) from None
+        except docker.errors.APIError as exc:
+            if exc.status_code in (400, 404):
+                raise ImageRejected(messages.image_missing(reference)) from None
+            raise
+        arch = image.get("Architecture")
+        if self.node_arch and arch and arch != self.node_arch:
+            raise ImageRejected(messages.image_wrong_arch(arch, self.node_arch))
+        config = image.get("Config") or {}
+        if not command and not (config.get("Entrypoint") or config.get("Cmd")):
+            raise ImageRejected(messages.image_without_command())
+        return image
+
+    def _create_container(self, run: _Run, input_dir: Path) -> str:
+        spec = run.spec
+        env = dict(spec.env)
+        # Always ours: an image's own NVIDIA_VISIBLE_DEVICES=all must never reach the runtime.
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(spec.gpu_uuids) if spec.gpu_uuids else "void"
+        host_config = self.api.create_host_config(**sandbox_host_config(
+            spec, input_dir=input_dir, output_dir=run.area.path,
+            cgroup_parent=run.cgroup.parent if run.cgroup else None,
+        ))
+        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_OWNER: self.owner,
+                  LABEL_RUN: run.name}
+        try:
+            container = self.api.create_container(
+                image=run.image["Id"],  # by id: create never pulls, and the tag cannot move
+                command=list(spec.command) if spec.command else None,
+                environment=env,
+                user=run.user,
+                labels=labels,
+                name=run.name,
+                hostname="epreuve",
+                network_disabled=True,
+                stop_signal="SIGTERM",
+                host_config=host_config,
+            )
+        except docker.errors.APIError as exc:
+            raise _classify_api_error(exc) from exc
+        return container["Id"]
+
+    # -- execute -------------------------------------------------------------------------
+
+    def _execute(self, run: _Run, cancel: threading.Event | None) -> _Execution:
+        spec, cid = run.spec, run.container_id
+        run.logs = LogTail(spec.log_cap_bytes)
+        run.logs.follow(self.api.attach(cid, stdout=True, stderr=True, stream=True, logs=False))
+        exited = threading.Event()
+        waiter = threading.Thread(target=self._wait_for_exit, args=(cid, spec, exited),
+                                  daemon=True, name="epreuve-wait")
+        try:
+            self.api.start(cid)
+        except docker.errors.APIError as exc:
+            raise _classify_api_error(exc) from exc
+        deadline = time.monotonic() + spec.timeout_seconds
+        waiter.start()
+        execution = _Execution()
+        next_sample = 0.0
+        while not exited.wait(self.poll_interval):
+            if run.cgroup is not None:
+                kills = run.cgroup.read_leaf_oom_kills(cid) or 0
+                execution.leaf_oom_kills = max(execution.leaf_oom_kills, kills)
+            elif time.monotonic() >= next_sample:
+                self._sample_stats(cid, execution.sampled)
+                next_sample = time.monotonic() + 1.0
+            if run.area.over_quota():
+                execution.stop_reason = FailureReason.OUTPUT_QUOTA
+                self._kill(cid)
+                break
+            if cancel is not None and cancel.is_set():
+                execution.stop_reason = FailureReason.CANCELLED
+                self._stop(cid, spec.stop_grace_seconds)
+                break
+            if time.monotonic() >= deadline:
+                execution.stop_reason = FailureReason.TIMEOUT
+                self._stop(cid, spec.stop_grace_seconds)
+                break
+        if not exited.wait(spec.stop_grace_seconds + WAIT_SLACK_SECONDS):
+            self._kill(cid)
+            if not exited.wait(WAIT_SLACK_SECONDS):
+                raise RuntimeError(f"container {cid[:12]} did not stop after SIGKILL")
+        execution.over_quota = run.area.over_quota()
+        return execution
+
+    def _wait_for_exit(self, cid: str, spec: RunSpec, exited: threading.Event) -> None:
+        # wait(timeout=) is only an HTTP timeout: the run limit is enforced by our own clock.
+        try:
+            while True:
+                try:
+                    self.api.wait(cid, timeout=spec.timeout_seconds + spec.stop_grace_seconds + 60)
+                    return
+                except requests.exceptions.ReadTimeout:
+                    continue
+        except Exception:
+            return  # removed or daemon gone: the main loop inspects and decides
+        finally:
+            exited.set()
+
+    def _stop(self, cid: str, grace: float) -> None:
+        with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
+            self.api.stop(cid, timeout=max(0, round(grace)))
+
+    def _kill(self, cid: str) -> None:
+        with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
+            self.api.kill(cid, signal="SIGKILL")
+
+    def _sample_stats(self, cid: str, usage: CgroupUsage) -> None:
+        """Accounting without cgroup access: samples of the stats API, a lower bound."""
+        try:
+            stats = self.api.stats(cid, stream=False, one_shot=True)
+        except (docker.errors.APIError, requests.exceptions.RequestException):
+            return
+        memory = stats.get("memory_stats") or {}
+        peak = memory.get("max_usage") or memory.get("usage")
+        if peak:
+            usage.peak_memory_bytes = max(usage.peak_memory_bytes or 0, int(peak))
+        total = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+        if total:
+            usage.cpu_seconds = max(usage.cpu_seconds or 0.0, total / 1e9)
+
+    # -- collect -------------------------------------------------------------------------
+
+    def _collect(self, run: _Run, execution: _Execution) -> RunResult:
+        spec = run.spec
+        state = self.api.inspect_container(run.container_id)["State"]
+        started, finished = parse_docker_time(state.get("StartedAt")), parse_docker_time(
+            state.get("FinishedAt"))
+        usage = run.cgroup.read() if run.cgroup else execution.sampled
+        run.logs.join(timeout=10)
+        collected = run.area.collect(Path(spec.output_dir) if spec.output_dir else None)
+        exit_code = state.get("ExitCode")
+        oom_kills = max(usage.oom_kills or 0, execution.leaf_oom_kills)
+        reason = decide_reason(
+            stop_reason=execution.stop_reason,
+            over_quota=execution.over_quota,
+            exit_code=exit_code,
+            oom_evidence=bool(state.get("OOMKilled")) or oom_kills > 0
+            or _peak_at_limit(exit_code, usage.peak_memory_bytes, spec.memory_bytes),
+        )
+        return RunResult(
+            status=RunStatus.SUCCEEDED if reason is None else RunStatus.FAILED,
+            reason=reason,
+            message=messages.for_reason(reason, spec, exit_code, usage.peak_memory_bytes),
+            exit_code=exit_code,
+            started_at=started,
+            finished_at=finished,
+            wall_seconds=(finished - started).total_seconds() if started and finished else None,
+            cpu_seconds=usage.cpu_seconds,
+            peak_memory_bytes=usage.peak_memory_bytes,
+            oom_kills=oom_kills,
+            peak_pids=usage.peak_pids,
+            output_bytes=collected.bytes,
+            output_files=collected.files,
+            skipped_outputs=collected.skipped,
+            log_tail=run.logs.text(),
+            log_bytes=run.logs.total_bytes,
+            log_truncated=run.logs.truncated,
+            image_id=run.image.get("Id"),
+            user=run.user,
+            accounting=run.cgroup.label if run.cgroup else "sampled",
+        )
+
+    # -- deprovision ---------------------------------------------------------------------
+
+    def _deprovision(self, run: _Run) -> None:
+        if run.container_id:
+            self._remove_container(run.container_id)
+        if run.area is not None:
+            run.area.release()
+        if run.cgroup is not None:
+            run.cgroup.remove()
+        shutil.rmtree(run.directory, ignore_errors=True)
+
+    def _remove_container(self, cid: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self.api.remove_container(cid, force=True, v=True)
+
+    def reap_orphans(self) -> list[str]:
+        """Remove the containers, output areas and cgroups of runner processes that died."""
+        reaped = []
+        for container in self.api.containers(all=True, filters={"label": LABEL_MANAGED}):
+            labels = container.get("Labels") or {}
+            if owner_alive(labels.get(LABEL_OWNER, "")):
+                continue
+            self._remove_container(container["Id"])
+            run_name = labels.get(LABEL_RUN)
+            if run_name and re.fullmatch(r"epreuve-[0-9a-f]{12}", run_name):
+                run_dir = self.state_dir / run_name
+                unmount(run_dir / "output")
+                shutil.rmtree(run_dir, ignore_errors=True)
+                cgroup = make_run_cgroup(run_name, version=self.cgroup_version,
+                                         driver=self.cgroup_driver)
+                if cgroup is not None:
+                    cgroup.remove()
+            reaped.append(container["Id"])
+        return reaped
+
+
+# -- pure helpers (tested without a daemon) -------------------------------------------------
+
+
+def sandbox_host_config(spec: RunSpec, *, input_dir: Path, output_dir: Path,
+                        cgroup_parent: str | None) -> dict[str, Any]:
+    """The sandbox, as arguments of `APIClient.create_host_config`: one definition for all."""
+    config: dict[str, Any] = dict(
+        network_mode="none",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],  # default seccomp stays on: never 'unconfined'
+        privileged=False,
+        read_only=True,
+        init=True,  # a real PID 1 that forwards SIGTERM and reaps zombies
+        ipc_mode="private",
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size_bytes}"},
+        pids_limit=spec.pids_limit,
+        mem_limit=spec.memory_bytes,
+        memswap_limit=spec.memory_bytes,  # equal: no swap
+        nano_cpus=int(spec.cpus * 1e9),
+        shm_size=spec.shm_size_bytes,
+        ulimits=[Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile),
+                 Ulimit(name="core", soft=0, hard=0)],
+        log_config=LogConfig(type="json-file",
+                             config={"max-size": str(spec.log_cap_bytes), "max-file": "1"}),
+        mounts=[
+            Mount(target="/input", source=str(Path(input_dir).resolve()), type="bind",
+                  read_only=True, propagation="rprivate"),
+            Mount(target="/output", source=str(output_dir), type="bind", read_only=False,
+                  propagation="rprivate"),
+        ],
+    )
+    if spec.gpu_uuids:
+        config["device_requests"] = [
+            DeviceRequest(driver="nvidia", device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])
+        ]
+    if cgroup_parent:
+        config["cgroup_parent"] = cgroup_parent
+    return config
+
+
+def decide_reason(*, stop_reason: FailureReason | None, over_quota: bool, exit_code: int | None,
+                  oom_evidence: bool) -> FailureReason | None:
+    """The one typed reason of a finished run; None when it succeeded."""
+    if stop_reason is FailureReason.OUTPUT_QUOTA or over_quota:
+        return FailureReason.OUTPUT_QUOTA
+    if stop_reason is not None:
+        return stop_reason
+    if exit_code != 0 and oom_evidence:
+        return FailureReason.OOM_KILLED
+    if exit_code != 0:
+        return FailureReason.NONZERO_EXIT
+    return None
+
+
+def _peak_at_limit(exit_code: int | None, peak: int | None, limit: int) -> bool:
+    # State.OOMKilled misses kills of child processes on cgroup v2: the peak does not.
+    return exit_code == 137 and peak is not None and peak >= OOM_PEAK_FRACTION * limit
+
+
+def effective_user(requested: str | None, image_user: str) -> str:
+    """Never root: a root (or unset) user becomes nobody, a root group becomes nogroup."""
+    user = requested or image_user
+    name, _, group = user.partition(":")
+    if name in ("", "root", "0"):
+        return REMAPPED_USER
+    if group in ("root", "0"):
+        return f"{name}:65534"
+    return user
+
+
+def _classify_api_error(exc: docker.errors.APIError) -> Exception:
+    text = str(exc.explanation or exc).lower()
+    if any(hint in text for hint in IMAGE_START_ERRORS):
+        return ImageRejected(messages.image_cannot_start(str(exc.explanation or exc)))
+    return exc
+
+
+def parse_docker_time(value: str | None) -> datetime | None:
+    """RFC 3339 with nanoseconds, as the daemon writes it; None for its zero time."""
+    if not value or value.startswith("0001-"):
+        return None
+    match = re.fullmatch(r"(.+T\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", value)
+    if not match:
+        return None
+    fraction = (match.group(2) or ".0")[:7]
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    return datetime.fromisoformat(f"{match.group(1)}{fraction}{zone}")
+
+
+def default_state_dir() -> Path:
+    configured = os.environ.get("EPREUVE_STATE_DIR")
+    if configured:
+        return Path(configured) / "runs"
+    if os.geteuid() == 0:
+        return Path("/var/lib/epreuve/runs")
+    return Path(tempfile.gettempdir()) / f"epreuve-{os.geteuid()}" / "runs"
+
+
+def _process_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks
+
+
+def owner_token(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start_time(pid) or '?'}"
+
+
+def owner_alive(token: str) -> bool:
+    """False only when we can tell the owning process on this host is gone."""
+    host, _, rest = token.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return host != socket.gethostname()  # another host's run is not ours to judge
+    current = _process_start_time(int(pid_text))
+    return current is not None and (start == "?" or current == start)
