@@ -58,8 +58,9 @@ class RunCgroup:
         self.driver = driver
         self.root = root
         if driver == "systemd":
-            # systemd nests "epreuve-<run>.slice" inside "epreuve.slice".
-            slice_name = f"epreuve-{run_name}.slice"
+            # systemd nests "epreuve-<x>.slice" inside "epreuve.slice".
+            prefixed = run_name if run_name.startswith("epreuve-") else f"epreuve-{run_name}"
+            slice_name = f"{prefixed}.slice"
             self.parent = slice_name
             self._relative = Path("epreuve.slice") / slice_name
         else:

@@ -171,9 +171,6 @@ class DockerRunner:
 
     def _create_container(self, run: _Run, input_dir: Path) -> str:
         spec = run.spec
-        env = dict(spec.env)
-        # Always ours: an image's own NVIDIA_VISIBLE_DEVICES=all must never reach the runtime.
-        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(spec.gpu_uuids) if spec.gpu_uuids else "void"
         host_config = self.api.create_host_config(**sandbox_host_config(
             spec, input_dir=input_dir, output_dir=run.area.path,
             cgroup_parent=run.cgroup.parent if run.cgroup else None,
@@ -184,7 +181,7 @@ class DockerRunner:
             container = self.api.create_container(
                 image=run.image["Id"],  # by id: create never pulls, and the tag cannot move
                 command=list(spec.command) if spec.command else None,
-                environment=env,
+                environment=container_env(spec),
                 user=run.user,
                 labels=labels,
                 name=run.name,
@@ -302,7 +299,7 @@ class DockerRunner:
             exit_code=exit_code,
             started_at=started,
             finished_at=finished,
-            wall_seconds=(finished - started).total_seconds() if started and finished else None,
+            wall_seconds=wall_seconds(started, finished),
             cpu_seconds=usage.cpu_seconds,
             peak_memory_bytes=usage.peak_memory_bytes,
             oom_kills=oom_kills,
@@ -394,6 +391,14 @@ def sandbox_host_config(spec: RunSpec, *, input_dir: Path, output_dir: Path,
     return config
 
 
+def container_env(spec: RunSpec) -> dict[str, str]:
+    """The spec's environment, with NVIDIA_VISIBLE_DEVICES always set by us: the allocated
+    UUIDs, or `void`. An image's own `=all` would otherwise hand it every GPU of the node."""
+    env = dict(spec.env)
+    env["NVIDIA_VISIBLE_DEVICES"] = ",".join(spec.gpu_uuids) if spec.gpu_uuids else "void"
+    return env
+
+
 def decide_reason(*, stop_reason: FailureReason | None, over_quota: bool, exit_code: int | None,
                   oom_evidence: bool) -> FailureReason | None:
     """The one typed reason of a finished run; None when it succeeded."""
@@ -450,6 +455,13 @@ def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/epreuve/runs")
     return Path(tempfile.gettempdir()) / f"epreuve-{os.geteuid()}" / "runs"
+
+
+def wall_seconds(started: datetime | None, finished: datetime | None) -> float | None:
+    """The daemon's own timestamps; it records StartedAt late, so an instant exit can precede it."""
+    if started is None or finished is None:
+        return None
+    return max(0.0, (finished - started).total_seconds())
 
 
 def _process_start_time(pid: int) -> str | None:

@@ -1,0 +1,145 @@
+"""The `epreuve` command."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from engine.units import parse_size
+from runners.base import RunResult, RunSpec
+from runners.messages import human_bytes
+
+app = typer.Typer(help="Épreuve: evaluate containerised algorithms on sealed medical-imaging "
+                       "test sets.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="Run one image in exactly the sandbox the workers use.",
+                          no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_FAILED_RUN = 1
+EXIT_NO_ENGINE = 3
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@sandbox_app.command("run")
+def sandbox_run(
+    image: str = typer.Argument(..., help="Image reference or id, already on this node."),
+    command: list[str] | None = typer.Argument(None, help="Command to run instead of the "
+                                               "image's CMD (after `--`)."),
+    input_dir: Path | None = typer.Option(None, "--input", exists=True, file_okay=False,
+                                          help="Mounted read-only at /input."),
+    output_dir: Path | None = typer.Option(None, "--output", file_okay=False,
+                                           help="Where files written to /output are collected."),
+    timeout: float = typer.Option(600, help="Time limit in seconds."),
+    memory: str = typer.Option("2g", help="Memory limit (no swap), e.g. 512m, 2g."),
+    cpus: float = typer.Option(1.0, help="CPU quota in cores."),
+    pids: int = typer.Option(256, help="Maximum number of processes and threads."),
+    output_quota: str = typer.Option("1g", help="Maximum size of /output."),
+    tmp_size: str = typer.Option("256m", help="Size of the /tmp tmpfs (counts as memory)."),
+    shm_size: str = typer.Option("64m", help="Size of /dev/shm."),
+    gpus: str = typer.Option("", help="Comma-separated GPU UUIDs to hand to the container."),
+    user: str | None = typer.Option(None, help="uid[:gid] to run as (root is remapped)."),
+    log_cap: str = typer.Option("1m", help="Bytes of log kept (the tail)."),
+    grace: float = typer.Option(10, help="Seconds between SIGTERM and SIGKILL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Run IMAGE once, sandboxed, and report what happened. Exit status 0 only on success."""
+    from runners.docker import DockerRunner, DockerUnavailable
+
+    spec = RunSpec(
+        image=image,
+        command=tuple(command) if command else None,
+        input_dir=input_dir,
+        output_dir=output_dir,
+        timeout_seconds=timeout,
+        memory_bytes=_size(memory),
+        cpus=cpus,
+        pids_limit=pids,
+        output_quota_bytes=_size(output_quota),
+        tmp_size_bytes=_size(tmp_size),
+        shm_size_bytes=_size(shm_size),
+        gpu_uuids=tuple(uuid.strip() for uuid in gpus.split(",") if uuid.strip()),
+        user=user,
+        log_cap_bytes=_size(log_cap),
+        stop_grace_seconds=grace,
+    )
+    try:
+        runner = DockerRunner()
+    except DockerUnavailable as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_NO_ENGINE) from None
+    cancel = threading.Event()
+    try:
+        if as_json:
+            result = runner.run(spec, cancel)
+        else:
+            with console.status(f"running {image} (limit {timeout:g} s)"):
+                result = runner.run(spec, cancel)
+    except KeyboardInterrupt:  # the runner has already removed the container
+        cancel.set()
+        raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        _print_result(result)
+    raise typer.Exit(0 if result.succeeded else EXIT_FAILED_RUN)
+
+
+def _print_result(result: RunResult) -> None:
+    colour = "green" if result.succeeded else "red"
+    title = result.status.value + (f": {result.reason.value}" if result.reason else "")
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("exit code", result.exit_code),
+        ("wall time", None if result.wall_seconds is None else f"{result.wall_seconds:.3f} s"),
+        ("CPU time", None if result.cpu_seconds is None else f"{result.cpu_seconds:.3f} s"),
+        ("peak memory", human_bytes(result.peak_memory_bytes)),
+        ("peak processes", result.peak_pids),
+        ("output", f"{human_bytes(result.output_bytes)} in {result.output_files} files"),
+        ("log", human_bytes(result.log_bytes) + (" (truncated)" if result.log_truncated else "")),
+        ("ran as", result.user),
+        ("accounting", result.accounting),
+    ]
+    for name, value in rows:
+        table.add_row(name, "-" if value is None else str(value))
+    console.print(Panel(table, title=f"[{colour}]{title}[/{colour}]", expand=False))
+    console.print(result.message)
+    for skipped in result.skipped_outputs:
+        console.print(f"[yellow]not collected:[/yellow] {skipped}")
+    if result.log_tail:
+        tail = "\n".join(result.log_tail.splitlines()[-20:])
+        console.print(Panel(tail, title="log (last lines)", expand=False))
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@app.command()
+def demo() -> None:
+    """Show the sandbox at work: a well-behaved image and hostile ones, each failure typed."""
+    from engine.demo import run_sandbox_demo
+    from runners.docker import DockerUnavailable
+
+    try:
+        run_sandbox_demo(console, REPO_ROOT)
+    except DockerUnavailable as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_NO_ENGINE) from None
+
+
+if __name__ == "__main__":
+    app()
