@@ -20,6 +20,9 @@ app = typer.Typer(help="Épreuve: evaluate containerised algorithms on sealed me
 sandbox_app = typer.Typer(help="Run one image in exactly the sandbox the workers use.",
                           no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+dataset_app = typer.Typer(help="Sealed datasets: synthesise, seal, verify, release.",
+                          no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
 
 console = Console()
 errors = Console(stderr=True)
@@ -126,6 +129,95 @@ def _print_result(result: RunResult) -> None:
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EXIT_DATASET_ERROR = 1
+
+
+@dataset_app.command("synth")
+def dataset_synth(
+    directory: Path = typer.Argument(..., file_okay=False, help="Where to write the dataset."),
+    cases: int = typer.Option(10, min=1, help="Number of cases."),
+    image_format: str = typer.Option("nifti", "--format", help="nifti or dicom."),
+    task: str = typer.Option("segmentation", help="segmentation or classification."),
+    seed: int = typer.Option(0, help="Same seed, same bytes."),
+    size: int = typer.Option(96, min=16, help="In-plane matrix size."),
+) -> None:
+    """Write synthetic CT-like cases with label maps (or class labels), ready to seal."""
+    from rich.progress import Progress
+
+    from engine.synthetic import synth_dataset
+
+    if image_format not in ("nifti", "dicom") or task not in ("segmentation", "classification"):
+        raise typer.BadParameter("--format is nifti or dicom; --task segmentation or "
+                                 "classification")
+    with Progress(console=console, transient=True) as progress:
+        task_id = progress.add_task(f"synthesising {cases} cases", total=None)
+        ids = synth_dataset(directory, cases=cases, image_format=image_format, task=task,
+                            seed=seed, size=size)
+        progress.update(task_id, completed=cases, total=cases)
+    console.print(f"wrote {len(ids)} {task} cases ({image_format}) to {directory}")
+
+
+@dataset_app.command("seal")
+def dataset_seal(directory: Path = typer.Argument(..., exists=True, file_okay=False)) -> None:
+    """Check every case, write manifest.json, make the files read-only; print the version."""
+    from engine.datasets import DatasetError, seal
+
+    try:
+        dataset = seal(directory)
+    except DatasetError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_DATASET_ERROR) from None
+    console.print(f"sealed {len(dataset.case_ids)} cases; version {dataset.version}")
+
+
+@dataset_app.command("verify")
+def dataset_verify(
+    source: Path = typer.Argument(..., exists=True, help="A dataset directory or a released "
+                                  "archive."),
+    full: bool = typer.Option(False, "--full", help="Re-hash every file, ignoring the cache."),
+) -> None:
+    """Compare every file with the seal; exit 1 and name each added, missing or changed file."""
+    from engine.datasets import DatasetError, VerificationCache, verify
+
+    cache = VerificationCache(_state_dir() / "verify")
+    try:
+        report = verify(source, cache=cache, full=full)
+    except DatasetError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_DATASET_ERROR) from None
+    for line in report.lines():
+        console.print(line)
+    if not report.ok:
+        errors.print(f"[red]{source} does not match its seal[/red] ({report.version[:12]})")
+        raise typer.Exit(EXIT_DATASET_ERROR)
+    console.print(f"intact: version {report.version} "
+                  f"({'full check' if report.full else 'quick check'}, "
+                  f"{report.hashed_files} files hashed)")
+
+
+@dataset_app.command("release")
+def dataset_release(
+    directory: Path = typer.Argument(..., exists=True, file_okay=False),
+    to: Path = typer.Option(..., "--to", help="The archive to write (.tar.gz)."),
+) -> None:
+    """Package inputs, ground truth, manifest and a data card as open data."""
+    from engine.datasets import DatasetError, release
+
+    try:
+        release(directory, to)
+    except DatasetError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_DATASET_ERROR) from None
+    console.print(f"released {directory} as {to}")
+
+
+def _state_dir() -> Path:
+    import os
+
+    configured = os.environ.get("EPREUVE_STATE_DIR")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "epreuve"
 
 
 @app.command()

@@ -5,6 +5,7 @@ Every network test aims only at this machine's own Docker bridge address.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from runners.base import FailureReason, MiB, RunSpec, RunStatus
@@ -146,9 +148,11 @@ def test_sigterm_ignored_is_killed_after_grace(runner, adversarial):
 def _largest_daemon_log(runner, stop: threading.Event, sizes: list[int]) -> None:
     while not stop.is_set():
         for container in runner.api.containers(filters={"label": "org.epreuve.managed"}):
-            log_path = runner.api.inspect_container(container["Id"]).get("LogPath")
-            if log_path and os.path.exists(log_path):
-                sizes.append(os.path.getsize(log_path))
+            # The run may end, and its container and log vanish, between any two calls.
+            with contextlib.suppress(docker.errors.NotFound, FileNotFoundError):
+                log_path = runner.api.inspect_container(container["Id"]).get("LogPath")
+                if log_path:
+                    sizes.append(os.path.getsize(log_path))
         time.sleep(0.2)
 
 
