@@ -132,6 +132,56 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_DATASET_ERROR = 1
 
 
+@app.command()
+def score(
+    prediction: Path = typer.Argument(..., exists=True, help="Predicted mask (NIfTI, MHA, DICOM)."),
+    reference: Path = typer.Argument(..., exists=True, help="Reference mask on the same grid."),
+    labels: str | None = typer.Option(None, help="Comma-separated labels (default: every "
+                                      "non-zero label present in either mask)."),
+    nsd_tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance in mm."),
+    surface: str = typer.Option("edge", help="edge (MONAI-compatible) or subvoxel "
+                                "(DeepMind-compatible)."),
+    lesion_wise: bool = typer.Option(False, "--lesion-wise", help="Add BraTS-2023 lesion-wise "
+                                     "Dice and HD95."),
+    as_json: bool = typer.Option(False, "--json", help="Print {label: {metric: value}}."),
+) -> None:
+    """Score one predicted mask against its reference, per label."""
+    import numpy as np
+
+    from engine.medio import MedioError, geometry_differences, read_volume
+    from engine.scoring.cases import LesionSettings, score_pair
+    from engine.scoring.segmentation import SegmentationSettings, labels_present, parse_labels
+
+    if surface not in ("edge", "subvoxel"):
+        raise typer.BadParameter("--surface is edge or subvoxel")
+    try:
+        pred, ref = read_volume(prediction), read_volume(reference)
+    except MedioError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    problems = geometry_differences(pred.geometry, ref.geometry)
+    if problems:
+        errors.print("[red]error:[/red] the masks are not on the same voxel grid: "
+                     + "; ".join(problems))
+        raise typer.Exit(1)
+    chosen = parse_labels(labels) or labels_present(pred.array, ref.array) or (1,)
+    settings = SegmentationSettings(labels=chosen, nsd_tolerance_mm=nsd_tolerance,
+                                    surface=surface)
+    scores = score_pair(np.asarray(pred.array), np.asarray(ref.array), ref.spacing, settings,
+                        LesionSettings(enabled=lesion_wise))
+    if as_json:
+        print(json.dumps({str(label): values for label, values in scores.items()}))
+        return
+    table = Table(title=f"{prediction.name} vs {reference.name} (spacing "
+                        f"{', '.join(f'{s:.3g}' for s in ref.spacing)} mm)")
+    table.add_column("metric")
+    for label in scores:
+        table.add_column(f"label {label}", justify="right")
+    for metric in next(iter(scores.values())):
+        table.add_row(metric, *(f"{scores[label][metric]:.4f}" for label in scores))
+    console.print(table)
+
+
 @dataset_app.command("synth")
 def dataset_synth(
     directory: Path = typer.Argument(..., file_okay=False, help="Where to write the dataset."),
