@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.scoring.segmentation import SegmentationSettings, score_label  # noqa: E402
+from engine.scoring.segmentation import SegmentationSettings, score_label
 
 NSD_TOLERANCE_MM = 1.0
 CASES = {
