@@ -8,8 +8,10 @@
   specificity at a threshold (positive when p ≥ threshold).
 - Brier score: mean squared difference between probability and outcome.
 
-Multi-class: one-vs-rest per class, then macro (mean over classes) and micro
-(all one-vs-rest decisions pooled) averages; the predicted class is the argmax.
+Multi-class: AUC and AP one-vs-rest per class, then macro (mean over classes)
+and micro (all one-vs-rest decisions pooled) averages. Accuracy and balanced
+accuracy judge the argmax class; per-class sensitivity and specificity are
+one-vs-rest at the threshold.
 With a single class present in the reference, AUC and AP are undefined: they
 are reported as None rather than an invented number.
 """
@@ -75,8 +77,10 @@ def multiclass_metrics(labels: list[str], probabilities: np.ndarray,
     per_class = {c: binary_metrics(truth[:, i], probabilities[:, i])
                  for i, c in enumerate(classes)}
     predicted = np.asarray(classes)[np.argmax(probabilities, axis=1)]
-    recalls = [per_class[c]["sensitivity"] for c in classes
-               if per_class[c]["sensitivity"] is not None]
+    truth_labels = np.asarray(labels)
+    # balanced accuracy: the recall of the argmax decision, per class present, averaged
+    recalls = [float(np.mean(predicted[truth_labels == c] == c)) for c in classes
+               if np.any(truth_labels == c)]
     result: dict[str, float | None] = {
         "accuracy": float(np.mean(predicted == np.asarray(labels))),
         "balanced_accuracy": float(np.mean(recalls)),

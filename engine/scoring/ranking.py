@@ -103,7 +103,7 @@ def significance_shares(values: Values, larger_is_better: bool, *, worst: float,
     return shares
 
 
-def test_based(values: Values, larger_is_better: bool, *, worst: float,
+def rank_by_significance(values: Values, larger_is_better: bool, *, worst: float,
                alpha: float = 0.05) -> dict[str, int]:
     shares = significance_shares(values, larger_is_better, worst=worst, alpha=alpha)
     return rank_values(shares, larger_is_better=True)
