@@ -447,14 +447,7 @@ def stage(dataset: SealedDataset, case_ids: list[str], destination: Path) -> Pat
     listing = []
     for case_id in case_ids:
         case = dataset.case(case_id)
-        source = dataset.root / "inputs" / case_id
-        files = []
-        for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            rel = path.relative_to(source)
-            target = destination / case_id / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(path, target)
-            files.append(rel.as_posix())
+        files = stage_tree(dataset.root / "inputs" / case_id, destination / case_id)
         listing.append({"case_id": case_id, "files": files,
                         "images": [{k: image[k] for k in ("name", "format", "modality")}
                                    for image in case["inputs"]]})
@@ -463,6 +456,21 @@ def stage(dataset: SealedDataset, case_ids: list[str], destination: Path) -> Pat
         directory.chmod(0o555)
     destination.chmod(0o555)
     return destination
+
+
+def stage_tree(source: Path, target: Path) -> list[str]:
+    """Hard-link (or, across devices, copy) every regular file under `source` into `target`.
+
+    Links and special files are skipped: only regular files are ever staged."""
+    files = []
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in Path(source).rglob("*")
+                       if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(source)
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(path, target / rel)
+        files.append(rel.as_posix())
+    return files
 
 
 def unstage(destination: Path) -> None:

@@ -219,3 +219,54 @@ def test_lesion_wise_drops_small_lesions_and_handles_empty():
     speck[5, 5, 5] = True
     assert lesion_wise(speck, np.zeros(shape, bool), (1, 1, 1), min_voxels=2) == {
         "lesion_dice": 1.0, "lesion_hd95": 0.0, "lesions": 0.0, "false_positive_lesions": 0.0}
+
+
+# -- subvoxel mode: DeepMind's surface-distance as the oracle ----------------------------
+
+
+def test_deepmind_two_cubes_subvoxel_mode():
+    ref = np.zeros((100, 100, 100), bool)
+    ref[0:50] = True
+    pred = np.zeros_like(ref)
+    pred[0:51] = True
+    scores = score_label(pred, ref, (2.0, 1.0, 1.0), SegmentationSettings(
+        surface="subvoxel", nsd_tolerance_mm=1.0))
+    assert scores["nsd"] == pytest.approx(0.836, abs=5e-4)
+    assert scores["hd95"] == pytest.approx(2.0)
+    assert scores["dice"] == pytest.approx(0.990, abs=5e-4)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.3, 2.9), (2.0, 0.5, 0.5)])
+def test_area_table_equals_the_published_one(spacing):
+    from monai.metrics.utils import create_table_neighbour_code_to_surface_area
+
+    from engine.scoring.subvoxel import area_table
+
+    published = create_table_neighbour_code_to_surface_area(spacing)[0].numpy()
+    assert np.allclose(area_table(spacing), published, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), spacing=spacings, tolerance=st.floats(0.0, 4.0))
+def test_subvoxel_mode_matches_deepmind(data, spacing, tolerance):
+    import surface_distance as deepmind
+
+    ref = data.draw(masks)
+    pred = data.draw(arrays(bool, ref.shape, elements=st.booleans()))
+    assume(pred.any() and ref.any())
+    ours = score_label(pred, ref, spacing, SegmentationSettings(surface="subvoxel",
+                                                                nsd_tolerance_mm=tolerance))
+    distances = deepmind.compute_surface_distances(ref, pred, spacing)
+    ref_to_pred, pred_to_ref = deepmind.compute_average_surface_distance(distances)
+    # A distance lying exactly on the tolerance may round an ulp apart in the two
+    # implementations: NSD must lie between DeepMind's just below and just above it.
+    low = deepmind.compute_surface_dice_at_tolerance(distances, tolerance * (1 - 1e-9))
+    high = deepmind.compute_surface_dice_at_tolerance(distances, tolerance * (1 + 1e-9) + 1e-12)
+    assert low - 1e-12 <= ours["nsd"] <= high + 1e-12
+    expected = {
+        "hd95": deepmind.compute_robust_hausdorff(distances, 95),
+        "hd": deepmind.compute_robust_hausdorff(distances, 100),
+        "masd": (ref_to_pred + pred_to_ref) / 2,
+    }
+    for metric, value in expected.items():
+        assert ours[metric] == pytest.approx(value, rel=1e-9, abs=1e-12), metric
