@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -16,13 +17,15 @@ from runners.base import RunResult, RunSpec
 from runners.messages import human_bytes
 
 app = typer.Typer(help="Épreuve: evaluate containerised algorithms on sealed medical-imaging "
-                       "test sets.", no_args_is_help=True)
+                       "test sets.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 sandbox_app = typer.Typer(help="Run one image in exactly the sandbox the workers use.",
                           no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 dataset_app = typer.Typer(help="Sealed datasets: synthesise, seal, verify, release.",
                           no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+challenge_app = typer.Typer(help="Challenges: create from a YAML file.", no_args_is_help=True)
+app.add_typer(challenge_app, name="challenge")
 
 console = Console()
 errors = Console(stderr=True)
@@ -281,6 +284,212 @@ def demo() -> None:
     except DockerUnavailable as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_NO_ENGINE) from None
+
+
+def _sessions():
+    from engine.config import load_settings
+    from engine.db import session_factory
+
+    settings = load_settings()
+    return settings, session_factory(settings.database_url)
+
+
+def _fail(message: str, code: int = 1):
+    errors.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@challenge_app.command("create")
+def challenge_create(file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
+    """Create or update a challenge from its YAML file (its datasets must be sealed)."""
+    from engine.challenges import ChallengeError
+    from engine.submissions import SubmissionRefused, register_challenge
+
+    _, sessions = _sessions()
+    with sessions() as session:
+        try:
+            row = register_challenge(session, file)
+        except (ChallengeError, SubmissionRefused) as exc:
+            _fail(str(exc))
+        phases = ", ".join(f"{p.slug} ({len(p.case_ids)} cases)" for p in row.phases)
+        console.print(f"challenge [bold]{row.id}[/bold]: {row.title}; phases: {phases}")
+
+
+def _byte_progress(progress, description: str):
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int | None) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update
+
+
+@app.command()
+def submit(
+    image: str = typer.Argument(..., help="A `docker save` tar, or a local image reference."),
+    challenge: str = typer.Option(..., "--challenge", "-c"),
+    phase: str = typer.Option(..., "--phase", "-p"),
+    team: str = typer.Option("local", "--team", "-t"),
+    source_url: str | None = typer.Option(None, help="Public URL of the code (prizes)."),
+    license_id: str | None = typer.Option(None, "--license", help="SPDX license of the code."),
+) -> None:
+    """Submit an image to a phase: validated, pinned, queued (smoke job first)."""
+    import tempfile
+
+    import docker
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from engine.images import ImageInvalid, pin_tar, save_image
+    from engine.submissions import SubmissionRefused
+    from engine.submissions import submit as make_submission
+
+    settings, sessions = _sessions()
+    client = docker.DockerClient(base_url=os.environ.get("DOCKER_HOST")
+                                 or "unix:///var/run/docker.sock")
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn())
+    with tempfile.TemporaryDirectory(dir=_ensure(settings.data_dir)) as scratch:
+        try:
+            with Progress(*columns, console=console, transient=True) as progress:
+                tar = Path(image)
+                reference = None
+                if not tar.is_file():
+                    reference = image
+                    tar = save_image(image, Path(scratch) / "image.tar", client,
+                                     _byte_progress(progress, f"saving {image}"))
+                pinned = pin_tar(tar, client, reference=reference,
+                                 progress=_byte_progress(progress, "checking the archive"),
+                                 load_progress=_byte_progress(progress, "loading the image"))
+        except ImageInvalid as exc:
+            _fail(f"IMAGE_INVALID: {exc}")
+        with sessions() as session:
+            try:
+                submission = make_submission(session, challenge, phase, team, pinned,
+                                             source_url=source_url, license_id=license_id)
+            except SubmissionRefused as exc:
+                _fail(str(exc))
+            console.print(f"submission [bold]{submission.id}[/bold] queued "
+                          f"(image {pinned.image_id[:19]}, archive sha256 "
+                          f"{pinned.tar_sha256[:12]})")
+            if not submission.prize_eligible:
+                console.print(f"[yellow]{submission.prize_note}[/yellow]")
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@app.command()
+def worker(
+    until_idle: bool = typer.Option(False, "--until-idle", help="Stop when the queue is empty."),
+    max_jobs: int | None = typer.Option(None, help="Stop after this many jobs."),
+    lease_seconds: float = typer.Option(60, help="Lease length; heartbeats renew it."),
+    heartbeat_seconds: float = typer.Option(10, help="Seconds between heartbeats."),
+) -> None:
+    """Run jobs from the queue until stopped (Ctrl-C), or until idle."""
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from engine.worker import Worker
+    from runners.docker import DockerRunner, DockerUnavailable
+
+    settings, sessions = _sessions()
+    try:
+        runner = DockerRunner(state_dir=settings.state_dir / "runs")
+    except DockerUnavailable as exc:
+        _fail(str(exc), EXIT_NO_ENGINE)
+    agent = Worker(sessions, settings, runner, lease_duration=timedelta(seconds=lease_seconds),
+                   heartbeat_seconds=heartbeat_seconds)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU(s); waiting for jobs")
+    try:
+        done = agent.run(stop, until_idle=until_idle, max_jobs=max_jobs)
+    except KeyboardInterrupt:
+        done = None
+    console.print(f"worker stopped{'' if done is None else f' after {done} job(s)'}")
+
+
+@app.command()
+def status(
+    submission_id: int | None = typer.Argument(None),
+    participant: bool = typer.Option(False, "--participant", help="Show only what the "
+                                     "participant may see in this phase."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The queue, or one submission: state, typed reason, position and ETA, results."""
+    from engine.reports import queue_overview, submission_report
+
+    _, sessions = _sessions()
+    with sessions() as session:
+        if submission_id is None:
+            report = queue_overview(session)
+        else:
+            report = submission_report(session, submission_id, participant=participant)
+            if report is None:
+                _fail(f"no submission {submission_id}")
+    if as_json:
+        print(json.dumps(report, default=str))
+        return
+    from engine.reports import render
+
+    render(console, report)
+
+
+@app.command("leaderboard")
+def leaderboard_command(
+    challenge: str = typer.Argument(...),
+    phase: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A phase's ranking under the challenge's scheme, with failed-case counts and runtime."""
+    from dataclasses import asdict
+
+    from engine.leaderboard import leaderboard
+    from engine.reports import render_leaderboard
+    from engine.submissions import SubmissionRefused
+
+    _, sessions = _sessions()
+    with sessions() as session:
+        try:
+            entries = leaderboard(session, challenge, phase)
+        except SubmissionRefused as exc:
+            _fail(str(exc))
+    if as_json:
+        print(json.dumps([asdict(e) for e in entries]))
+        return
+    render_leaderboard(console, challenge, phase, entries)
+
+
+@app.command()
+def check(
+    image: str = typer.Argument(..., help="Your image (a local reference)."),
+    challenge: str = typer.Option(..., "--challenge", "-c"),
+    phase: str | None = typer.Option(None, "--phase", "-p", help="Default: the first phase."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A dry run on the phase's public sample cases, in exactly the sandbox and limits of
+    the real phase: reports what the platform would report."""
+    from engine.check import dry_run
+    from engine.reports import render_check
+    from engine.submissions import SubmissionRefused
+    from runners.docker import DockerUnavailable
+
+    settings, sessions = _sessions()
+    with sessions() as session:
+        try:
+            report = dry_run(session, settings, image, challenge, phase)
+        except SubmissionRefused as exc:
+            _fail(str(exc))
+        except DockerUnavailable as exc:
+            _fail(str(exc), EXIT_NO_ENGINE)
+    if as_json:
+        print(json.dumps(report, default=str))
+    else:
+        render_check(console, report)
+    raise typer.Exit(0 if report["ok"] else 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""`epreuve check`: a participant's dry run, exactly as the platform would run it.
+
+The phase's public sample cases are staged like a real job's, the image runs
+under the phase's sandbox and limits (the same `phase_run_spec` the workers
+use), and the outputs are validated and scored the same way. Nothing is
+written to the database and nothing counts against a quota.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from engine.config import Settings
+from engine.datasets import stage, unstage
+from engine.images import ImageInvalid, check_config, node_architecture
+from engine.medio import read_header
+from engine.outputs import ProbabilityOutput, validate_probabilities, validate_segmentation
+from engine.results import flatten
+from engine.scoring.cases import CasePair, LesionSettings, score_cases
+from engine.scoring.segmentation import SegmentationSettings
+from engine.submissions import (
+    SubmissionRefused,
+    challenge_definition,
+    find_phase,
+    verified_dataset,
+)
+from engine.worker import phase_run_spec
+from runners.docker import DockerRunner, ImageRejected
+
+
+def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
+            phase_slug: str | None) -> dict[str, Any]:
+    from engine.db.models import ChallengeRow
+
+    row = session.get(ChallengeRow, challenge_id)
+    if row is None:
+        raise SubmissionRefused(f"no challenge {challenge_id!r}")
+    challenge = challenge_definition(row)
+    phase_slug = phase_slug or challenge.phases[0].id
+    phase_row, phase = find_phase(session, challenge_id, phase_slug)
+    if not phase.sample_cases:
+        raise SubmissionRefused(f"phase {phase.id} publishes no sample cases to check against")
+    runner = DockerRunner(state_dir=settings.state_dir / "runs")
+    report: dict[str, Any] = {"image": image, "challenge": challenge_id, "phase": phase.id,
+                              "cases": {}, "ok": False}
+    try:
+        attributes = runner.resolve_image(image)
+        check_config({"architecture": attributes.get("Architecture"), "os": attributes.get("Os"),
+                      "config": attributes.get("Config") or {}}, node_architecture())
+    except (ImageInvalid, ImageRejected) as exc:
+        report.update(reason="IMAGE_INVALID", message=str(exc))
+        return report
+    dataset = verified_dataset(phase_row)
+    scratch = tempfile.mkdtemp(prefix="epreuve-check-", dir=_ensure(settings.work_dir))
+    try:
+        staged = stage(dataset, phase.sample_cases, Path(scratch) / "input")
+        output = Path(scratch) / "output"
+        result = runner.run(phase_run_spec(phase, attributes["Id"], staged, output,
+                                           len(phase.sample_cases)))
+        report["run"] = result.to_dict()
+        if not result.succeeded:
+            report.update(reason=result.reason.value, message=result.message)
+            return report
+        report["cases"] = _validate_and_score(challenge, dataset, phase.sample_cases, output,
+                                              frozenset(result.skipped_outputs))
+        invalid = [c for c, v in report["cases"].items() if not v["valid"]]
+        report["ok"] = not invalid
+        report.update(reason=report["cases"][invalid[0]]["reason"] if invalid else None,
+                      message=report["cases"][invalid[0]]["message"] if invalid else
+                      "every sample case produced a valid output")
+        unstage(staged)
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _validate_and_score(challenge, dataset, case_ids, output, skipped) -> dict[str, dict]:
+    if isinstance(challenge.output, ProbabilityOutput):
+        outcomes = validate_probabilities(output, case_ids, challenge.output)
+        return {c: {"valid": o.valid, "reason": o.reason and o.reason.value,
+                    "message": o.message, "metrics": o.probabilities or {}}
+                for c, o in outcomes.items()}
+    cases, pairs = {}, []
+    for case_id in case_ids:
+        reference = dataset.ground_truth_path(case_id)
+        outcome = validate_segmentation(output, case_id, challenge.output,
+                                        read_header(reference).geometry, skipped=skipped)
+        cases[case_id] = {"valid": outcome.valid, "reason": outcome.reason and
+                          outcome.reason.value, "message": outcome.message, "metrics": {}}
+        if outcome.valid:
+            pairs.append(CasePair(case_id, output / case_id / challenge.output.filename,
+                                  reference))
+    settings = SegmentationSettings(labels=tuple(challenge.metrics.labels),
+                                    nsd_tolerance_mm=challenge.metrics.nsd_tolerance_mm,
+                                    surface=challenge.metrics.surface,
+                                    empty=challenge.metrics.empty_policy())
+    for case_id, scores in score_cases(pairs, settings, LesionSettings(
+            enabled=challenge.metrics.lesion_wise), workers=1).items():
+        cases[case_id]["metrics"] = flatten(scores)
+    return cases
+
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

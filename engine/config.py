@@ -1,0 +1,44 @@
+"""Settings, from the environment. The embedded default needs nothing installed:
+SQLite in the data directory and the local Docker Engine.
+
+    EPREUVE_DATA_DIR       where the database, submissions' outputs and runs live
+                           (default ~/.local/share/epreuve)
+    EPREUVE_DATABASE_URL   a SQLAlchemy URL (default sqlite:///<data dir>/epreuve.db);
+                           postgresql+psycopg://... for many nodes
+    EPREUVE_STATE_DIR      runner state: output areas, verification cache
+                           (default <data dir>/state)
+    DOCKER_HOST            the Docker Engine (default unix:///var/run/docker.sock)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    state_dir: Path
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+
+def load_settings() -> Settings:
+    data_dir = Path(os.environ.get("EPREUVE_DATA_DIR")
+                    or Path.home() / ".local" / "share" / "epreuve").expanduser()
+    database_url = os.environ.get("EPREUVE_DATABASE_URL") or f"sqlite:///{data_dir / 'epreuve.db'}"
+    state_dir = Path(os.environ.get("EPREUVE_STATE_DIR") or data_dir / "state")
+    return Settings(data_dir=data_dir, database_url=database_url, state_dir=state_dir)

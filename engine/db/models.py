@@ -1,0 +1,186 @@
+"""What the engine remembers: SQLAlchemy 2 models. The schema changes only through Alembic."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import DateTime, TypeDecorator
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: use datetime.now(UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON,
+                                     datetime: UTCDateTime}
+
+
+class ChallengeRow(Base):
+    __tablename__ = "challenges"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(String(300))
+    task: Mapped[str] = mapped_column(String(32))
+    definition: Mapped[dict[str, Any]]  # the validated YAML, as JSON
+    definition_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    phases: Mapped[list[PhaseRow]] = relationship(back_populates="challenge")
+
+
+class PhaseRow(Base):
+    __tablename__ = "phases"
+    __table_args__ = (UniqueConstraint("challenge_id", "slug"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    challenge_id: Mapped[str] = mapped_column(ForeignKey("challenges.id"))
+    slug: Mapped[str] = mapped_column(String(64))
+    dataset_path: Mapped[str] = mapped_column(Text)
+    dataset_version: Mapped[str] = mapped_column(String(64))
+    case_ids: Mapped[list[Any]]
+    challenge: Mapped[ChallengeRow] = relationship(back_populates="phases")
+
+
+class TeamRow(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ImageRow(Base):
+    """A submitted image, pinned: the daemon's image id, the tar's sha256 and its layers."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(80), unique=True)
+    tar_sha256: Mapped[str | None] = mapped_column(String(64))
+    layers: Mapped[list[Any]]
+    reference: Mapped[str] = mapped_column(Text)  # what the participant called it
+    architecture: Mapped[str] = mapped_column(String(32))
+    user: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SubmissionRow(Base):
+    __tablename__ = "submissions"
+    __table_args__ = (Index("ix_submissions_phase_team_created", "phase_id", "team_id",
+                            "created_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    image_pk: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    reason: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    source_url: Mapped[str | None] = mapped_column(Text)
+    license: Mapped[str | None] = mapped_column(String(100))
+    prize_eligible: Mapped[bool] = mapped_column(default=True)
+    prize_note: Mapped[str | None] = mapped_column(Text)
+    counts_against_quota: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    phase: Mapped[PhaseRow] = relationship()
+    team: Mapped[TeamRow] = relationship()
+    image: Mapped[ImageRow] = relationship()
+    jobs: Mapped[list[JobRow]] = relationship(back_populates="submission",
+                                              order_by="JobRow.id")
+
+
+class JobRow(Base):
+    """One container run over a shard of cases, leased to one worker at a time."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # smoke | main
+    case_ids: Mapped[list[Any]]
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    priority: Mapped[int] = mapped_column(default=0)  # smaller first: smoke jobs jump the queue
+    gpus: Mapped[int] = mapped_column(default=0)  # whole GPUs the job needs
+    attempts: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int] = mapped_column(default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    reason: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    run_result: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    submission: Mapped[SubmissionRow] = relationship(back_populates="jobs")
+
+
+class CaseResultRow(Base):
+    """One case of one submission: written once, in the transaction that finishes its job."""
+
+    __tablename__ = "case_results"
+    __table_args__ = (UniqueConstraint("submission_id", "case_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    case_id: Mapped[str] = mapped_column(String(128))
+    valid: Mapped[bool]
+    reason: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]]  # {"dice[1]": 0.93, ...}
+    runtime_seconds: Mapped[float | None]
+    runtime_exact: Mapped[bool]  # one case per run: exact; otherwise the run's time shared
+    output_sha256: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AggregateRow(Base):
+    __tablename__ = "aggregates"
+    __table_args__ = (UniqueConstraint("submission_id", "metric"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
+    metric: Mapped[str] = mapped_column(String(100))  # "dice[1]"
+    summary: Mapped[dict[str, Any]]  # mean, median, std, quantiles, n, n_failed, CI
+
+
+class EventRow(Base):
+    """Append-only history: every state change, with who or what made it and why."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_entity", "entity", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    entity: Mapped[str] = mapped_column(String(16))  # submission | job
+    entity_id: Mapped[int]
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[str | None] = mapped_column(Text)

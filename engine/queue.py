@@ -1,0 +1,196 @@
+"""Jobs in the database, leased to workers, with honest locking.
+
+A job moves through: queued -> leased -> running -> scoring -> succeeded | failed,
+or to cancelled. Every transition is written with an event in the same
+transaction.
+
+Leasing takes the first queued job (smoke jobs first, then oldest) and marks it
+leased to one worker until `lease_expires_at`. On PostgreSQL the candidate row
+is selected `FOR UPDATE SKIP LOCKED`, so concurrent workers never wait on, or
+take, the same job. On SQLite (one writer at a time) the lease is a single
+conditional UPDATE (`... WHERE id = ? AND status = 'queued'`): a worker that
+loses the race updates no row and tries the next job.
+
+A running worker renews its lease with heartbeats. The sweeper re-queues every
+job whose lease expired (its worker vanished), and at once those whose owner
+process on this host is known to be dead; that counts as an INFRASTRUCTURE
+attempt, and a job out of attempts fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
+from runners.base import FailureReason
+from runners.docker import owner_alive
+
+ACTIVE = ("leased", "running", "scoring")
+TERMINAL = ("succeeded", "failed", "cancelled")
+DEFAULT_LEASE = timedelta(seconds=60)
+SMOKE_PRIORITY, MAIN_PRIORITY = 0, 10
+
+
+def record(session: Session, entity: str, entity_id: int, from_state: str | None,
+           to_state: str, actor: str, detail: str | None = None) -> None:
+    session.add(EventRow(entity=entity, entity_id=entity_id, from_state=from_state,
+                         to_state=to_state, actor=actor, detail=detail))
+
+
+def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[str]], *,
+            kind: str, actor: str, gpus: int = 0, max_attempts: int = 3) -> list[JobRow]:
+    jobs = []
+    for case_ids in shards:
+        job = JobRow(submission=submission, kind=kind, case_ids=list(case_ids),
+                     priority=SMOKE_PRIORITY if kind == "smoke" else MAIN_PRIORITY,
+                     gpus=gpus, max_attempts=max_attempts)
+        session.add(job)
+        jobs.append(job)
+    session.flush()
+    for job in jobs:
+        record(session, "job", job.id, None, "queued", actor,
+               f"{kind} job over {len(job.case_ids)} case(s)")
+    return jobs
+
+
+def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
+          gpus_available: int = 0) -> JobRow | None:
+    """Lease the next queued job this node can run to `owner`, or None."""
+    tried: set[int] = set()
+    while True:
+        candidate = session.execute(
+            select(JobRow.id)
+            .where(JobRow.status == "queued", JobRow.gpus <= gpus_available,
+                   JobRow.id.not_in(tried) if tried else True)
+            .order_by(JobRow.priority, JobRow.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if candidate is None:
+            session.commit()
+            return None
+        now = utcnow()
+        taken = session.execute(
+            update(JobRow)
+            .where(JobRow.id == candidate, JobRow.status == "queued")
+            .values(status="leased", lease_owner=owner, lease_expires_at=now + duration,
+                    heartbeat_at=now, attempts=JobRow.attempts + 1)
+        ).rowcount
+        if taken == 1:
+            record(session, "job", candidate, "queued", "leased", owner)
+            session.commit()
+            return session.get(JobRow, candidate, populate_existing=True)
+        session.rollback()
+        tried.add(candidate)
+
+
+def transition(session: Session, job: JobRow, to_state: str, actor: str,
+               detail: str | None = None, **values) -> None:
+    """Move a job on, only if `actor` still holds its lease (a swept job is not ours)."""
+    from_state = job.status
+    changed = session.execute(
+        update(JobRow)
+        .where(JobRow.id == job.id, JobRow.status == from_state, JobRow.lease_owner == actor)
+        .values(status=to_state, **values)
+    ).rowcount
+    if changed != 1:
+        session.rollback()
+        raise LeaseLost(f"job {job.id} is no longer leased to {actor}")
+    record(session, "job", job.id, from_state, to_state, actor, detail)
+    session.flush()
+    session.refresh(job)
+
+
+class LeaseLost(RuntimeError):
+    """The job was swept (lease expired) or cancelled while this worker held it."""
+
+
+def heartbeat(session: Session, job_id: int, owner: str,
+              duration: timedelta = DEFAULT_LEASE) -> bool:
+    now = utcnow()
+    renewed = session.execute(
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.status.in_(ACTIVE))
+        .values(heartbeat_at=now, lease_expires_at=now + duration)
+    ).rowcount
+    session.commit()
+    return renewed == 1
+
+
+def release_for_retry(session: Session, job: JobRow, actor: str, reason: str,
+                      message: str) -> None:
+    """An INFRASTRUCTURE failure: queue the job again, or fail it when out of attempts."""
+    if job.attempts >= job.max_attempts:
+        transition(session, job, "failed", actor, message, reason=reason, message=message,
+                   finished_at=utcnow(), lease_owner=None)
+    else:
+        transition(session, job, "queued", actor, f"retry: {message}", lease_owner=None,
+                   lease_expires_at=None)
+
+
+def sweep(session: Session, actor: str, now: datetime | None = None) -> list[int]:
+    """Re-queue jobs whose worker vanished; returns their ids."""
+    now = now or utcnow()
+    stale = session.scalars(select(JobRow).where(JobRow.status.in_(ACTIVE))).all()
+    swept = []
+    for job in stale:
+        expired = job.lease_expires_at is not None and job.lease_expires_at < now
+        dead = job.lease_owner is not None and not owner_alive(job.lease_owner)
+        if not (expired or dead):
+            continue
+        why = "lease expired" if expired else "worker process died"
+        message = f"the worker running this job vanished ({why}); it is run again"
+        out_of_attempts = job.attempts >= job.max_attempts
+        values = dict(lease_owner=None, lease_expires_at=None)
+        if out_of_attempts:
+            values.update(reason=FailureReason.INFRASTRUCTURE.value, finished_at=now,
+                          message="the job's workers vanished too often; the platform will "
+                                  "look into it")
+        changed = session.execute(
+            update(JobRow).where(JobRow.id == job.id, JobRow.status == job.status,
+                                 JobRow.lease_owner == job.lease_owner)
+            .values(status="failed" if out_of_attempts else "queued", **values)
+        ).rowcount
+        if changed:
+            record(session, "job", job.id, job.status,
+                   "failed" if out_of_attempts else "queued", actor, message)
+            swept.append(job.id)
+    session.commit()
+    return swept
+
+
+def position(session: Session, submission: SubmissionRow) -> int | None:
+    """How many queued jobs run before this submission's first queued job (None: not queued)."""
+    first = session.scalars(select(JobRow).where(JobRow.submission_id == submission.id,
+                                                 JobRow.status == "queued")
+                            .order_by(JobRow.priority, JobRow.id).limit(1)).first()
+    if first is None:
+        return None
+    return session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.status == "queued",
+        (JobRow.priority < first.priority)
+        | ((JobRow.priority == first.priority) & (JobRow.id < first.id))))
+
+
+def estimated_wait(session: Session, submission: SubmissionRow) -> timedelta | None:
+    """Jobs ahead x the recent mean job duration / active workers (at least one)."""
+    ahead = position(session, submission)
+    if ahead is None:
+        return None
+    recent = session.scalars(select(JobRow).where(JobRow.status == "succeeded",
+                                                  JobRow.started_at.is_not(None))
+                             .order_by(JobRow.finished_at.desc()).limit(50)).all()
+    durations = [(j.finished_at - j.started_at).total_seconds() for j in recent
+                 if j.finished_at and j.started_at]
+    if not durations:
+        return None
+    mean = sum(durations) / len(durations)
+    busy = session.scalar(select(func.count(func.distinct(JobRow.lease_owner))).where(
+        JobRow.status.in_(ACTIVE))) or 0
+    workers = max(busy, 1)
+    # the jobs ahead, shared among the busy workers, plus half a job still running on average
+    return timedelta(seconds=mean * (ahead / workers + (0.5 if busy else 0.0)))

@@ -1,0 +1,168 @@
+"""What `epreuve status`, `leaderboard` and `check` show: plain data first, then rendered.
+
+A participant's view follows the phase's visibility: the typed reason and its
+message always; the container's log tail and per-case results only where the
+phase allows them, never in a final (sealed) phase.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from engine import queue
+from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
+from engine.submissions import find_phase
+from runners.messages import human_bytes
+
+
+def queue_overview(session: Session) -> dict[str, Any]:
+    counts = dict(session.execute(select(JobRow.status, func.count()).group_by(
+        JobRow.status)).all())
+    active = session.scalars(select(JobRow).where(JobRow.status.in_(queue.ACTIVE))).all()
+    return {"jobs": counts,
+            "running": [{"job": j.id, "submission": j.submission_id, "status": j.status,
+                         "worker": j.lease_owner, "heartbeat_at": j.heartbeat_at}
+                        for j in active]}
+
+
+def submission_report(session: Session, submission_id: int, *,
+                      participant: bool = False) -> dict[str, Any] | None:
+    submission = session.get(SubmissionRow, submission_id)
+    if submission is None:
+        return None
+    _, phase = find_phase(session, submission.phase.challenge_id, submission.phase.slug)
+    show_logs = not participant or (phase.visibility.logs and not phase.final)
+    show_cases = not participant or (phase.visibility.per_case and not phase.final)
+    report: dict[str, Any] = {
+        "submission": submission.id, "team": submission.team.name,
+        "challenge": submission.phase.challenge_id, "phase": submission.phase.slug,
+        "status": submission.status, "reason": submission.reason,
+        "message": submission.message, "created_at": submission.created_at,
+        "finished_at": submission.finished_at, "prize_eligible": submission.prize_eligible,
+        "prize_note": submission.prize_note, "image": submission.image.image_id,
+    }
+    wait = queue.estimated_wait(session, submission)
+    position = queue.position(session, submission)
+    if position is not None:
+        report["queue"] = {"jobs_ahead": position,
+                           "estimated_start_seconds": None if wait is None else
+                           round(wait.total_seconds())}
+    report["jobs"] = [_job(job, show_logs) for job in submission.jobs]
+    report["aggregates"] = {a.metric: a.summary for a in session.scalars(
+        select(AggregateRow).where(AggregateRow.submission_id == submission.id))}
+    if show_cases:
+        report["cases"] = [{"case_id": r.case_id, "valid": r.valid, "reason": r.reason,
+                            "message": r.message, "metrics": r.metrics,
+                            "runtime_seconds": r.runtime_seconds}
+                           for r in session.scalars(select(CaseResultRow).where(
+                               CaseResultRow.submission_id == submission.id)
+                               .order_by(CaseResultRow.case_id))]
+    if not participant:
+        report["events"] = [{"at": e.at, "entity": f"{e.entity} {e.entity_id}",
+                             "change": f"{e.from_state or '-'} -> {e.to_state}",
+                             "actor": e.actor, "detail": e.detail}
+                            for e in session.scalars(select(EventRow).where(
+                                ((EventRow.entity == "submission")
+                                 & (EventRow.entity_id == submission.id))
+                                | ((EventRow.entity == "job") & EventRow.entity_id.in_(
+                                    [j.id for j in submission.jobs]))).order_by(EventRow.id))]
+    return report
+
+
+def _job(job: JobRow, show_logs: bool) -> dict[str, Any]:
+    run = job.run_result or {}
+    entry = {"job": job.id, "kind": job.kind, "cases": len(job.case_ids), "status": job.status,
+             "attempts": job.attempts, "reason": job.reason, "message": job.message,
+             "wall_seconds": run.get("wall_seconds"), "cpu_seconds": run.get("cpu_seconds"),
+             "peak_memory_bytes": run.get("peak_memory_bytes")}
+    if show_logs and run:
+        entry["log_tail"] = run.get("log_tail", "")[-4000:]
+        entry["log_truncated"] = run.get("log_truncated")
+    return entry
+
+
+def render(console: Console, report: dict[str, Any]) -> None:
+    if "submission" not in report:
+        table = Table(title="queue")
+        table.add_column("state")
+        table.add_column("jobs", justify="right")
+        for state, count in sorted(report["jobs"].items()):
+            table.add_row(state, str(count))
+        console.print(table)
+        return
+    status = report["status"] + (f": {report['reason']}" if report["reason"] else "")
+    console.print(f"[bold]submission {report['submission']}[/bold] ({report['team']}, "
+                  f"{report['challenge']}/{report['phase']}): {status}")
+    if report.get("message"):
+        console.print(report["message"])
+    if "queue" in report:
+        eta = report["queue"]["estimated_start_seconds"]
+        console.print(f"queued: {report['queue']['jobs_ahead']} job(s) ahead"
+                      + (f", starts in about {eta} s" if eta is not None else ""))
+    if report.get("prize_note"):
+        console.print(f"[yellow]{report['prize_note']}[/yellow]")
+    jobs = Table(title="jobs")
+    for column in ("job", "kind", "cases", "status", "reason", "wall", "peak memory"):
+        jobs.add_column(column)
+    for job in report["jobs"]:
+        jobs.add_row(str(job["job"]), job["kind"], str(job["cases"]), job["status"],
+                     job["reason"] or "-",
+                     "-" if job["wall_seconds"] is None else f"{job['wall_seconds']:.2f} s",
+                     human_bytes(job["peak_memory_bytes"]) if job["peak_memory_bytes"] else "-")
+    console.print(jobs)
+    for job in report["jobs"]:
+        if job.get("log_tail"):
+            console.print(f"[dim]job {job['job']} log (tail):[/dim]\n{job['log_tail'][-1500:]}")
+    if report["aggregates"]:
+        table = Table(title="aggregates (failed cases at their worst value)")
+        for column in ("metric", "mean", "median", "95% CI", "failed"):
+            table.add_column(column)
+        for metric, s in sorted(report["aggregates"].items()):
+            if "mean" in s:
+                table.add_row(metric, f"{s['mean']:.4f}", f"{s['median']:.4f}",
+                              f"{s['ci_low']:.4f} - {s['ci_high']:.4f}", str(s["n_failed"]))
+            else:
+                table.add_row(metric, f"{s['value']:.4f}", "-", "-", str(s["n_failed"]))
+        console.print(table)
+
+
+def render_leaderboard(console: Console, challenge: str, phase: str, entries: list) -> None:
+    table = Table(title=f"{challenge} / {phase}")
+    table.add_column("rank", justify="right")
+    table.add_column("team")
+    table.add_column("submission", justify="right")
+    keys = list(entries[0].scores) if entries else []
+    for key in keys:
+        table.add_column(key, justify="right")
+    for column in ("failed cases", "runtime / case", "prize"):
+        table.add_column(column, justify="right")
+    for e in entries:
+        table.add_row(str(e.rank), e.team, str(e.submission_id),
+                      *(f"{e.scores[k]:.4f} (#{e.metric_ranks[k]})" for k in keys),
+                      str(e.n_failed),
+                      "-" if e.runtime_per_case is None else f"{e.runtime_per_case:.2f} s",
+                      "yes" if e.prize_eligible else "no")
+    console.print(table if entries else "no evaluated submission yet")
+
+
+def render_check(console: Console, report: dict[str, Any]) -> None:
+    verdict = "[green]would pass[/green]" if report["ok"] else \
+        f"[red]would fail: {report.get('reason')}[/red]"
+    console.print(f"{report['image']} on {report['challenge']}/{report['phase']}: {verdict}")
+    console.print(report.get("message", ""))
+    run = report.get("run")
+    if run:
+        console.print(f"wall {run['wall_seconds']:.2f} s, CPU {run['cpu_seconds']:.2f} s, "
+                      f"peak memory {human_bytes(run['peak_memory_bytes'])}")
+        if run["log_tail"]:
+            console.print(f"[dim]log (tail):[/dim]\n{run['log_tail'][-1500:]}")
+    for case_id, case in report["cases"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in case["metrics"].items()
+                          if isinstance(v, float) and k.startswith(("dice", "hd95")))
+        console.print(f"  {case_id}: {'valid' if case['valid'] else case['reason']} "
+                      f"{shown or case['message']}")

@@ -1,0 +1,124 @@
+"""Per-case results and per-submission aggregates, failures included.
+
+Metric keys are flat: `dice[1]` is Dice of label 1. A case without a valid
+output has every metric at its worst value (conventions.py); a case that has
+no result at all (its job was lost to the platform) gets the same when the
+aggregates are computed. Classification metrics are computed over all cases at
+once: a failed case counts as a maximally wrong prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from engine.challenges import Challenge
+from engine.datasets import SealedDataset, load
+from engine.db.models import AggregateRow, CaseResultRow, SubmissionRow
+from engine.medio import read_volume
+from engine.scoring.aggregation import bootstrap_ci, summarise
+from engine.scoring.classification import binary_metrics, multiclass_metrics
+from engine.scoring.conventions import SEGMENTATION_METRICS, image_diagonal_mm, worst_value
+
+LESION_METRICS = ("lesion_dice", "lesion_hd95")
+
+
+def metric_keys(challenge: Challenge) -> list[str]:
+    if challenge.task == "classification":
+        return []
+    names = list(SEGMENTATION_METRICS) + (list(LESION_METRICS) if
+                                          challenge.metrics.lesion_wise else [])
+    return [f"{name}[{label}]" for label in challenge.metrics.labels for name in names]
+
+
+def flatten(scores: dict[int, dict[str, float]]) -> dict[str, float]:
+    return {f"{metric}[{label}]": value for label, values in scores.items()
+            for metric, value in values.items()}
+
+
+def worst_metrics(challenge: Challenge, dataset: SealedDataset, case_id: str) -> dict[str, float]:
+    """Every metric of a case at its worst, from the reference's geometry and volumes."""
+    truth = dataset.case(case_id)["ground_truth"]
+    diagonal = image_diagonal_mm(tuple(truth["shape"]), tuple(truth["spacing"]))
+    reference = np.asarray(read_volume(dataset.ground_truth_path(case_id)).array)
+    voxel_ml = float(np.prod(truth["spacing"])) / 1000.0
+    worst = {}
+    for key in metric_keys(challenge):
+        metric, label = key[:-1].split("[")
+        volume_ml = float(np.count_nonzero(reference == int(label))) * voxel_ml
+        worst[key] = worst_value(metric, diagonal_mm=diagonal, reference_volume_ml=volume_ml)
+    return worst
+
+
+def case_values(session: Session, challenge: Challenge, dataset: SealedDataset,
+                submission: SubmissionRow, key: str) -> list[float]:
+    """The metric for every case of the phase, in case order, failures at their worst."""
+    rows = {r.case_id: r for r in session.scalars(select(CaseResultRow).where(
+        CaseResultRow.submission_id == submission.id))}
+    values = []
+    for case_id in dataset.case_ids:
+        row = rows.get(case_id)
+        if row is not None and key in row.metrics:
+            values.append(float(row.metrics[key]))
+        else:
+            values.append(worst_metrics(challenge, dataset, case_id)[key])
+    return values
+
+
+def compute_aggregates(session: Session, submission: SubmissionRow) -> None:
+    from engine.submissions import challenge_definition
+
+    challenge = challenge_definition(submission.phase.challenge)
+    dataset = load(submission.phase.dataset_path)
+    session.execute(delete(AggregateRow).where(AggregateRow.submission_id == submission.id))
+    rows = {r.case_id: r for r in session.scalars(select(CaseResultRow).where(
+        CaseResultRow.submission_id == submission.id))}
+    failed = [c for c in dataset.case_ids if c not in rows or not rows[c].valid]
+    if challenge.task == "classification":
+        for key, summary in classification_summaries(challenge, dataset, rows).items():
+            session.add(AggregateRow(submission_id=submission.id, metric=key, summary=summary))
+        return
+    for key in metric_keys(challenge):
+        values = case_values(session, challenge, dataset, submission, key)
+        summary = summarise(values, worst=values, seed=submission.id).to_dict()
+        summary["n_failed"] = len(failed)
+        session.add(AggregateRow(submission_id=submission.id, metric=key, summary=summary))
+    runtimes = [r.runtime_seconds for r in rows.values() if r.runtime_seconds is not None]
+    if runtimes:
+        session.add(AggregateRow(submission_id=submission.id, metric="runtime_seconds",
+                                 summary=summarise(runtimes, worst=0.0, bootstrap=0).to_dict()))
+
+
+def classification_summaries(challenge: Challenge, dataset: SealedDataset,
+                             rows: dict[str, CaseResultRow]) -> dict[str, dict]:
+    classes = challenge.output.classes
+    labels = dataset.labels()
+    truth, probabilities, n_failed = [], [], 0
+    for case_id in dataset.case_ids:
+        label = labels[case_id]
+        row = rows.get(case_id)
+        if row is not None and row.valid:
+            probabilities.append([row.metrics["probabilities"][c] for c in classes])
+        else:
+            n_failed += 1
+            probabilities.append(_maximally_wrong(label, classes))
+        truth.append(label)
+    probabilities = np.asarray(probabilities)
+    if len(classes) == 1:  # binary: one column, the probability of the positive class
+        positives = np.array([label == "1" for label in truth])
+        metrics = binary_metrics(positives, probabilities[:, 0], challenge.metrics.threshold)
+        correct = (probabilities[:, 0] >= challenge.metrics.threshold) == positives
+    else:
+        metrics = multiclass_metrics(truth, probabilities, classes)
+        correct = np.asarray(classes)[probabilities.argmax(axis=1)] == np.asarray(truth)
+    low, high = bootstrap_ci(correct.astype(float), seed=0)
+    return {key: {"value": value, "n": len(truth), "n_failed": n_failed,
+                  **({"ci_low": low, "ci_high": high} if key == "accuracy" else {})}
+            for key, value in metrics.items() if value is not None}
+
+
+def _maximally_wrong(label: str, classes: list[str]) -> list[float]:
+    if len(classes) == 1:
+        return [0.0 if label == "1" else 1.0]
+    return [0.0 if c == label else 1.0 / (len(classes) - 1) for c in classes]

@@ -1,0 +1,250 @@
+"""From a challenge file and a pinned image to jobs in the queue, and back to a result.
+
+Rules a submission meets before any GPU time is spent:
+- the phase is open (between `opens` and `closes`);
+- the team is within its quota for the phase's period (submissions that failed
+  for INFRASTRUCTURE reasons do not count);
+- where the prize requires open code, a source URL and an SPDX license are
+  given, or the submission is flagged as not prize-eligible (it is still run).
+
+It then gets one smoke job over the first case; the remaining cases are queued,
+in shards of `cases_per_run`, only once the smoke job succeeded: a broken image
+costs one case of compute, not the test set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from engine import queue
+from engine.challenges import Challenge, Phase, load_challenge
+from engine.datasets import DatasetError, load, require_intact
+from engine.db.models import (
+    ChallengeRow,
+    ImageRow,
+    JobRow,
+    PhaseRow,
+    SubmissionRow,
+    TeamRow,
+    utcnow,
+)
+from engine.images import PinnedImage
+from runners.base import FailureReason
+
+# OSI-approved licenses most used for research code (SPDX identifiers)
+OPEN_SOURCE_LICENSES = {
+    "Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "GPL-2.0-only", "GPL-2.0-or-later",
+    "GPL-3.0-only", "GPL-3.0-or-later", "LGPL-2.1-only", "LGPL-2.1-or-later",
+    "LGPL-3.0-only", "LGPL-3.0-or-later", "AGPL-3.0-only", "AGPL-3.0-or-later", "MPL-2.0",
+    "EPL-2.0", "ISC", "Unlicense", "CECILL-2.1", "EUPL-1.2", "BSL-1.0", "0BSD", "Zlib",
+}
+SOURCE_URL = re.compile(r"^https?://[^\s/$.?#].[^\s]*$")
+
+
+class SubmissionRefused(ValueError):
+    """Not accepted (closed phase, quota, unknown challenge); the message says why."""
+
+
+def challenge_definition(row: ChallengeRow) -> Challenge:
+    return Challenge.model_validate(row.definition)
+
+
+def register_challenge(session: Session, path: Path, actor: str = "cli") -> ChallengeRow:
+    """Create (or update) a challenge from its file; every phase's dataset must be sealed."""
+    challenge = load_challenge(path)
+    definition = json.loads(challenge.model_dump_json())
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+    row = session.get(ChallengeRow, challenge.id)
+    if row is None:
+        row = ChallengeRow(id=challenge.id, title=challenge.title, task=challenge.task,
+                           definition=definition, definition_sha256=digest)
+        session.add(row)
+    else:
+        row.title, row.task, row.definition, row.definition_sha256 = (
+            challenge.title, challenge.task, definition, digest)
+    for phase in challenge.phases:
+        _register_phase(session, row, phase)
+    session.commit()
+    return row
+
+
+def _register_phase(session: Session, challenge: ChallengeRow, phase: Phase) -> None:
+    try:
+        dataset = load(phase.dataset.path)
+    except DatasetError as exc:
+        raise SubmissionRefused(f"phase {phase.id}: {exc}") from None
+    if phase.dataset.version and phase.dataset.version != dataset.version:
+        raise SubmissionRefused(f"phase {phase.id}: the dataset at {phase.dataset.path} is "
+                                f"version {dataset.version[:12]}, the challenge expects "
+                                f"{phase.dataset.version[:12]}")
+    unknown = sorted(set(phase.sample_cases) - set(dataset.case_ids))
+    if unknown:
+        raise SubmissionRefused(f"phase {phase.id}: sample cases {unknown} are not in the "
+                                "dataset")
+    row = session.scalar(select(PhaseRow).where(PhaseRow.challenge_id == challenge.id,
+                                                PhaseRow.slug == phase.id))
+    if row is None:
+        row = PhaseRow(challenge=challenge, slug=phase.id)
+        session.add(row)
+    row.dataset_path, row.dataset_version = str(phase.dataset.path), dataset.version
+    row.case_ids = dataset.case_ids
+
+
+def find_phase(session: Session, challenge_id: str, phase_slug: str) -> tuple[PhaseRow, Phase]:
+    row = session.get(ChallengeRow, challenge_id)
+    if row is None:
+        raise SubmissionRefused(f"no challenge {challenge_id!r}: create it first "
+                                "(epreuve challenge create FILE)")
+    phase = challenge_definition(row).phase(phase_slug)
+    phase_row = session.scalar(select(PhaseRow).where(PhaseRow.challenge_id == challenge_id,
+                                                      PhaseRow.slug == phase_slug))
+    return phase_row, phase
+
+
+def get_or_create_team(session: Session, name: str) -> TeamRow:
+    team = session.scalar(select(TeamRow).where(TeamRow.name == name))
+    if team is None:
+        team = TeamRow(name=name)
+        session.add(team)
+        session.flush()
+    return team
+
+
+def get_or_create_image(session: Session, pinned: PinnedImage) -> ImageRow:
+    """The same image submitted again is the same row: recognised by its image id."""
+    image = session.scalar(select(ImageRow).where(ImageRow.image_id == pinned.image_id))
+    if image is None:
+        image = ImageRow(image_id=pinned.image_id, tar_sha256=pinned.tar_sha256,
+                         layers=pinned.layers, reference=pinned.reference,
+                         architecture=pinned.architecture, user=pinned.user,
+                         size_bytes=pinned.size_bytes)
+        session.add(image)
+        session.flush()
+    return image
+
+
+def check_quota(session: Session, phase_row: PhaseRow, phase: Phase, team: TeamRow,
+                now: datetime) -> None:
+    window_start = now - phase.quota_period
+    used = session.scalars(select(SubmissionRow.created_at).where(
+        SubmissionRow.phase_id == phase_row.id, SubmissionRow.team_id == team.id,
+        SubmissionRow.counts_against_quota.is_(True),
+        SubmissionRow.created_at >= window_start).order_by(SubmissionRow.created_at)).all()
+    if len(used) >= phase.quota.submissions:
+        next_slot = used[0] + phase.quota_period
+        raise SubmissionRefused(
+            f"team {team.name} has used its quota of {phase.quota.submissions} submission(s) "
+            f"per {_period(phase.quota_period)} in phase {phase.id}; the next one is possible "
+            f"from {next_slot:%Y-%m-%d %H:%M} UTC (failures caused by the platform do not "
+            "count)")
+
+
+def _period(period: timedelta) -> str:
+    seconds = period.total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count > 1 else ''}"
+    return f"{seconds:g} s"
+
+
+def prize_eligibility(phase: Phase, source_url: str | None,
+                      license_id: str | None) -> tuple[bool, str | None]:
+    if not phase.prize.requires_open_source:
+        return True, None
+    problems = []
+    if not source_url or not SOURCE_URL.match(source_url):
+        problems.append("a public source URL (https://...)")
+    if license_id not in OPEN_SOURCE_LICENSES:
+        problems.append("an open-source SPDX license (e.g. Apache-2.0, MIT, GPL-3.0-or-later)"
+                        + (f"; {license_id!r} is not one" if license_id else ""))
+    if problems:
+        return False, ("not eligible for the prize: this phase requires " + " and ".join(
+            problems) + ". The submission is evaluated all the same.")
+    return True, None
+
+
+def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
+           pinned: PinnedImage, *, source_url: str | None = None, license_id: str | None = None,
+           actor: str = "cli", now: datetime | None = None) -> SubmissionRow:
+    now = now or utcnow()
+    phase_row, phase = find_phase(session, challenge_id, phase_slug)
+    if not phase.is_open(now):
+        when = (f"opens {phase.opens:%Y-%m-%d %H:%M} UTC" if phase.opens and now < phase.opens
+                else f"closed {phase.closes:%Y-%m-%d %H:%M} UTC")
+        raise SubmissionRefused(f"phase {phase.id} of {challenge_id} is not open: it {when}")
+    team = get_or_create_team(session, team_name)
+    check_quota(session, phase_row, phase, team, now)
+    eligible, note = prize_eligibility(phase, source_url, license_id)
+    submission = SubmissionRow(phase=phase_row, team=team, image=get_or_create_image(
+        session, pinned), source_url=source_url, license=license_id, prize_eligible=eligible,
+        prize_note=note, created_at=now)
+    session.add(submission)
+    session.flush()
+    queue.record(session, "submission", submission.id, None, "queued", actor,
+                 f"team {team.name}, image {pinned.image_id[:19]}")
+    queue.enqueue(session, submission, [phase_row.case_ids[:1]], kind="smoke", actor=actor,
+                  gpus=phase.limits.gpus)
+    session.commit()
+    return submission
+
+
+def shards(case_ids: list[str], size: int) -> list[list[str]]:
+    return [case_ids[i:i + size] for i in range(0, len(case_ids), size)]
+
+
+def after_job(session: Session, job: JobRow, actor: str) -> None:
+    """What follows a finished job: the main jobs after a smoke job, or the submission's end."""
+    submission = job.submission
+    _, phase = find_phase(session, submission.phase.challenge_id, submission.phase.slug)
+    if job.kind == "smoke" and job.status == "failed":
+        _finish_submission(session, submission, "failed", actor, job.reason, (
+            f"the first case failed, so the rest were not run: {job.message}"))
+        return
+    if job.kind == "smoke" and job.status == "succeeded":
+        _set_status(session, submission, "running", actor, "smoke job passed")
+        remaining = [c for c in submission.phase.case_ids if c not in job.case_ids]
+        if remaining:
+            queue.enqueue(session, submission, shards(remaining, phase.cases_per_run),
+                          kind="main", actor=actor, gpus=phase.limits.gpus)
+            return
+    pending = session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.submission_id == submission.id, JobRow.status.not_in(queue.TERMINAL)))
+    if pending == 0:
+        from engine.results import compute_aggregates
+
+        compute_aggregates(session, submission)
+        _finish_submission(session, submission, "succeeded", actor, None,
+                           "evaluated: see the leaderboard")
+
+
+def _set_status(session: Session, submission: SubmissionRow, status: str, actor: str,
+                detail: str | None) -> None:
+    if submission.status != status:
+        queue.record(session, "submission", submission.id, submission.status, status, actor,
+                     detail)
+        submission.status = status
+
+
+def _finish_submission(session: Session, submission: SubmissionRow, status: str, actor: str,
+                       reason: str | None, message: str) -> None:
+    _set_status(session, submission, status, actor, message)
+    submission.reason, submission.message, submission.finished_at = reason, message, utcnow()
+    if reason == FailureReason.INFRASTRUCTURE.value:
+        submission.counts_against_quota = False  # not the team's fault
+
+
+def verified_dataset(phase_row: PhaseRow, cache=None):
+    dataset = require_intact(Path(phase_row.dataset_path), cache=cache)
+    if dataset.version != phase_row.dataset_version:
+        raise DatasetError(f"the dataset at {phase_row.dataset_path} is version "
+                           f"{dataset.version[:12]}; the phase was created with "
+                           f"{phase_row.dataset_version[:12]}")
+    return dataset
