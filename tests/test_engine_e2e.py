@@ -1,0 +1,203 @@
+"""The whole engine through real containers: YAML -> submissions -> worker -> leaderboard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from engine.datasets import load
+from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow
+from engine.leaderboard import leaderboard
+from engine.reports import submission_report
+from engine.submissions import SubmissionRefused, register_challenge, submit
+from engine.worker import Worker
+from runners.docker import LABEL_MANAGED, DockerRunner
+from tests.engine_fixtures import build_examples, make_scene, pin
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def images(docker_engine, tmp_path_factory):
+    return build_examples(tmp_path_factory.mktemp("example-images"))
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory):
+    return tmp_path_factory.mktemp("tars")
+
+
+def worker_for(scene, **kwargs) -> Worker:
+    runner = DockerRunner(state_dir=scene.settings.state_dir / "runs")
+    return Worker(scene.sessions, scene.settings, runner, scoring_workers=1, **kwargs)
+
+
+def test_full_challenge_from_yaml_to_leaderboard(tmp_path, images, tars):
+    scene = make_scene(tmp_path)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        full = submit(session, "test-liver", "validation", "full", pin(images["threshold"], tars))
+        ablated = submit(session, "test-liver", "validation", "ablated",
+                         pin(images["no-smoothing"], tars))
+        full_id, ablated_id = full.id, ablated.id
+    assert worker_for(scene).run(until_idle=True) == 6  # 2 smoke + 2x2 main jobs
+
+    with scene.sessions() as session:
+        for submission_id in (full_id, ablated_id):
+            submission = session.get(SubmissionRow, submission_id)
+            assert submission.status == "succeeded", submission.message
+            results = session.scalars(select(CaseResultRow).where(
+                CaseResultRow.submission_id == submission_id)).all()
+            assert sorted(r.case_id for r in results) == ["case-001", "case-002", "case-003"]
+            assert all(r.valid and r.runtime_exact and r.runtime_seconds > 0 for r in results)
+            assert all(len(r.output_sha256["mask.nii.gz"]) == 64 for r in results)
+        board = leaderboard(session, "test-liver", "validation")
+        assert [(e.team, e.rank) for e in board] == [("full", 1), ("ablated", 2)]
+        assert board[0].scores["dice[1]"] > 0.8
+        assert board[1].scores["hd95[1]"] > board[0].scores["hd95[1]"]  # noise far away
+        assert all(e.n_failed == 0 and e.runtime_per_case > 0 for e in board)
+        report = submission_report(session, full_id)
+        assert [j["kind"] for j in report["jobs"]] == ["smoke", "main", "main"]
+        assert any(e["change"] == "scoring -> succeeded" for e in report["events"])
+
+
+def test_broken_image_is_stopped_after_the_smoke_job(tmp_path, images, tars):
+    scene = make_scene(tmp_path)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        broken = submit(session, "test-liver", "validation", "broken", pin(images["broken"], tars))
+    assert worker_for(scene).run(until_idle=True) == 1
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, broken.id)
+        assert submission.status == "failed" and submission.reason == "NONZERO_EXIT"
+        assert "the rest were not run" in submission.message
+        assert session.scalar(select(func.count()).select_from(JobRow).where(
+            JobRow.submission_id == broken.id)) == 1
+        participant = submission_report(session, broken.id, participant=True)
+        assert "weights.pt" in participant["jobs"][0]["log_tail"]  # logs allowed in validation
+
+
+def test_wrong_output_name_fails_at_the_smoke_job_with_a_typed_reason(tmp_path, images, tars):
+    scene = make_scene(tmp_path)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        sub = submit(session, "test-liver", "validation", "t", pin(images["wrong-name"], tars))
+    worker_for(scene).run(until_idle=True)
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, sub.id)
+        assert submission.reason == "OUTPUT_MISSING"
+        assert "prediction.nii.gz" in submission.message  # says what it found instead
+
+
+def test_sealed_final_phase_hides_logs_and_cases_from_participants(tmp_path, images, tars):
+    scene = make_scene(tmp_path)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        sub = submit(session, "test-liver", "final", "t", pin(images["broken"], tars))
+    worker_for(scene).run(until_idle=True)
+    with scene.sessions() as session:
+        view = submission_report(session, sub.id, participant=True)
+        assert view["reason"] == "NONZERO_EXIT"  # the typed reason is always shown
+        assert "log_tail" not in view["jobs"][0] and "cases" not in view
+        organiser = submission_report(session, sub.id)
+        assert "log_tail" in organiser["jobs"][0] and "cases" in organiser
+
+
+def test_worker_killed_mid_run_loses_nothing(tmp_path, images, tars):
+    scene = make_scene(tmp_path, cases_per_run=3)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        sub = submit(session, "test-liver", "validation", "slow", pin(images["slow"], tars))
+    env = {**os.environ, "EPREUVE_DATA_DIR": str(scene.settings.data_dir),
+           "EPREUVE_STATE_DIR": str(scene.settings.state_dir)}
+    epreuve = [str(Path(sys.executable).parent / "epreuve"), "worker", "--until-idle",
+               "--lease-seconds", "600", "--heartbeat-seconds", "1"]
+    first = subprocess.Popen(epreuve, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    runner = DockerRunner(state_dir=scene.settings.state_dir / "probe", reap_orphans=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not runner.api.containers(
+            filters={"label": f"org.epreuve.submission={sub.id}"}):
+        time.sleep(0.2)
+    assert runner.api.containers(filters={"label": f"org.epreuve.submission={sub.id}"})
+    os.kill(first.pid, signal.SIGKILL)  # mid-run: the container sleeps for 20 s
+    first.wait()
+
+    # A second worker: reaps the orphan container, re-queues the job (its owner is dead,
+    # long before the 600 s lease would expire), runs it, and writes each case once.
+    second = subprocess.run(epreuve, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, sub.id)
+        assert submission.status == "succeeded", submission.message
+        cases = session.scalars(select(CaseResultRow.case_id).where(
+            CaseResultRow.submission_id == sub.id)).all()
+        assert sorted(cases) == sorted(load(scene.root / "data/validation").case_ids)
+        smoke = session.scalars(select(JobRow).where(JobRow.submission_id == sub.id)).first()
+        assert smoke.attempts == 2
+        assert session.scalar(select(func.count()).select_from(EventRow).where(
+            EventRow.detail.like("%worker process died%"))) == 1
+    leftovers = runner.api.containers(all=True, filters={"label": LABEL_MANAGED})
+    assert [c for c in leftovers if c["Labels"].get("org.epreuve.submission") == str(sub.id)] \
+        == []
+
+
+def test_quota_refusal_and_infrastructure_failures_do_not_count(tmp_path, images, tars):
+    scene = make_scene(tmp_path, quota=1)
+    pinned = pin(images["threshold"], tars)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        first = submit(session, "test-liver", "validation", "t", pinned)
+        with pytest.raises(SubmissionRefused, match=r"quota of 1 submission\(s\) per 1 day"):
+            submit(session, "test-liver", "validation", "t", pinned)
+        first.counts_against_quota = False  # as when the platform failed it
+        session.commit()
+        assert submit(session, "test-liver", "validation", "t", pinned).id > first.id
+
+
+def test_closed_phase_refuses_submissions(tmp_path, images, tars):
+    scene = make_scene(tmp_path)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        with pytest.raises(SubmissionRefused, match="is not open: it closed 2020-01-01"):
+            submit(session, "test-liver", "closed", "t", pin(images["threshold"], tars))
+
+
+def test_prize_requires_source_and_license(tmp_path, images, tars):
+    scene = make_scene(tmp_path)
+    pinned = pin(images["threshold"], tars)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        hidden = submit(session, "test-liver", "final", "a", pinned)
+        assert not hidden.prize_eligible
+        assert "public source URL" in hidden.prize_note and "SPDX" in hidden.prize_note
+        odd = submit(session, "test-liver", "final", "b", pinned,
+                     source_url="https://example.org/code", license_id="Proprietary-1.0")
+        assert not odd.prize_eligible and "'Proprietary-1.0' is not one" in odd.prize_note
+        open_code = submit(session, "test-liver", "final", "c", pinned,
+                           source_url="https://example.org/code", license_id="Apache-2.0")
+        assert open_code.prize_eligible and open_code.prize_note is None
+        assert hidden.image_pk == odd.image_pk == open_code.image_pk  # one image, recognised
+
+
+def test_check_reports_what_the_platform_would(tmp_path, images):
+    from engine.check import dry_run
+
+    scene = make_scene(tmp_path)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        good = dry_run(session, scene.settings, images["threshold"], "test-liver", "validation")
+        bad = dry_run(session, scene.settings, images["broken"], "test-liver", "validation")
+        named = dry_run(session, scene.settings, images["wrong-name"], "test-liver", None)
+    assert good["ok"] and good["cases"]["case-001"]["metrics"]["dice[1]"] > 0.8
+    assert not bad["ok"] and bad["reason"] == "NONZERO_EXIT"
+    assert not named["ok"] and named["reason"] == "OUTPUT_MISSING"
+    with scene.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(SubmissionRow)) == 0
