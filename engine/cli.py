@@ -274,13 +274,15 @@ def _state_dir() -> Path:
 
 
 @app.command()
-def demo() -> None:
-    """Show the sandbox at work: a well-behaved image and hostile ones, each failure typed."""
-    from engine.demo import run_sandbox_demo
+def demo(sandbox: bool = typer.Option(False, "--sandbox", help="Show hostile images being "
+                                      "contained instead.")) -> None:
+    """A whole challenge on this machine: build the examples, seal a test set, submit,
+    evaluate, and print the leaderboard with each failure's typed reason."""
+    from engine.demo import run_demo, run_sandbox_demo
     from runners.docker import DockerUnavailable
 
     try:
-        run_sandbox_demo(console, REPO_ROOT)
+        (run_sandbox_demo if sandbox else run_demo)(console, REPO_ROOT)
     except DockerUnavailable as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_NO_ENGINE) from None
