@@ -126,15 +126,17 @@ class MetricRef(Strict):
     metric: str
     label: int | None = None  # segmentation: which label
 
-    @field_validator("metric")
-    @classmethod
-    def _rankable(cls, metric: str) -> str:
-        larger_is_better(metric)  # raises for a metric without a direction
-        return metric
-
     @property
     def key(self) -> str:
         return self.metric if self.label is None else f"{self.metric}[{self.label}]"
+
+
+class EvaluatorMetric(Strict):
+    """A metric an organiser's evaluation image reports: its direction and its worst value."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-\[\]]{1,100}$")
+    larger_is_better: bool
+    worst: float  # what a case without a valid output scores
 
 
 class Metrics(Strict):
@@ -144,6 +146,7 @@ class Metrics(Strict):
     empty_masks: dict[str, float | Literal["diagonal"]] = {}
     lesion_wise: bool = False
     evaluation_image: str | None = None  # an organiser's image replacing the built-in metrics
+    evaluator_metrics: list[EvaluatorMetric] = []  # what that image reports
     classes: list[str] = []  # classification
     threshold: float = Field(0.5, ge=0, le=1)
 
@@ -173,8 +176,19 @@ class Challenge(Strict):
     ranking: Ranking
     phases: list[Phase] = Field(min_length=1)
 
+    def larger_is_better(self, metric: str) -> bool:
+        for custom in self.metrics.evaluator_metrics:
+            if custom.name == metric:
+                return custom.larger_is_better
+        return larger_is_better(metric)
+
     @model_validator(mode="after")
     def _consistent(self) -> Challenge:
+        if self.metrics.evaluation_image and self.task != "segmentation":
+            raise ValueError("evaluation images score per-case outputs: segmentation only")
+        if self.metrics.evaluation_image and not self.metrics.evaluator_metrics:
+            raise ValueError("metrics.evaluation_image needs metrics.evaluator_metrics: the "
+                             "name, direction and worst value of each metric it reports")
         if self.task == "segmentation" and not isinstance(self.output, SegmentationOutput):
             raise ValueError("a segmentation challenge needs output.kind: segmentation")
         if self.task == "classification" and not isinstance(self.output, ProbabilityOutput):
@@ -183,6 +197,23 @@ class Challenge(Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"phase ids must be unique: {ids}")
         return self
+
+    def ranking_problems(self) -> list[tuple[tuple, str]]:
+        """(location, message) of each ranking metric that cannot rank."""
+        evaluator = {m.name for m in self.metrics.evaluator_metrics}
+        problems = []
+        for index, ref in enumerate(self.ranking.metrics):
+            where = ("ranking", "metrics", index, "metric")
+            if self.metrics.evaluation_image:
+                if ref.metric not in evaluator or ref.label is not None:
+                    problems.append((where, f"{ref.key!r} is not a metric the evaluation image "
+                                            f"reports ({', '.join(sorted(evaluator))})"))
+                continue
+            try:
+                larger_is_better(ref.metric)
+            except ValueError as exc:
+                problems.append((where, str(exc)))
+        return problems
 
     def phase(self, phase_id: str) -> Phase:
         for phase in self.phases:
@@ -208,10 +239,15 @@ def load_challenge(path: Path) -> Challenge:
                 "path" in phase["dataset"]:
             phase["dataset"]["path"] = str((path.parent / phase["dataset"]["path"]).resolve())
     try:
-        return Challenge.model_validate(data)
+        challenge = Challenge.model_validate(data)
     except ValidationError as exc:
         raise ChallengeError("\n".join(_describe(path.name, node, error)
                                        for error in exc.errors())) from None
+    problems = challenge.ranking_problems()
+    if problems:
+        raise ChallengeError("\n".join(_describe(path.name, node, {"loc": loc, "msg": msg})
+                                       for loc, msg in problems))
+    return challenge
 
 
 def _describe(filename: str, root: yaml.Node | None, error: dict) -> str:

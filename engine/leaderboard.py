@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from engine.datasets import load
 from engine.db.models import AggregateRow, SubmissionRow
 from engine.results import case_values
-from engine.scoring.conventions import larger_is_better
 from engine.scoring.ranking import (
     aggregate_then_rank,
     consensus,
@@ -67,7 +66,7 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
         for ref in refs:
             values = {names[s.id]: aggregates[s.id].get(ref.metric, {}).get("value")
                       for s in submissions}
-            rankings.append(rank_values(values, larger_is_better(ref.metric)))
+            rankings.append(rank_values(values, challenge.larger_is_better(ref.metric)))
             for s in submissions:
                 scores[s.id][ref.key] = values[names[s.id]]
     else:
@@ -77,7 +76,7 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
             per_case = {names[s.id]: case_values(session, challenge, dataset, s, ref.key)
                         for s in submissions}
             rankings.append(_rank(challenge.ranking.scheme, per_case,
-                                  larger_is_better(ref.metric), aggregate))
+                                  challenge.larger_is_better(ref.metric), aggregate))
             for s in submissions:
                 scores[s.id][ref.key] = float(aggregate(per_case[names[s.id]]))
     final = rankings[0] if len(rankings) == 1 else consensus(rankings)

@@ -27,6 +27,8 @@ LESION_METRICS = ("lesion_dice", "lesion_hd95")
 def metric_keys(challenge: Challenge) -> list[str]:
     if challenge.task == "classification":
         return []
+    if challenge.metrics.evaluation_image:
+        return [m.name for m in challenge.metrics.evaluator_metrics]
     names = list(SEGMENTATION_METRICS) + (list(LESION_METRICS) if
                                           challenge.metrics.lesion_wise else [])
     return [f"{name}[{label}]" for label in challenge.metrics.labels for name in names]
@@ -39,6 +41,8 @@ def flatten(scores: dict[int, dict[str, float]]) -> dict[str, float]:
 
 def worst_metrics(challenge: Challenge, dataset: SealedDataset, case_id: str) -> dict[str, float]:
     """Every metric of a case at its worst, from the reference's geometry and volumes."""
+    if challenge.metrics.evaluation_image:
+        return {m.name: m.worst for m in challenge.metrics.evaluator_metrics}
     truth = dataset.case(case_id)["ground_truth"]
     diagonal = image_diagonal_mm(tuple(truth["shape"]), tuple(truth["spacing"]))
     reference = np.asarray(read_volume(dataset.ground_truth_path(case_id)).array)

@@ -37,6 +37,7 @@ from engine.outputs import (
 )
 from engine.results import flatten, worst_metrics
 from engine.scoring.cases import CasePair, LesionSettings, score_cases
+from engine.scoring.evaluation_image import run_evaluation_image
 from engine.scoring.segmentation import SegmentationSettings
 from engine.submissions import after_job, challenge_definition, find_phase, verified_dataset
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
@@ -47,6 +48,10 @@ from runners.docker import owner_token
 
 RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED, FailureReason.NONZERO_EXIT,
                 FailureReason.OUTPUT_QUOTA, FailureReason.IMAGE_INVALID}
+
+
+class EvaluatorFailed(RuntimeError):
+    """The organisers' evaluation image failed: not the participant's fault (retried)."""
 
 
 @dataclass
@@ -194,8 +199,13 @@ class Worker:
             self._infrastructure(session, job, result.message)
             return
         queue.transition(session, job, "scoring", self.owner)
+        session.commit()
         run_failed = result.reason in RUN_FAILURES or result.reason is FailureReason.CANCELLED
-        cases = self._score(job, challenge, dataset, result, output_dir, run_failed)
+        try:
+            cases = self._score(job, challenge, dataset, result, output_dir, run_failed)
+        except EvaluatorFailed as exc:
+            self._infrastructure(session, job, str(exc))
+            return
         shared = None if result.wall_seconds is None else result.wall_seconds / len(cases)
         for case in cases:
             session.add(CaseResultRow(
@@ -257,7 +267,10 @@ class Worker:
             pairs.append(CasePair(case_id, prediction, reference))
             scored[case_id] = ScoredCase(case_id, True, None, "valid", {},
                                          {spec.filename: _sha256(prediction)})
-        if pairs:
+        if pairs and challenge.metrics.evaluation_image:
+            self._score_with_evaluator(challenge, dataset, output_dir, scored,
+                                       [p.case_id for p in pairs])
+        elif pairs:
             settings = SegmentationSettings(
                 labels=tuple(challenge.metrics.labels),
                 nsd_tolerance_mm=challenge.metrics.nsd_tolerance_mm,
@@ -267,6 +280,27 @@ class Worker:
                                                workers=self.scoring_workers).items():
                 scored[case_id].metrics = flatten(scores)
         return [scored[c] for c in case_ids]
+
+    def _score_with_evaluator(self, challenge: Challenge, dataset: SealedDataset,
+                              output_dir: Path, scored: dict[str, ScoredCase],
+                              case_ids: list[str]) -> None:
+        """The organiser's image scores the valid outputs; its failures are the platform's."""
+        outcome = run_evaluation_image(self.runner, challenge.metrics.evaluation_image,
+                                       output_dir, dataset, case_ids,
+                                       work_dir=self.settings.work_dir)
+        if not outcome.succeeded:
+            raise EvaluatorFailed(f"the organisers' evaluation image failed: {outcome.message}")
+        wanted = [m.name for m in challenge.metrics.evaluator_metrics]
+        for case_id in case_ids:
+            metrics = outcome.metrics.cases.get(case_id, {})
+            missing = [name for name in wanted if name not in metrics]
+            if missing:
+                scored[case_id] = ScoredCase(
+                    case_id, False, FailureReason.OUTPUT_INVALID.value,
+                    f"case {case_id}: the evaluation image reported no {', '.join(missing)}",
+                    self._worst(challenge, dataset, case_id), scored[case_id].output_sha256)
+            else:
+                scored[case_id].metrics = {name: metrics[name] for name in wanted}
 
     def _score_probabilities(self, spec: ProbabilityOutput, case_ids: list[str],
                              output_dir: Path) -> list[ScoredCase]:

@@ -184,3 +184,19 @@ def test_no_gpu_inventory_without_nvml():
     from gpu.inventory import list_gpus
 
     assert list_gpus() == []  # this machine has no NVIDIA driver: empty, never an error
+
+
+def test_evaluator_metrics_are_declared_and_ranked_by_name(tmp_path):
+    with_image = GOOD.replace("ranking:", "metrics: {evaluation_image: org/eval:1}\nranking:")
+    with pytest.raises(ChallengeError, match="needs metrics.evaluator_metrics"):
+        load_challenge(write(tmp_path, with_image))
+    declared = GOOD.replace("ranking:", textwrap.dedent("""\
+        metrics:
+          evaluation_image: org/eval:1
+          evaluator_metrics: [{name: score, larger_is_better: true, worst: 0}]
+        ranking:"""))
+    with pytest.raises(ChallengeError, match=r"line 9, ranking.metrics\[0\].metric: 'dice\[1\]' "
+                                             "is not a metric the evaluation image reports"):
+        load_challenge(write(tmp_path, declared))
+    ranked = declared.replace("{metric: dice, label: 1}", "{metric: score}")
+    assert load_challenge(write(tmp_path, ranked)).larger_is_better("score")
