@@ -188,7 +188,7 @@ def test_no_gpu_inventory_without_nvml():
 
 def test_evaluator_metrics_are_declared_and_ranked_by_name(tmp_path):
     with_image = GOOD.replace("ranking:", "metrics: {evaluation_image: org/eval:1}\nranking:")
-    with pytest.raises(ChallengeError, match="needs metrics.evaluator_metrics"):
+    with pytest.raises(ChallengeError, match=r"needs metrics\.evaluator_metrics"):
         load_challenge(write(tmp_path, with_image))
     declared = GOOD.replace("ranking:", textwrap.dedent("""\
         metrics:
