@@ -440,10 +440,29 @@ def status(
     render(console, report)
 
 
+@app.command("cancel")
+def cancel_command(
+    submission_id: int = typer.Argument(...),
+    why: str = typer.Option("", help="Recorded in the submission's history."),
+) -> None:
+    """Cancel a submission: queued jobs never run; a running container is stopped."""
+    from engine.submissions import SubmissionRefused, cancel
+
+    _, sessions = _sessions()
+    with sessions() as session:
+        try:
+            cancel(session, submission_id, f"cli ({os.environ.get('USER', 'unknown')})", why)
+        except SubmissionRefused as exc:
+            _fail(str(exc))
+    console.print(f"submission {submission_id} cancelled")
+
+
 @app.command("leaderboard")
 def leaderboard_command(
     challenge: str = typer.Argument(...),
     phase: str = typer.Argument(...),
+    stability: int = typer.Option(0, help="Also resample cases this many times (seeded) and "
+                                  "report how firm the ranking is (Kendall's tau)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """A phase's ranking under the challenge's scheme, with failed-case counts and runtime."""
@@ -454,15 +473,27 @@ def leaderboard_command(
     from engine.submissions import SubmissionRefused
 
     _, sessions = _sessions()
+    firmness = None
     with sessions() as session:
         try:
             entries = leaderboard(session, challenge, phase)
-        except SubmissionRefused as exc:
+            if stability:
+                from engine.leaderboard import stability as rank_stability
+
+                firmness = rank_stability(session, challenge, phase, resamples=stability)
+        except (SubmissionRefused, ValueError) as exc:
             _fail(str(exc))
     if as_json:
-        print(json.dumps([asdict(e) for e in entries]))
+        print(json.dumps({"entries": [asdict(e) for e in entries], "stability": firmness}))
         return
     render_leaderboard(console, challenge, phase, entries)
+    if firmness:
+        console.print(f"ranking stability over {firmness['resamples']} bootstrap samples of "
+                      f"cases: Kendall's tau mean {firmness['kendall_tau_mean']:.3f}, median "
+                      f"{firmness['kendall_tau_median']:.3f}")
+        for team, frequencies in firmness["rank_frequencies"].items():
+            shares = ", ".join(f"#{r}: {f:.0%}" for r, f in sorted(frequencies.items()))
+            console.print(f"  {team}: {shares}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import kendalltau
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -92,6 +93,48 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
                                                                     strict=True)},
             n_failed=n_failed, runtime_per_case=runtime, prize_eligible=s.prize_eligible))
     return sorted(entries, key=lambda e: (e.rank, e.submission_id))
+
+
+def stability(session: Session, challenge_id: str, phase_slug: str, *, resamples: int = 1000,
+              seed: int = 0) -> dict:
+    """How firm the ranking is: cases resampled (seeded), every ranking metric re-ranked on
+    the same sample, consensus again, compared with the full ranking by Kendall's tau."""
+    phase_row, _ = find_phase(session, challenge_id, phase_slug)
+    challenge = challenge_definition(phase_row.challenge)
+    if challenge.task == "classification":
+        raise ValueError("stability resamples per-case values: segmentation challenges only")
+    submissions = latest_per_team(session, phase_row.id)
+    if len(submissions) < 2:
+        raise ValueError("a ranking needs at least two teams")
+    dataset = load(phase_row.dataset_path)
+    aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
+    teams = {str(s.id): s.team.name for s in submissions}
+    per_metric = [(challenge.larger_is_better(ref.metric),
+                   {str(s.id): case_values(session, challenge, dataset, s, ref.key)
+                    for s in submissions}) for ref in challenge.ranking.metrics]
+
+    def rank(indices) -> dict[str, int]:
+        rankings = [_rank(challenge.ranking.scheme,
+                          {a: [v[i] for i in indices] for a, v in values.items()},
+                          larger, aggregate) for larger, values in per_metric]
+        return rankings[0] if len(rankings) == 1 else consensus(rankings)
+
+    n_cases = len(dataset.case_ids)
+    full = rank(range(n_cases))
+    rng = np.random.default_rng(seed)
+    taus, samples = [], {a: [] for a in teams}
+    for _ in range(resamples):
+        ranks = rank(rng.integers(0, n_cases, size=n_cases))
+        tau = kendalltau([full[a] for a in teams], [ranks[a] for a in teams]).statistic
+        taus.append(1.0 if np.isnan(tau) else float(tau))
+        for algorithm in teams:
+            samples[algorithm].append(ranks[algorithm])
+    return {
+        "resamples": resamples, "seed": seed,
+        "kendall_tau_mean": float(np.mean(taus)), "kendall_tau_median": float(np.median(taus)),
+        "rank_frequencies": {teams[a]: {int(r): c / resamples for r, c in zip(
+            *np.unique(samples[a], return_counts=True), strict=True)} for a in teams},
+    }
 
 
 def _rank(scheme: str, per_case: dict[str, list[float]], larger: bool, aggregate) -> dict:

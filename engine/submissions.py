@@ -241,6 +241,27 @@ def _finish_submission(session: Session, submission: SubmissionRow, status: str,
         submission.counts_against_quota = False  # not the team's fault
 
 
+def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> SubmissionRow:
+    """Cancel a submission: queued jobs never run, a running one is stopped by its worker
+    (its next heartbeat finds the job cancelled), and nothing more is written for it."""
+    submission = session.get(SubmissionRow, submission_id)
+    if submission is None:
+        raise SubmissionRefused(f"no submission {submission_id}")
+    if submission.status in queue.TERMINAL:
+        raise SubmissionRefused(f"submission {submission_id} already ended ({submission.status})")
+    message = f"cancelled by {actor}" + (f": {why}" if why else "")
+    for job in submission.jobs:
+        if job.status not in queue.TERMINAL:
+            queue.record(session, "job", job.id, job.status, "cancelled", actor, message)
+            job.status, job.reason, job.message = "cancelled", FailureReason.CANCELLED.value, \
+                message
+            job.finished_at = utcnow()
+    _finish_submission(session, submission, "cancelled", actor,
+                       FailureReason.CANCELLED.value, message)
+    session.commit()
+    return submission
+
+
 def verified_dataset(phase_row: PhaseRow, cache=None):
     dataset = require_intact(Path(phase_row.dataset_path), cache=cache)
     if dataset.version != phase_row.dataset_version:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from engine.datasets import load
 from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow
-from engine.leaderboard import leaderboard
+from engine.leaderboard import leaderboard, stability
 from engine.reports import submission_report
 from engine.submissions import SubmissionRefused, register_challenge, submit
 from engine.worker import Worker
@@ -65,6 +65,10 @@ def test_full_challenge_from_yaml_to_leaderboard(tmp_path, images, tars):
         assert all(e.n_failed == 0 and e.runtime_per_case > 0 for e in board)
         report = submission_report(session, full_id)
         assert [j["kind"] for j in report["jobs"]] == ["smoke", "main", "main"]
+        firmness = stability(session, "test-liver", "validation", resamples=50, seed=1)
+        assert firmness == stability(session, "test-liver", "validation", resamples=50, seed=1)
+        assert -1.0 <= firmness["kendall_tau_mean"] <= 1.0
+        assert set(firmness["rank_frequencies"]) == {"full", "ablated"}
         assert any(e["change"] == "scoring -> succeeded" for e in report["events"])
 
 
@@ -201,3 +205,35 @@ def test_check_reports_what_the_platform_would(tmp_path, images):
     assert not named["ok"] and named["reason"] == "OUTPUT_MISSING"
     with scene.sessions() as session:
         assert session.scalar(select(func.count()).select_from(SubmissionRow)) == 0
+
+
+def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
+    import threading
+
+    from engine.submissions import cancel
+
+    scene = make_scene(tmp_path, cases_per_run=3)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        sub = submit(session, "test-liver", "validation", "slow", pin(images["slow"], tars))
+    worker = worker_for(scene, heartbeat_seconds=0.5)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
+    started = time.monotonic()
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not worker.runner.api.containers(
+            filters={"label": f"org.epreuve.submission={sub.id}"}):
+        time.sleep(0.2)
+    with scene.sessions() as session:
+        cancel(session, sub.id, "organiser", "wrong phase")
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 20  # the container sleeps 20 s before any work
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, sub.id)
+        assert submission.status == "cancelled" and submission.reason == "CANCELLED"
+        assert "wrong phase" in submission.message
+        assert session.scalars(select(CaseResultRow).where(
+            CaseResultRow.submission_id == sub.id)).all() == []
+    assert worker.runner.api.containers(all=True, filters={
+        "label": f"org.epreuve.submission={sub.id}"}) == []
