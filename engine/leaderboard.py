@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from engine.datasets import load
 from engine.db.models import AggregateRow, SubmissionRow
-from engine.results import case_values
+from engine.results import case_values, results_by_case
 from engine.scoring.ranking import (
     aggregate_then_rank,
     consensus,
@@ -73,9 +73,10 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
     else:
         dataset = load(phase_row.dataset_path)
         aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
+        rows = {s.id: results_by_case(session, s) for s in submissions}
         for ref in refs:
-            per_case = {names[s.id]: case_values(session, challenge, dataset, s, ref.key)
-                        for s in submissions}
+            per_case = {names[s.id]: case_values(session, challenge, dataset, s, ref.key,
+                                                 rows[s.id]) for s in submissions}
             rankings.append(_rank(challenge.ranking.scheme, per_case,
                                   challenge.larger_is_better(ref.metric), aggregate))
             for s in submissions:
@@ -109,8 +110,9 @@ def stability(session: Session, challenge_id: str, phase_slug: str, *, resamples
     dataset = load(phase_row.dataset_path)
     aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
     teams = {str(s.id): s.team.name for s in submissions}
+    rows = {s.id: results_by_case(session, s) for s in submissions}
     per_metric = [(challenge.larger_is_better(ref.metric),
-                   {str(s.id): case_values(session, challenge, dataset, s, ref.key)
+                   {str(s.id): case_values(session, challenge, dataset, s, ref.key, rows[s.id])
                     for s in submissions}) for ref in challenge.ranking.metrics]
 
     def rank(indices) -> dict[str, int]:

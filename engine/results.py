@@ -9,6 +9,9 @@ once: a failed case counts as a maximally wrong prediction.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -45,21 +48,34 @@ def worst_metrics(challenge: Challenge, dataset: SealedDataset, case_id: str) ->
         return {m.name: m.worst for m in challenge.metrics.evaluator_metrics}
     truth = dataset.case(case_id)["ground_truth"]
     diagonal = image_diagonal_mm(tuple(truth["shape"]), tuple(truth["spacing"]))
-    reference = np.asarray(read_volume(dataset.ground_truth_path(case_id)).array)
     voxel_ml = float(np.prod(truth["spacing"])) / 1000.0
+    volumes = _label_volumes(str(dataset.ground_truth_path(case_id)), dataset.version)
     worst = {}
     for key in metric_keys(challenge):
         metric, label = key[:-1].split("[")
-        volume_ml = float(np.count_nonzero(reference == int(label))) * voxel_ml
+        volume_ml = volumes.get(int(label), 0) * voxel_ml
         worst[key] = worst_value(metric, diagonal_mm=diagonal, reference_volume_ml=volume_ml)
     return worst
 
 
-def case_values(session: Session, challenge: Challenge, dataset: SealedDataset,
-                submission: SubmissionRow, key: str) -> list[float]:
-    """The metric for every case of the phase, in case order, failures at their worst."""
-    rows = {r.case_id: r for r in session.scalars(select(CaseResultRow).where(
+@lru_cache(maxsize=4096)
+def _label_volumes(path: str, dataset_version: str) -> dict[int, int]:
+    """Voxels per label of a sealed reference: read once, however many metrics need it
+    (the dataset version in the key: a new seal is a new entry)."""
+    labels, counts = np.unique(np.asarray(read_volume(Path(path)).array), return_counts=True)
+    return {int(label): int(count) for label, count in zip(labels, counts, strict=True)}
+
+
+def results_by_case(session: Session, submission: SubmissionRow) -> dict[str, CaseResultRow]:
+    return {r.case_id: r for r in session.scalars(select(CaseResultRow).where(
         CaseResultRow.submission_id == submission.id))}
+
+
+def case_values(session: Session, challenge: Challenge, dataset: SealedDataset,
+                submission: SubmissionRow, key: str,
+                rows: dict[str, CaseResultRow] | None = None) -> list[float]:
+    """The metric for every case of the phase, in case order, failures at their worst."""
+    rows = results_by_case(session, submission) if rows is None else rows
     values = []
     for case_id in dataset.case_ids:
         row = rows.get(case_id)
@@ -76,15 +92,14 @@ def compute_aggregates(session: Session, submission: SubmissionRow) -> None:
     challenge = challenge_definition(submission.phase.challenge)
     dataset = load(submission.phase.dataset_path)
     session.execute(delete(AggregateRow).where(AggregateRow.submission_id == submission.id))
-    rows = {r.case_id: r for r in session.scalars(select(CaseResultRow).where(
-        CaseResultRow.submission_id == submission.id))}
+    rows = results_by_case(session, submission)
     failed = [c for c in dataset.case_ids if c not in rows or not rows[c].valid]
     if challenge.task == "classification":
         for key, summary in classification_summaries(challenge, dataset, rows).items():
             session.add(AggregateRow(submission_id=submission.id, metric=key, summary=summary))
         return
     for key in metric_keys(challenge):
-        values = case_values(session, challenge, dataset, submission, key)
+        values = case_values(session, challenge, dataset, submission, key, rows)
         summary = summarise(values, worst=values, seed=submission.id).to_dict()
         summary["n_failed"] = len(failed)
         session.add(AggregateRow(submission_id=submission.id, metric=key, summary=summary))
