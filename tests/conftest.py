@@ -6,10 +6,14 @@ by silently testing nothing. scripts/test starts the engine before pytest runs.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+
+from engine.db import session_factory
 
 REPO = Path(__file__).resolve().parent.parent
 ADVERSARIAL_TARGETS = ("probe", "nvidia-env", "root-user", "no-command")
@@ -43,3 +47,18 @@ def runner(docker_engine, tmp_path_factory):
     from runners.docker import DockerRunner
 
     return DockerRunner(state_dir=tmp_path_factory.mktemp("runner-state"))
+
+
+def postgres_sessions():
+    """A session factory on a clean schema of the test PostgreSQL server (scripts/test
+    starts it and exports EPREUVE_TEST_POSTGRES_URL): failing in CI without one."""
+    url = os.environ.get("EPREUVE_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("EPREUVE_TEST_POSTGRES_URL is not set: scripts/test starts PostgreSQL")
+        pytest.skip("no PostgreSQL: run scripts/start-postgres, set EPREUVE_TEST_POSTGRES_URL")
+    engine = create_engine(url)
+    with engine.begin() as connection:  # a clean schema for every test
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return session_factory(url)

@@ -55,7 +55,8 @@ class Scene:
 
 def make_scene(root: Path, *, challenge_id: str = "test-liver", quota: int = 10,
                cases_per_run: int = 1, time_per_case: str = "60s",
-               scheme: str = "rank-then-aggregate", validation_cases: int = 3) -> Scene:
+               scheme: str = "rank-then-aggregate", validation_cases: int = 3,
+               database_url: str | None = None) -> Scene:
     data = root / "data"
     if not (data / "validation" / "manifest.json").exists():
         synth_dataset(data / "validation", cases=validation_cases, seed=21, size=32)
@@ -67,7 +68,8 @@ def make_scene(root: Path, *, challenge_id: str = "test-liver", quota: int = 10,
         id=challenge_id, quota=quota, cases_per_run=cases_per_run, scheme=scheme,
         time_per_case=time_per_case))
     state = root / "state"
-    settings = Settings(data_dir=state, database_url=f"sqlite:///{state / 'epreuve.db'}",
+    settings = Settings(data_dir=state,
+                        database_url=database_url or f"sqlite:///{state / 'epreuve.db'}",
                         state_dir=state / "runner")
     return Scene(root, settings, session_factory(settings.database_url), challenge_file)
 

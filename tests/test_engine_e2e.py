@@ -237,3 +237,23 @@ def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
             CaseResultRow.submission_id == sub.id)).all() == []
     assert worker.runner.api.containers(all=True, filters={
         "label": f"org.epreuve.submission={sub.id}"}) == []
+
+
+def test_the_engine_on_postgresql(tmp_path, images, tars):
+    """Migrations, JSON columns, time zones and leasing on a real PostgreSQL server."""
+    from tests.conftest import postgres_sessions
+
+    postgres_sessions()  # a clean schema (fails in CI, skips locally, without a server)
+    scene = make_scene(tmp_path, scheme="aggregate-then-rank",
+                       database_url=os.environ["EPREUVE_TEST_POSTGRES_URL"])
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        good = submit(session, "test-liver", "validation", "good", pin(images["threshold"], tars))
+        broken = submit(session, "test-liver", "validation", "broken", pin(images["broken"], tars))
+    assert worker_for(scene).run(until_idle=True) == 4  # 1 + 2 for good, 1 for broken
+    with scene.sessions() as session:
+        assert session.get(SubmissionRow, good.id).status == "succeeded"
+        assert session.get(SubmissionRow, broken.id).reason == "NONZERO_EXIT"
+        (entry,) = leaderboard(session, "test-liver", "validation")
+        assert entry.team == "good" and entry.scores["dice[1]"] > 0.8
+        assert session.get(SubmissionRow, good.id).created_at.tzinfo is not None

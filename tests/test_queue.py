@@ -7,12 +7,11 @@ and fail in CI.
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 from engine import queue
 from engine.db import session_factory
@@ -26,20 +25,7 @@ from engine.db.models import (
     TeamRow,
     utcnow,
 )
-
-POSTGRES_URL = os.environ.get("EPREUVE_TEST_POSTGRES_URL")
-
-
-def postgres_sessions():
-    if not POSTGRES_URL:
-        if os.environ.get("CI"):
-            pytest.fail("EPREUVE_TEST_POSTGRES_URL is not set: scripts/test starts PostgreSQL")
-        pytest.skip("no PostgreSQL: run scripts/start-postgres and set EPREUVE_TEST_POSTGRES_URL")
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as connection:  # a clean schema for every test
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return session_factory(POSTGRES_URL)
+from tests.conftest import postgres_sessions
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
