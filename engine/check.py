@@ -56,7 +56,8 @@ def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
         report.update(reason="IMAGE_INVALID", message=str(exc))
         return report
     dataset = verified_dataset(phase_row)
-    scratch = tempfile.mkdtemp(prefix="epreuve-check-", dir=_ensure(settings.work_dir))
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="epreuve-check-", dir=settings.work_dir)
     try:
         staged = stage(dataset, phase.sample_cases, Path(scratch) / "input")
         output = Path(scratch) / "output"
@@ -103,9 +104,3 @@ def _validate_and_score(challenge, dataset, case_ids, output, skipped) -> dict[s
             enabled=challenge.metrics.lesion_wise), workers=1).items():
         cases[case_id]["metrics"] = flatten(scores)
     return cases
-
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

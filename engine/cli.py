@@ -230,9 +230,11 @@ def dataset_verify(
     full: bool = typer.Option(False, "--full", help="Re-hash every file, ignoring the cache."),
 ) -> None:
     """Compare every file with the seal; exit 1 and name each added, missing or changed file."""
+    from engine.config import load_settings
     from engine.datasets import DatasetError, VerificationCache, verify
 
-    cache = VerificationCache(_state_dir() / "verify")
+    # the workers' cache too: one place remembers what was verified
+    cache = VerificationCache(load_settings().state_dir / "verify")
     try:
         report = verify(source, cache=cache, full=full)
     except DatasetError as exc:
@@ -262,15 +264,6 @@ def dataset_release(
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_DATASET_ERROR) from None
     console.print(f"released {directory} as {to}")
-
-
-def _state_dir() -> Path:
-    import os
-
-    configured = os.environ.get("EPREUVE_STATE_DIR")
-    if configured:
-        return Path(configured)
-    return Path.home() / ".cache" / "epreuve"
 
 
 @app.command()
@@ -350,7 +343,8 @@ def submit(
                                  or "unix:///var/run/docker.sock")
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn())
-    with tempfile.TemporaryDirectory(dir=_ensure(settings.data_dir)) as scratch:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.data_dir) as scratch:
         try:
             with Progress(*columns, console=console, transient=True) as progress:
                 tar = Path(image)
@@ -375,11 +369,6 @@ def submit(
                           f"{pinned.tar_sha256[:12]})")
             if not submission.prize_eligible:
                 console.print(f"[yellow]{submission.prize_note}[/yellow]")
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @app.command()
