@@ -148,7 +148,7 @@ def render(console: Console, report: dict[str, Any]) -> None:
     console.print(f"[bold]submission {report['submission']}[/bold] ({escape(report['team'])}, "
                   f"{escape(report['challenge'])}/{escape(report['phase'])}): {escape(status)}")
     if report.get("message"):
-        console.print(Text(report["message"]))
+        console.print(Text(report["message"]), soft_wrap=True)
     if "queue" in report:
         eta = report["queue"]["estimated_start_seconds"]
         console.print(f"queued: {report['queue']['jobs_ahead']} job(s) ahead"
@@ -167,10 +167,10 @@ def render(console: Console, report: dict[str, Any]) -> None:
     for job in report["jobs"]:
         if job.get("log_tail"):
             console.print(Text(f"job {job['job']} log (tail):", style="dim"))
-            console.print(Text(job["log_tail"][-1500:]))
-    for case in report.get("cases", []):
-        if not case["valid"]:
-            console.print(Text(f"  {case['case_id']}: {case['reason']}: {case['message']}"))
+            console.print(Text(job["log_tail"][-1500:]), soft_wrap=True)
+    for case in [c for c in report.get("cases", []) if not c["valid"]][:10]:
+        console.print(Text(f"  {case['case_id']}: {case['reason']}: {case['message']}"),
+                      soft_wrap=True)
     if report["aggregates"]:
         table = Table(title="aggregates (failed cases at their worst value)")
         for column in ("metric", "mean", "median", "95% CI", "failed"):
@@ -209,14 +209,14 @@ def render_check(console: Console, report: dict[str, Any]) -> None:
         Text(f"would fail: {report.get('reason')}", style="red")
     console.print(Text.assemble(f"{report['image']} on {report['challenge']}/"
                                 f"{report['phase']}: ", verdict))
-    console.print(Text(report.get("message") or ""))
+    console.print(Text(report.get("message") or ""), soft_wrap=True)
     run = report.get("run")
     if run:
         console.print(f"wall {run['wall_seconds']:.2f} s, CPU {run['cpu_seconds']:.2f} s, "
                       f"peak memory {human_bytes(run['peak_memory_bytes'])}")
         if run["log_tail"]:
             console.print(Text("log (tail):", style="dim"))
-            console.print(Text(run["log_tail"][-1500:]))
+            console.print(Text(run["log_tail"][-1500:]), soft_wrap=True)
     for case_id, case in report["cases"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in case["metrics"].items()
                           if isinstance(v, float) and k.startswith(("dice", "hd95")))
