@@ -112,6 +112,9 @@ def _extra(model: type[BaseModel], name: str) -> dict:
 
 
 def _parse_units(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (
+            int, float, "int", "float"):
+        raise ValueError(f"{str(value).lower()} is not a number")
     kind = _extra(cls, info.field_name).get("kind")
     if kind == "size":
         return _parse_size(value)
@@ -122,7 +125,7 @@ def _parse_units(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 
 def _in_range(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     extra = _extra(cls, info.field_name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or _stored(info):
         return value
     low, high = extra.get("minimum"), extra.get("maximum")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -130,6 +133,12 @@ def _in_range(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
         raise ValueError(f"{_show(value, kind)} is outside the allowed range "
                          f"{_show(low, kind)} to {_show(high, kind)}")
     return value
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """A definition read back from the database: it was checked when it was registered
+    (perhaps under older bounds), and must stay readable for its submissions' reports."""
+    return bool((info.context or {}).get("stored"))
 
 
 STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -445,7 +454,7 @@ class Challenge(Strict):
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Challenge:
-        if (info.context or {}).get("located"):
+        if (info.context or {}).get("located") or _stored(info):
             return self  # load_challenge reports them with their lines
         found = self.problems()
         if found:
@@ -569,9 +578,9 @@ def load_challenge(path: Path) -> Challenge:
 def load_challenge_file(path: Path) -> tuple[Challenge, Locator]:
     """The challenge and a locator that turns (location, message) into `file, line N, ...`."""
     path = Path(path)
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ChallengeError(f"{path.name}: larger than {MAX_FILE_BYTES} bytes")
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ChallengeError(f"{path.name}: larger than {MAX_FILE_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
         _no_aliases(text)
         node = yaml.compose(text)
@@ -579,6 +588,8 @@ def load_challenge_file(path: Path) -> tuple[Challenge, Locator]:
         data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise ChallengeError(f"{path.name}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ChallengeError(f"{path.name}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ChallengeError(f"{path.name}: not valid YAML: {exc}") from None
     locator = Locator(path.name, node)

@@ -381,7 +381,7 @@ def submit(
                 if not tar.is_file():
                     reference = image
                     tar = save_image(image, Path(scratch) / "image.tar", client,
-                                     _byte_progress(progress, f"saving {image}"))
+                                     _byte_progress(progress, f"saving {escape(image)}"))
                 pinned = pin_tar(tar, client, reference=reference,
                                  progress=_byte_progress(progress, "checking the archive"),
                                  load_progress=_byte_progress(progress, "loading the image"))

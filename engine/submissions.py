@@ -54,7 +54,9 @@ class SubmissionRefused(ValueError):
 
 
 def challenge_definition(row: ChallengeRow) -> Challenge:
-    return Challenge.model_validate(row.definition)
+    """The stored definition: checked in full when it was registered; read back leniently
+    (bounds may have tightened since) so that its submissions' reports stay readable."""
+    return Challenge.model_validate(row.definition, context={"stored": True})
 
 
 class ChallengeChanged(SubmissionRefused):

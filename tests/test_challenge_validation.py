@@ -4,6 +4,7 @@ allowed; never a traceback, and nothing registered."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -66,6 +67,7 @@ BAD = [
     (limits(memory="[1]"), "phases[0].limits.memory", 14, "[1] is not a size"),
     (limits(output_quota="1.5"), "phases[0].limits.output_quota", 14,
      "1.5 is not a whole number of bytes"),
+    (limits(gpus="true"), "phases[0].limits.gpus", 14, "true is not a number"),
     (limits(pids="4"), "phases[0].limits.pids", 14, "4 is outside the allowed range 16 to 65536"),
     (("quota: {submissions: 3, per: 1d}", "quota: {submissions: 3, per: -86400}"),
      "phases[0].quota.per", 13, "-86400s is outside the allowed range 1m to 366d"),
@@ -202,6 +204,19 @@ def test_classification_rankings_name_computed_metrics(tmp_path):
     with pytest.raises(ValueError, match="unknown metric 'auc'; known: accuracy, "
                                          "balanced_accuracy, brier, roc_auc_macro"):
         load_challenge(tmp_path / "c.yaml")
+
+
+def test_a_stored_definition_stays_readable_under_tighter_bounds(cli):
+    from engine.submissions import challenge_definition
+
+    assert cli(GOOD).exit_code == 0
+    with cli.sessions()() as session:
+        row = session.get(ChallengeRow, "c1")
+        stored = json.loads(json.dumps(row.definition))
+        stored["phases"][0]["limits"]["pids"] = 8  # allowed by an older version
+        row.definition = stored
+        session.commit()
+        assert challenge_definition(row).phase("p1").limits.pids == 8
 
 
 def test_empty_masks_fields_are_the_policy_fields():
