@@ -212,8 +212,8 @@ def render_check(console: Console, report: dict[str, Any]) -> None:
     console.print(Text(report.get("message") or ""), soft_wrap=True)
     run = report.get("run")
     if run:
-        console.print(f"wall {run['wall_seconds']:.2f} s, CPU {run['cpu_seconds']:.2f} s, "
-                      f"peak memory {human_bytes(run['peak_memory_bytes'])}")
+        console.print(f"wall {run['wall_seconds'] or 0:.2f} s, CPU {run['cpu_seconds'] or 0:.2f}"
+                      f" s, peak memory {human_bytes(run['peak_memory_bytes'])}")
         if run["log_tail"]:
             console.print(Text("log (tail):", style="dim"))
             console.print(Text(run["log_tail"][-1500:]), soft_wrap=True)
