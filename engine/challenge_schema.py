@@ -126,6 +126,8 @@ def _type(annotation: Any, kind: str | None) -> str:
     if kind == "duration":
         return "duration (`90s`, `2h`)"
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # StrictInt and the like: the type, without its markers
+        return _type(args[0], kind)
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is list:

@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -173,7 +174,7 @@ class SegmentationSpec(SegmentationOutput):
                                           "case, at /output/<case_id>/<filename>")
     filename: str = field("mask.nii.gz", "the file each case writes, a plain name: "
                           + ", ".join(SEGMENTATION_EXTENSIONS))
-    labels: list[int] = field([0, 1], "every label value allowed in a mask (background "
+    labels: list[StrictInt] = field([0, 1], "every label value allowed in a mask (background "
                               "included)", min_length=1, max_length=256)
     max_voxel_bytes: int = field(2 * GIB, "the most voxel data a mask may declare in its "
                                  "header (refused before it is read)", unit="bytes",
@@ -345,7 +346,7 @@ class Phase(Strict):
 
 class MetricRef(Strict):
     metric: str = field(..., "a metric the challenge computes (see metrics)", max_length=100)
-    label: int | None = field(None, "segmentation: which label (one of metrics.labels)")
+    label: StrictInt | None = field(None, "segmentation: which label (one of metrics.labels)")
 
     @property
     def key(self) -> str:
@@ -398,7 +399,7 @@ class EmptyMasks(Strict):
 class Metrics(Strict):
     """How each case is scored."""
 
-    labels: list[int] = field([1], "segmentation: the labels scored, each one of "
+    labels: list[StrictInt] = field([1], "segmentation: the labels scored, each one of "
                               "output.labels", min_length=1, max_length=256)
     nsd_tolerance_mm: float = field(1.0, "NSD's tolerance", unit="mm", minimum=0,
                                     maximum=1000)
@@ -595,7 +596,8 @@ def load_challenge_file(path: Path) -> tuple[Challenge, Locator]:
     locator = Locator(path.name, node)
     if not isinstance(data, dict):
         raise ChallengeError(f"{path.name}: expected a mapping at the top level")
-    for phase in data.get("phases") or []:
+    phases = data.get("phases")
+    for phase in phases if isinstance(phases, list) else []:
         if isinstance(phase, dict) and isinstance(phase.get("dataset"), dict) and \
                 isinstance(phase["dataset"].get("path"), str):
             phase["dataset"]["path"] = str((path.parent / phase["dataset"]["path"]).resolve())

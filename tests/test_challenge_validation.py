@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from engine.challenge_schema import markdown
-from engine.challenges import EmptyMasks, load_challenge
+from engine.challenges import ChallengeError, EmptyMasks, load_challenge
 from engine.cli import app
 from engine.datasets import seal
 from engine.db import session_factory
@@ -276,3 +276,53 @@ def test_changing_a_challenge_with_submissions_needs_force(cli, monkeypatch):
         (event,) = session.scalars(select(EventRow).where(EventRow.entity == "phase")).all()
         assert event.to_state == "redefined"
         assert "phase p1: limits.time_per_case: 90.0 -> 120.0" in event.detail
+
+
+# -- every field, hostile values ----------------------------------------------------------------
+
+HOSTILE = [float("nan"), float("inf"), -1, True, [], {}, None, "x" * 5000, 10**30, [[1]]]
+
+
+def _paths(node, prefix=()):
+    """Every value's location in the parsed file, plus an unknown key in every mapping."""
+    if isinstance(node, dict):
+        yield (*prefix, "surprise")
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, (*prefix, index))
+    if prefix:
+        yield prefix
+
+
+def _replaced(data, path, value):
+    data = json.loads(json.dumps(data))
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return data
+
+
+def test_any_hostile_value_anywhere_is_refused_with_its_line_or_harmless(tmp_path):
+    """Never another exception than ChallengeError; a refusal always names a line."""
+    import yaml
+
+    base = yaml.safe_load(GOOD)
+    path = tmp_path / "c.yaml"
+    accepted = set()
+    for where in _paths(base):
+        for value in HOSTILE:
+            path.write_text(yaml.safe_dump(_replaced(base, where, value)))
+            try:
+                load_challenge(path)
+            except ChallengeError as error:
+                assert ", line " in str(error), (where, value, str(error))
+            else:
+                accepted.add((where, repr(value)[:20]))
+    # only free text (checked at registration: the dataset, its case ids) and empty
+    # containers (the defaults) survive
+    free_text = {("title",), ("phases", 0, "dataset", "path"), ("phases", 0, "sample_cases", 0)}
+    assert {(where, value) for where, value in accepted
+            if where not in free_text and value not in ("{}", "[]")} == set()
