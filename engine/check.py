@@ -1,6 +1,8 @@
 """`epreuve check`: a participant's dry run, exactly as the platform would run it.
 
-The phase's public sample cases are staged like a real job's, the image runs
+The phase's public sample cases are staged like a real job's: first the smoke
+case alone, exactly as a submission's smoke job runs it (`smoke_case`), then the
+other sample cases together, so a passing check means a passing smoke job; the image runs
 under the phase's sandbox and limits (the same `phase_run_spec` the workers
 use), and the outputs are validated and scored the same way. Nothing is
 written to the database and nothing counts against a quota.
@@ -27,6 +29,7 @@ from engine.submissions import (
     SubmissionRefused,
     challenge_definition,
     find_phase,
+    smoke_case,
     verified_dataset,
 )
 from engine.worker import phase_run_spec
@@ -57,27 +60,58 @@ def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
         return report
     dataset = verified_dataset(phase_row)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="epreuve-check-", dir=settings.work_dir)
+    scratch = Path(tempfile.mkdtemp(prefix="epreuve-check-", dir=settings.work_dir))
     try:
-        staged = stage(dataset, phase.sample_cases, Path(scratch) / "input")
-        output = Path(scratch) / "output"
-        result = runner.run(phase_run_spec(phase, attributes["Id"], staged, output,
-                                           len(phase.sample_cases)))
-        report["run"] = result.to_dict()
-        if not result.succeeded:
-            report.update(reason=result.reason.value, message=result.message)
-            return report
-        report["cases"] = _validate_and_score(challenge, dataset, phase.sample_cases, output,
-                                              frozenset(result.skipped_outputs))
-        invalid = [c for c, v in report["cases"].items() if not v["valid"]]
-        report["ok"] = not invalid
-        report.update(reason=report["cases"][invalid[0]]["reason"] if invalid else None,
-                      message=report["cases"][invalid[0]]["message"] if invalid else
-                      "every sample case produced a valid output")
-        unstage(staged)
+        for index, batch in enumerate(check_batches(phase, phase_row.case_ids)):
+            if not _run_batch(runner, phase, challenge, dataset, attributes["Id"], batch,
+                              scratch / str(index), report, smoke=index == 0):
+                return report
+        report.update(ok=True, reason=None, message="every sample case produced a valid "
+                      "output (the smoke case first, as a submission's smoke job runs it)")
         return report
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_batches(phase, case_ids: list[str]) -> list[list[str]]:
+    """The smoke case alone, exactly as a submission's smoke job runs it, then the other
+    sample cases together."""
+    smoke = smoke_case(phase, case_ids)
+    rest = [case_id for case_id in phase.sample_cases if case_id != smoke]
+    return [[smoke]] + ([rest] if rest else [])
+
+
+def _run_batch(runner, phase, challenge, dataset, image_id: str, batch: list[str],
+               scratch: Path, report: dict[str, Any], *, smoke: bool) -> bool:
+    staged = stage(dataset, batch, scratch / "input")
+    output = scratch / "output"
+    try:
+        result = runner.run(phase_run_spec(phase, image_id, staged, output, len(batch)))
+        report.setdefault("runs", []).append({"cases": batch, "smoke": smoke,
+                                              **result.to_dict()})
+        report["run"] = result.to_dict()
+        if not result.succeeded:
+            report.update(reason=result.reason.value, message=_stage_of(smoke, batch)
+                          + result.message)
+            return False
+        cases = _validate_and_score(challenge, dataset, batch, output,
+                                    frozenset(result.skipped_outputs))
+        report["cases"].update(cases)
+        invalid = [c for c, v in cases.items() if not v["valid"]]
+        if invalid:
+            report.update(reason=cases[invalid[0]]["reason"],
+                          message=_stage_of(smoke, batch) + cases[invalid[0]]["message"])
+            return False
+        return True
+    finally:
+        unstage(staged)
+
+
+def _stage_of(smoke: bool, batch: list[str]) -> str:
+    if smoke:
+        return (f"the smoke case {batch[0]} (a submission's first job) failed, so a submission "
+                "would stop there: ")
+    return "the smoke case passed; another sample case failed: "
 
 
 def _validate_and_score(challenge, dataset, case_ids, output, skipped) -> dict[str, dict]:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from engine.units import parse_size
 from runners.base import RunResult, RunSpec
@@ -24,7 +26,8 @@ app.add_typer(sandbox_app, name="sandbox")
 dataset_app = typer.Typer(help="Sealed datasets: synthesise, seal, verify, release.",
                           no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
-challenge_app = typer.Typer(help="Challenges: create from a YAML file.", no_args_is_help=True)
+challenge_app = typer.Typer(help="Challenges: create from a YAML file; the file's reference.",
+                            no_args_is_help=True)
 app.add_typer(challenge_app, name="challenge")
 
 console = Console()
@@ -32,6 +35,12 @@ errors = Console(stderr=True)
 
 EXIT_FAILED_RUN = 1
 EXIT_NO_ENGINE = 3
+
+
+def _error(message: object) -> None:
+    """An error line: the message is text (it may quote a file, an image or a log), never
+    rich markup."""
+    errors.print(Text.assemble(("error:", "red"), " ", str(message)), soft_wrap=True)
 
 
 def _size(value: str) -> int:
@@ -86,14 +95,14 @@ def sandbox_run(
     try:
         runner = DockerRunner()
     except DockerUnavailable as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(EXIT_NO_ENGINE) from None
     cancel = threading.Event()
     try:
         if as_json:
             result = runner.run(spec, cancel)
         else:
-            with console.status(f"running {image} (limit {timeout:g} s)"):
+            with console.status(f"running {escape(image)} (limit {timeout:g} s)"):
                 result = runner.run(spec, cancel)
     except KeyboardInterrupt:  # the runner has already removed the container
         cancel.set()
@@ -123,12 +132,12 @@ def _print_result(result: RunResult) -> None:
     for name, value in rows:
         table.add_row(name, "-" if value is None else str(value))
     console.print(Panel(table, title=f"[{colour}]{title}[/{colour}]", expand=False))
-    console.print(result.message)
+    console.print(Text(result.message))
     for skipped in result.skipped_outputs:
-        console.print(f"[yellow]not collected:[/yellow] {skipped}")
+        console.print(Text.assemble(("not collected:", "yellow"), " ", skipped))
     if result.log_tail:
         tail = "\n".join(result.log_tail.splitlines()[-20:])
-        console.print(Panel(tail, title="log (last lines)", expand=False))
+        console.print(Panel(Text(tail), title="log (last lines)", expand=False))
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,12 +169,11 @@ def score(
     try:
         pred, ref = read_volume(prediction), read_volume(reference)
     except MedioError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(1) from None
     problems = geometry_differences(pred.geometry, ref.geometry)
     if problems:
-        errors.print("[red]error:[/red] the masks are not on the same voxel grid: "
-                     + "; ".join(problems))
+        _error("the masks are not on the same voxel grid: " + "; ".join(problems))
         raise typer.Exit(1)
     chosen = parse_labels(labels) or labels_present(pred.array, ref.array) or (1,)
     settings = SegmentationSettings(labels=chosen, nsd_tolerance_mm=nsd_tolerance,
@@ -207,7 +215,7 @@ def dataset_synth(
         ids = synth_dataset(directory, cases=cases, image_format=image_format, task=task,
                             seed=seed, size=size)
         progress.update(task_id, completed=cases, total=cases)
-    console.print(f"wrote {len(ids)} {task} cases ({image_format}) to {directory}")
+    console.print(Text(f"wrote {len(ids)} {task} cases ({image_format}) to {directory}"))
 
 
 @dataset_app.command("seal")
@@ -218,7 +226,7 @@ def dataset_seal(directory: Path = typer.Argument(..., exists=True, file_okay=Fa
     try:
         dataset = seal(directory)
     except DatasetError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(EXIT_DATASET_ERROR) from None
     console.print(f"sealed {len(dataset.case_ids)} cases; version {dataset.version}")
 
@@ -238,12 +246,13 @@ def dataset_verify(
     try:
         report = verify(source, cache=cache, full=full)
     except DatasetError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(EXIT_DATASET_ERROR) from None
     for line in report.lines():
-        console.print(line)
+        console.print(Text(line))
     if not report.ok:
-        errors.print(f"[red]{source} does not match its seal[/red] ({report.version[:12]})")
+        errors.print(Text(f"{source} does not match its seal ({report.version[:12]})",
+                          style="red"))
         raise typer.Exit(EXIT_DATASET_ERROR)
     console.print(f"intact: version {report.version} "
                   f"({'full check' if report.full else 'quick check'}, "
@@ -261,9 +270,9 @@ def dataset_release(
     try:
         release(directory, to)
     except DatasetError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(EXIT_DATASET_ERROR) from None
-    console.print(f"released {directory} as {to}")
+    console.print(Text(f"released {directory} as {to}"))
 
 
 @app.command()
@@ -277,7 +286,7 @@ def demo(sandbox: bool = typer.Option(False, "--sandbox", help="Show hostile ima
     try:
         (run_sandbox_demo if sandbox else run_demo)(console, REPO_ROOT)
     except DockerUnavailable as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        _error(exc)
         raise typer.Exit(EXIT_NO_ENGINE) from None
 
 
@@ -290,24 +299,44 @@ def _sessions():
 
 
 def _fail(message: str, code: int = 1):
-    errors.print(f"[red]error:[/red] {message}")
+    _error(message)
     raise typer.Exit(code)
 
 
 @challenge_app.command("create")
-def challenge_create(file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
-    """Create or update a challenge from its YAML file (its datasets must be sealed)."""
+def challenge_create(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False),
+    force: bool = typer.Option(False, "--force", help="Apply a change to a challenge whose "
+                               "phases already have submissions (it is recorded)."),
+) -> None:
+    """Create or update a challenge from its YAML file (its datasets must be sealed). The
+    whole file is checked first; nothing is registered when any of it is wrong."""
     from engine.challenges import ChallengeError
     from engine.submissions import SubmissionRefused, register_challenge
 
     _, sessions = _sessions()
     with sessions() as session:
         try:
-            row = register_challenge(session, file)
+            row = register_challenge(session, file, f"cli ({os.environ.get('USER', 'unknown')})",
+                                     force=force)
         except (ChallengeError, SubmissionRefused) as exc:
             _fail(str(exc))
         phases = ", ".join(f"{p.slug} ({len(p.case_ids)} cases)" for p in row.phases)
-        console.print(f"challenge [bold]{row.id}[/bold]: {row.title}; phases: {phases}")
+        console.print(Text.assemble("challenge ", (row.id, "bold"),
+                                    f": {row.title}; phases: {phases}"))
+
+
+@challenge_app.command("schema")
+def challenge_schema(
+    output_format: str = typer.Option("markdown", "--format", help="markdown (the reference, "
+                                      "as in docs/challenge-file.md) or json (JSON Schema)."),
+) -> None:
+    """Every field of a challenge file: type, default, unit, allowed values and meaning."""
+    from engine.challenge_schema import json_schema, markdown
+
+    if output_format not in ("markdown", "json"):
+        raise typer.BadParameter("--format is markdown or json")
+    print(markdown() if output_format == "markdown" else json_schema(), end="")
 
 
 def _byte_progress(progress, description: str):
@@ -352,7 +381,7 @@ def submit(
                 if not tar.is_file():
                     reference = image
                     tar = save_image(image, Path(scratch) / "image.tar", client,
-                                     _byte_progress(progress, f"saving {image}"))
+                                     _byte_progress(progress, f"saving {escape(image)}"))
                 pinned = pin_tar(tar, client, reference=reference,
                                  progress=_byte_progress(progress, "checking the archive"),
                                  load_progress=_byte_progress(progress, "loading the image"))
@@ -368,7 +397,7 @@ def submit(
                           f"(image {pinned.image_id[:19]}, archive sha256 "
                           f"{pinned.tar_sha256[:12]})")
             if not submission.prize_eligible:
-                console.print(f"[yellow]{submission.prize_note}[/yellow]")
+                console.print(Text(submission.prize_note, style="yellow"))
 
 
 @app.command()
@@ -482,7 +511,7 @@ def leaderboard_command(
                       f"{firmness['kendall_tau_median']:.3f}")
         for team, frequencies in firmness["rank_frequencies"].items():
             shares = ", ".join(f"#{r}: {f:.0%}" for r, f in sorted(frequencies.items()))
-            console.print(f"  {team}: {shares}")
+            console.print(Text(f"  {team}: {shares}"))
 
 
 @app.command()

@@ -1,8 +1,14 @@
 """What `epreuve status`, `leaderboard` and `check` show: plain data first, then rendered.
 
-A participant's view follows the phase's visibility: the typed reason and its
-message always; the container's log tail and per-case results only where the
-phase allows them, never in a final (sealed) phase.
+A participant's view follows the phase's visibility: the typed reason always;
+the container's log tail and per-case results only where the phase allows them,
+never in a final (sealed) phase. Where a phase hides per-case results, a
+participant's messages name no case, nor its shape, spacing or values: only a
+run-level message (time, memory, exit code, image) is shown as it is; any other
+becomes a generic message that says what to check (organisers see the full one).
+
+Everything a participant or organiser typed (team names, messages, log tails,
+image references) is printed as plain text, never as rich markup.
 """
 
 from __future__ import annotations
@@ -10,14 +16,50 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
+from engine.challenges import Phase
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
-from engine.submissions import find_phase
+from engine.submissions import challenge_definition, find_phase
+from runners.base import FailureReason
 from runners.messages import human_bytes
+
+# messages about the run as a whole: they never name a case or describe its data
+RUN_LEVEL_REASONS = {FailureReason.TIMEOUT.value, FailureReason.OOM_KILLED.value,
+                     FailureReason.OUTPUT_QUOTA.value, FailureReason.NONZERO_EXIT.value,
+                     FailureReason.IMAGE_INVALID.value, FailureReason.CANCELLED.value}
+CHECK_HINT = ("This phase does not show per-case details: run `epreuve check` on the phase's "
+              "public sample cases to see the full message.")
+
+
+def participant_message(phase: Phase, output_hint: str, reason: str | None,
+                        message: str | None) -> str | None:
+    """What a participant may read of a failure message in this phase."""
+    if not phase.hides_cases or reason is None or reason in RUN_LEVEL_REASONS:
+        return message
+    if reason == FailureReason.OUTPUT_MISSING.value:
+        return f"An expected output was not written ({output_hint}). {CHECK_HINT}"
+    if reason == FailureReason.OUTPUT_INVALID.value:
+        return (f"An output was not valid ({output_hint}): it must be readable, on the input "
+                f"image's voxel grid (copy the input's header, do not resample) and hold only "
+                f"the allowed values. {CHECK_HINT}")
+    if reason == FailureReason.INFRASTRUCTURE.value:
+        return ("The platform failed to run this submission: it is retried, and it never "
+                "counts against your quota.")
+    return f"The submission failed ({reason}). {CHECK_HINT}"
+
+
+def _output_hint(challenge) -> str:
+    if challenge.output.kind == "segmentation":
+        return (f"/output/<case_id>/{challenge.output.filename}, labels "
+                f"{challenge.output.labels}")
+    columns = ",".join(challenge.output.classes)
+    return f"/output/{challenge.output.filename}, columns case_id,{columns}"
 
 
 def queue_overview(session: Session) -> dict[str, Any]:
@@ -36,13 +78,19 @@ def submission_report(session: Session, submission_id: int, *,
     if submission is None:
         return None
     _, phase = find_phase(session, submission.phase.challenge_id, submission.phase.slug)
+    hint = _output_hint(challenge_definition(submission.phase.challenge))
+
+    def shown(reason: str | None, message: str | None) -> str | None:
+        return participant_message(phase, hint, reason, message) if participant else message
+
     show_logs = not participant or (phase.visibility.logs and not phase.final)
     show_cases = not participant or (phase.visibility.per_case and not phase.final)
     report: dict[str, Any] = {
         "submission": submission.id, "team": submission.team.name,
         "challenge": submission.phase.challenge_id, "phase": submission.phase.slug,
         "status": submission.status, "reason": submission.reason,
-        "message": submission.message, "created_at": submission.created_at,
+        "message": shown(submission.reason, submission.message),
+        "created_at": submission.created_at,
         "finished_at": submission.finished_at, "prize_eligible": submission.prize_eligible,
         "prize_note": submission.prize_note, "image": submission.image.image_id,
     }
@@ -52,7 +100,8 @@ def submission_report(session: Session, submission_id: int, *,
         report["queue"] = {"jobs_ahead": position,
                            "estimated_start_seconds": None if wait is None else
                            round(wait.total_seconds())}
-    report["jobs"] = [_job(job, show_logs) for job in submission.jobs]
+    report["jobs"] = [{**_job(job, show_logs), "message": shown(job.reason, job.message)}
+                      for job in submission.jobs]
     report["aggregates"] = {a.metric: a.summary for a in session.scalars(
         select(AggregateRow).where(AggregateRow.submission_id == submission.id))}
     if show_cases:
@@ -92,57 +141,62 @@ def render(console: Console, report: dict[str, Any]) -> None:
         table.add_column("state")
         table.add_column("jobs", justify="right")
         for state, count in sorted(report["jobs"].items()):
-            table.add_row(state, str(count))
+            table.add_row(escape(state), str(count))
         console.print(table)
         return
     status = report["status"] + (f": {report['reason']}" if report["reason"] else "")
-    console.print(f"[bold]submission {report['submission']}[/bold] ({report['team']}, "
-                  f"{report['challenge']}/{report['phase']}): {status}")
+    console.print(f"[bold]submission {report['submission']}[/bold] ({escape(report['team'])}, "
+                  f"{escape(report['challenge'])}/{escape(report['phase'])}): {escape(status)}")
     if report.get("message"):
-        console.print(report["message"])
+        console.print(Text(report["message"]), soft_wrap=True)
     if "queue" in report:
         eta = report["queue"]["estimated_start_seconds"]
         console.print(f"queued: {report['queue']['jobs_ahead']} job(s) ahead"
                       + (f", starts in about {eta} s" if eta is not None else ""))
     if report.get("prize_note"):
-        console.print(f"[yellow]{report['prize_note']}[/yellow]")
+        console.print(Text(report["prize_note"], style="yellow"))
     jobs = Table(title="jobs")
     for column in ("job", "kind", "cases", "status", "reason", "wall", "peak memory"):
         jobs.add_column(column)
     for job in report["jobs"]:
-        jobs.add_row(str(job["job"]), job["kind"], str(job["cases"]), job["status"],
-                     job["reason"] or "-",
+        jobs.add_row(str(job["job"]), escape(job["kind"]), str(job["cases"]),
+                     escape(job["status"]), escape(job["reason"] or "-"),
                      "-" if job["wall_seconds"] is None else f"{job['wall_seconds']:.2f} s",
                      human_bytes(job["peak_memory_bytes"]) if job["peak_memory_bytes"] else "-")
     console.print(jobs)
     for job in report["jobs"]:
         if job.get("log_tail"):
-            console.print(f"[dim]job {job['job']} log (tail):[/dim]\n{job['log_tail'][-1500:]}")
+            console.print(Text(f"job {job['job']} log (tail):", style="dim"))
+            console.print(Text(job["log_tail"][-1500:]), soft_wrap=True)
+    for case in [c for c in report.get("cases", []) if not c["valid"]][:10]:
+        console.print(Text(f"  {case['case_id']}: {case['reason']}: {case['message']}"),
+                      soft_wrap=True)
     if report["aggregates"]:
         table = Table(title="aggregates (failed cases at their worst value)")
         for column in ("metric", "mean", "median", "95% CI", "failed"):
             table.add_column(column)
         for metric, s in sorted(report["aggregates"].items()):
             if "mean" in s:
-                table.add_row(metric, f"{s['mean']:.4f}", f"{s['median']:.4f}",
+                table.add_row(escape(metric), f"{s['mean']:.4f}", f"{s['median']:.4f}",
                               f"{s['ci_low']:.4f} - {s['ci_high']:.4f}", str(s["n_failed"]))
             else:
-                table.add_row(metric, f"{s['value']:.4f}", "-", "-", str(s["n_failed"]))
+                table.add_row(escape(metric), f"{s['value']:.4f}", "-", "-",
+                              str(s["n_failed"]))
         console.print(table)
 
 
 def render_leaderboard(console: Console, challenge: str, phase: str, entries: list) -> None:
-    table = Table(title=f"{challenge} / {phase}")
+    table = Table(title=escape(f"{challenge} / {phase}"))
     table.add_column("rank", justify="right")
     table.add_column("team")
     table.add_column("submission", justify="right")
     keys = list(entries[0].scores) if entries else []
     for key in keys:
-        table.add_column(key, justify="right")
+        table.add_column(escape(key), justify="right")
     for column in ("failed cases", "runtime / case", "prize"):
         table.add_column(column, justify="right")
     for e in entries:
-        table.add_row(str(e.rank), e.team, str(e.submission_id),
+        table.add_row(str(e.rank), Text(e.team), str(e.submission_id),
                       *(f"{e.scores[k]:.4f} (#{e.metric_ranks[k]})" for k in keys),
                       str(e.n_failed),
                       "-" if e.runtime_per_case is None else f"{e.runtime_per_case:.2f} s",
@@ -151,18 +205,20 @@ def render_leaderboard(console: Console, challenge: str, phase: str, entries: li
 
 
 def render_check(console: Console, report: dict[str, Any]) -> None:
-    verdict = "[green]would pass[/green]" if report["ok"] else \
-        f"[red]would fail: {report.get('reason')}[/red]"
-    console.print(f"{report['image']} on {report['challenge']}/{report['phase']}: {verdict}")
-    console.print(report.get("message", ""))
+    verdict = Text("would pass", style="green") if report["ok"] else \
+        Text(f"would fail: {report.get('reason')}", style="red")
+    console.print(Text.assemble(f"{report['image']} on {report['challenge']}/"
+                                f"{report['phase']}: ", verdict))
+    console.print(Text(report.get("message") or ""), soft_wrap=True)
     run = report.get("run")
     if run:
-        console.print(f"wall {run['wall_seconds']:.2f} s, CPU {run['cpu_seconds']:.2f} s, "
-                      f"peak memory {human_bytes(run['peak_memory_bytes'])}")
+        console.print(f"wall {run['wall_seconds'] or 0:.2f} s, CPU {run['cpu_seconds'] or 0:.2f}"
+                      f" s, peak memory {human_bytes(run['peak_memory_bytes'])}")
         if run["log_tail"]:
-            console.print(f"[dim]log (tail):[/dim]\n{run['log_tail'][-1500:]}")
+            console.print(Text("log (tail):", style="dim"))
+            console.print(Text(run["log_tail"][-1500:]), soft_wrap=True)
     for case_id, case in report["cases"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in case["metrics"].items()
                           if isinstance(v, float) and k.startswith(("dice", "hd95")))
-        console.print(f"  {case_id}: {'valid' if case['valid'] else case['reason']} "
-                      f"{shown or case['message']}")
+        console.print(Text(f"  {case_id}: {'valid' if case['valid'] else case['reason']} "
+                           f"{shown or case['message']}"))

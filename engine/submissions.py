@@ -7,7 +7,8 @@ Rules a submission meets before any GPU time is spent:
 - where the prize requires open code, a source URL and an SPDX license are
   given, or the submission is flagged as not prize-eligible (it is still run).
 
-It then gets one smoke job over the first case; the remaining cases are queued,
+It then gets one smoke job over one case (`smoke_case`: the phase's first sample case,
+the one `epreuve check` runs first); the remaining cases are queued,
 in shards of `cases_per_run`, only once the smoke job succeeded: a broken image
 costs one case of compute, not the test set.
 """
@@ -24,8 +25,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Challenge, Phase, load_challenge
-from engine.datasets import DatasetError, load, require_intact
+from engine.challenges import Challenge, ChallengeError, Locator, Phase, load_challenge_file
+from engine.datasets import DatasetError, SealedDataset, load, require_intact
 from engine.db.models import (
     ChallengeRow,
     ImageRow,
@@ -53,41 +54,125 @@ class SubmissionRefused(ValueError):
 
 
 def challenge_definition(row: ChallengeRow) -> Challenge:
-    return Challenge.model_validate(row.definition)
+    """The stored definition: checked in full when it was registered; read back leniently
+    (bounds may have tightened since) so that its submissions' reports stay readable."""
+    return Challenge.model_validate(row.definition, context={"stored": True})
 
 
-def register_challenge(session: Session, path: Path, actor: str = "cli") -> ChallengeRow:
-    """Create (or update) a challenge from its file; every phase's dataset must be sealed."""
-    challenge = load_challenge(path)
+class ChallengeChanged(SubmissionRefused):
+    """Re-registering would change a challenge that already has submissions."""
+
+
+def register_challenge(session: Session, path: Path, actor: str = "cli", *,
+                       force: bool = False) -> ChallengeRow:
+    """Create (or update) a challenge from its file. The whole file is checked first (every
+    field, every phase's sealed dataset and sample cases); only then is anything written.
+    A change to a challenge whose phases have submissions needs `force`, and is recorded."""
+    challenge, locator = load_challenge_file(path)
+    datasets = {phase.id: _phase_dataset(phase, index, locator)
+                for index, phase in enumerate(challenge.phases)}
     definition = json.loads(challenge.model_dump_json())
     digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
     row = session.get(ChallengeRow, challenge.id)
+    changes: list[str] = []
     if row is None:
         row = ChallengeRow(id=challenge.id, title=challenge.title, task=challenge.task,
                            definition=definition, definition_sha256=digest)
         session.add(row)
     else:
+        changes = _confirm_changes(session, row, challenge, datasets, force)
         row.title, row.task, row.definition, row.definition_sha256 = (
             challenge.title, challenge.task, definition, digest)
     for phase in challenge.phases:
-        _register_phase(session, row, phase)
+        _register_phase(session, row, phase, datasets[phase.id])
+    session.flush()
+    if changes:
+        for phase_row in row.phases:
+            queue.record(session, "phase", phase_row.id, "registered", "redefined", actor,
+                         "; ".join(changes))
     session.commit()
     return row
 
 
-def _register_phase(session: Session, challenge: ChallengeRow, phase: Phase) -> None:
+def _phase_dataset(phase: Phase, index: int, locator: Locator) -> SealedDataset:
+    def refuse(field: str, message: str) -> ChallengeError:
+        return ChallengeError(locator.describe(("phases", index, *field.split(".")),
+                                               f"phase {phase.id}: {message}"))
+
     try:
         dataset = load(phase.dataset.path)
     except DatasetError as exc:
-        raise SubmissionRefused(f"phase {phase.id}: {exc}") from None
+        raise refuse("dataset.path", str(exc)) from None
+    except (OSError, ValueError) as exc:  # an unreadable or garbled manifest
+        raise refuse("dataset.path", f"the manifest of {phase.dataset.path} cannot be "
+                                     f"read ({exc.__class__.__name__}): seal it again") from None
     if phase.dataset.version and phase.dataset.version != dataset.version:
-        raise SubmissionRefused(f"phase {phase.id}: the dataset at {phase.dataset.path} is "
-                                f"version {dataset.version[:12]}, the challenge expects "
-                                f"{phase.dataset.version[:12]}")
+        raise refuse("dataset.version", f"the dataset at {phase.dataset.path} is version "
+                                        f"{dataset.version[:12]}, the challenge expects "
+                                        f"{phase.dataset.version[:12]}")
     unknown = sorted(set(phase.sample_cases) - set(dataset.case_ids))
     if unknown:
-        raise SubmissionRefused(f"phase {phase.id}: sample cases {unknown} are not in the "
-                                "dataset")
+        raise refuse("sample_cases", f"sample cases {unknown} are not in the dataset")
+    return dataset
+
+
+def _confirm_changes(session: Session, row: ChallengeRow, new: Challenge,
+                     datasets: dict[str, SealedDataset], force: bool) -> list[str]:
+    """What re-registering changes; refused without `force` once a phase has submissions,
+    and always when it would remove a phase that has them."""
+    old = challenge_definition(row)
+    versions = {p.slug: p.dataset_version for p in row.phases}
+    changes = definition_changes(old, new, versions,
+                                 {slug: d.version for slug, d in datasets.items()})
+    if not changes:
+        return []
+    used = dict(session.execute(select(PhaseRow.slug, func.count(SubmissionRow.id)).join(
+        SubmissionRow, SubmissionRow.phase_id == PhaseRow.id).where(
+        PhaseRow.challenge_id == row.id).group_by(PhaseRow.slug)).all())
+    removed = sorted(slug for slug in used if slug not in {p.id for p in new.phases})
+    if removed:
+        raise ChallengeChanged(f"challenge {row.id}: phase(s) {', '.join(removed)} have "
+                               "submissions and cannot be removed (close them instead: "
+                               "phases[].closes)")
+    if used and not force:
+        listing = "\n".join(f"  - {change}" for change in changes)
+        counts = ", ".join(f"{slug}: {count}" for slug, count in sorted(used.items()))
+        raise ChallengeChanged(f"challenge {row.id} already has submissions ({counts}); this "
+                               f"file would change:\n{listing}\nrun again with --force to "
+                               "apply it (the change is recorded in each phase's history)")
+    return changes
+
+
+def definition_changes(old: Challenge, new: Challenge, old_versions: dict[str, str],
+                       new_versions: dict[str, str]) -> list[str]:
+    """Every difference between two definitions, one line each, phases matched by id."""
+    before, after = json.loads(old.model_dump_json()), json.loads(new.model_dump_json())
+    old_phases = {p["id"]: p for p in before.pop("phases")}
+    new_phases = {p["id"]: p for p in after.pop("phases")}
+    changes = [f"phase {slug} added" for slug in new_phases if slug not in old_phases]
+    changes += [f"phase {slug} removed" for slug in old_phases if slug not in new_phases]
+    changes += _differences(before, after, "")
+    for slug in (s for s in new_phases if s in old_phases):
+        changes += _differences(old_phases[slug], new_phases[slug], f"phase {slug}: ")
+        if old_versions.get(slug) != new_versions.get(slug):
+            changes.append(f"phase {slug}: dataset version {str(old_versions.get(slug))[:12]}"
+                           f" -> {str(new_versions.get(slug))[:12]}")
+    return changes
+
+
+def _differences(before: dict, after: dict, prefix: str) -> list[str]:
+    found = []
+    for key in dict.fromkeys([*before, *after]):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return found
+
+
+def _register_phase(session: Session, challenge: ChallengeRow, phase: Phase,
+                    dataset: SealedDataset) -> None:
     row = session.scalar(select(PhaseRow).where(PhaseRow.challenge_id == challenge.id,
                                                 PhaseRow.slug == phase.id))
     if row is None:
@@ -95,6 +180,16 @@ def _register_phase(session: Session, challenge: ChallengeRow, phase: Phase) -> 
         session.add(row)
     row.dataset_path, row.dataset_version = str(phase.dataset.path), dataset.version
     row.case_ids = dataset.case_ids
+
+
+def smoke_case(phase: Phase, case_ids: list[str]) -> str:
+    """The one case a submission runs first: the phase's first public sample case (the one
+    `epreuve check` runs first, so a passing check means a passing smoke job), else the
+    dataset's first case."""
+    for case_id in phase.sample_cases:
+        if case_id in case_ids:
+            return case_id
+    return case_ids[0]
 
 
 def find_phase(session: Session, challenge_id: str, phase_slug: str) -> tuple[PhaseRow, Phase]:
@@ -190,8 +285,8 @@ def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
     session.flush()
     queue.record(session, "submission", submission.id, None, "queued", actor,
                  f"team {team.name}, image {pinned.image_id[:19]}")
-    queue.enqueue(session, submission, [phase_row.case_ids[:1]], kind="smoke", actor=actor,
-                  gpus=phase.limits.gpus)
+    queue.enqueue(session, submission, [[smoke_case(phase, phase_row.case_ids)]],
+                  kind="smoke", actor=actor, gpus=phase.limits.gpus)
     session.commit()
     return submission
 
@@ -206,7 +301,7 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
     _, phase = find_phase(session, submission.phase.challenge_id, submission.phase.slug)
     if job.kind == "smoke" and job.status == "failed":
         _finish_submission(session, submission, "failed", actor, job.reason, (
-            f"the first case failed, so the rest were not run: {job.message}"))
+            f"the smoke case failed, so the rest were not run: {job.message}"))
         return
     if job.kind == "smoke" and job.status == "succeeded":
         _set_status(session, submission, "running", actor, "smoke job passed")

@@ -60,7 +60,7 @@ def test_a_valid_file_parses_sizes_durations_and_paths(tmp_path):
                                                        "ranking direction"),
     (("  - id: p1", "  - id: P 1"), "line 8, phases[0].id: String should match pattern"),
     (("    dataset: {path: data}\n", "    dataset: {path: data}\n    visibilty: {logs: true}\n"),
-     "line 10, phases[0].visibilty: Extra inputs are not permitted"),
+     "line 10, phases[0].visibilty: unknown key 'visibilty'; known: id, title"),
 ])
 def test_errors_name_the_field_and_its_line(tmp_path, change, expected):
     with pytest.raises(ChallengeError) as error:

@@ -37,9 +37,12 @@ SEGMENTATION_METRICS = ("dice", "iou", "hd", "hd95", "assd", "masd", "nsd",
 
 
 def larger_is_better(metric: str) -> bool:
-    if metric in LARGER_IS_BETTER:
+    """The direction of a metric; per-class and averaged variants ("roc_auc[tumour]",
+    "roc_auc_macro") share their base metric's."""
+    base = metric.split("[")[0].removesuffix("_macro").removesuffix("_micro")
+    if base in LARGER_IS_BETTER:
         return True
-    if metric in SMALLER_IS_BETTER:
+    if base in SMALLER_IS_BETTER:
         return False
     raise ValueError(f"metric {metric!r} has no ranking direction (signed volume difference "
                      "is descriptive only)")
