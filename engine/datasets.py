@@ -62,6 +62,7 @@ LABELS_TABLE = "labels.csv"
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 HASH_CHUNK = 1 << 20
 RELEASE_EXTRAS = ("DATA_CARD.md", "SHA256SUMS")  # written by `release` beside the manifest
+MAX_RELEASE_EXTRA_BYTES = 64 << 20  # one line per file: a larger one is not ours
 MAX_IMAGE_BYTES = 8 << 30  # a header declaring more is refused before its data is read
 DICOM_LAYOUT = "a DICOM case is one series in a subfolder: inputs/<case>/<series>/*.dcm"
 # open a dataset file without following a link, and without blocking on a FIFO swapped in
@@ -128,7 +129,7 @@ def load(root: Path) -> SealedDataset:
     manifest_path = root / MANIFEST
     try:
         st = os.lstat(manifest_path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise DatasetError(f"{root} is not sealed: no {MANIFEST} (run `epreuve dataset seal`)") \
             from None
     if not stat.S_ISREG(st.st_mode):
@@ -163,16 +164,25 @@ def walk_tree(root: Path) -> Iterator[TreeEntry]:
     entries before its subdirectories'), without following any link: directories are
     opened relative to their parent with O_NOFOLLOW, so a link swapped in is never entered."""
     top = os.path.realpath(root)  # the organiser may name the root through a link
-    for dirpath, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False):
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False,
+                                                         onerror=_unreadable):
         base = Path(os.path.relpath(dirpath, top))
         subdirectories = []
         for name in sorted(dirnames + filenames):
-            st = os.lstat(name, dir_fd=dir_fd)
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # removed since the listing: as if never there
             if stat.S_ISDIR(st.st_mode):
                 subdirectories.append(name)
             else:
                 yield TreeEntry((base / name).as_posix(), name, dir_fd, st)
         dirnames[:] = subdirectories
+
+
+def _unreadable(error: OSError) -> None:
+    """A directory that cannot be listed is never silently left out of a seal or a check."""
+    raise DatasetError(f"{error.filename} cannot be read: {error.strerror}")
 
 
 def _kind(mode: int) -> str:
@@ -501,12 +511,6 @@ def _describe_image(path: Path, header, volume, description: dict) -> dict:
     return entry
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    for entry in walk_tree(root):
-        if entry.rel != MANIFEST:
-            yield Path(root) / entry.rel
-
-
 # -- verification ------------------------------------------------------------------------
 
 
@@ -593,8 +597,10 @@ def verify(source: Path, *, cache: VerificationCache | None = None,
         if not stat.S_ISREG(entry.st.st_mode):
             (report.changed if rel in expected else report.added).append(rel)
         elif rel not in expected:
-            if rel in RELEASE_EXTRAS:
+            if rel in RELEASE_EXTRAS and entry.st.st_size <= MAX_RELEASE_EXTRA_BYTES:
                 extras[rel] = _read_entry(entry)
+            elif rel in RELEASE_EXTRAS:
+                report.changed.append(rel)
             else:
                 report.added.append(rel)
         elif not full and remembered.get("files", {}).get(rel) == _fingerprint(entry.st):
@@ -678,7 +684,7 @@ def verify_archive(archive: Path) -> VerificationReport:
                 if rel == MANIFEST:
                     manifest_bytes = handle.read()
                 elif rel in RELEASE_EXTRAS:
-                    extras[rel] = handle.read(1 << 24)
+                    extras[rel] = handle.read(MAX_RELEASE_EXTRA_BYTES + 1)
                 else:
                     digest = hashlib.sha256()
                     while chunk := handle.read(HASH_CHUNK):

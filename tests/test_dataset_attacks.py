@@ -200,6 +200,21 @@ def test_a_fifo_in_the_tree_is_refused_without_blocking(dataset_dir):
         seal(dataset_dir)
 
 
+def test_a_dangling_link_and_a_device_are_refused_together(dataset_dir):
+    (dataset_dir / "inputs/case-002/gone.nii.gz").symlink_to(dataset_dir / "nowhere.nii.gz")
+    try:
+        os.mknod(dataset_dir / "dataset.dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device node needs CAP_MKNOD")
+    with pytest.raises(DatasetError) as refused:
+        seal(dataset_dir)
+    assert str(refused.value).splitlines()[1:] == [
+        "  dataset.dev is a character device: a dataset holds regular files only (copy the "
+        "data in)",
+        "  inputs/case-002/gone.nii.gz is a symbolic link: a dataset holds regular files only "
+        "(copy the data in)"]
+
+
 def test_a_socket_in_the_tree_is_refused(dataset_dir):
     import socket
 
