@@ -820,6 +820,12 @@ def checksums(dataset: SealedDataset) -> str:
     return "".join(f"{e['sha256']}  {e['path']}\n" for e in dataset.manifest["files"])
 
 
+def _syntax_line(cases: list[dict]) -> list[str]:
+    names = sorted({syntax["name"] for case in cases for image in case["inputs"]
+                    for syntax in image.get("transfer_syntaxes", [])})
+    return [f"- DICOM transfer syntaxes: {', '.join(names)}"] if names else []
+
+
 def data_card(dataset: SealedDataset, title: str | None = None) -> str:
     d = dataset.description
     cases = dataset.manifest["cases"]
@@ -831,6 +837,7 @@ def data_card(dataset: SealedDataset, title: str | None = None) -> str:
         f"- Task: {dataset.task}",
         f"- Cases: {len(cases)}",
         f"- Modalities: {', '.join(modalities)}; formats: {', '.join(formats)}",
+        *_syntax_line(cases),
         f"- License: {d.get('license', 'not stated: ask the organisers before reuse')}",
         f"- Citation: {d.get('citation', 'not stated')}",
         f"- Files: {len(dataset.manifest['files'])}, checksums in SHA256SUMS and manifest.json",

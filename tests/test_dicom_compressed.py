@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from engine.datasets import DICOM_LAYOUT, DatasetError, seal, stage
+from engine.datasets import DICOM_LAYOUT, DatasetError, data_card, seal, stage
 from engine.medio import MedioError, Volume, read_volume, write_dicom_series
 from engine.medio.volume import affine_from_lps, lps_parts
 from engine.synthetic import synth_case, synth_dataset
@@ -157,6 +157,8 @@ def test_a_compressed_series_seals_stages_and_decodes_to_the_original(tmp_path, 
     back = read_volume(staged / "case-002" / "ct")
     assert np.array_equal(back.array, original.array) and back.array.dtype == np.int16
     assert np.array_equal(back.affine, original.affine)
+    card = data_card(dataset)
+    assert f"- DICOM transfer syntaxes: Explicit VR Little Endian, {syntax.name}\n" in card
 
 
 @pytest.mark.parametrize("syntax, name", [
