@@ -252,14 +252,14 @@ def seal(root: Path) -> SealedDataset:
     root = Path(root)
     scanned, problems = _tree_problems(root)
     if problems:
-        raise DatasetError("cannot seal " + str(root) + ":\n  " + "\n  ".join(problems))
+        raise _refusal(root, problems)
     description = _read_description(root)
     task = description.get("task", "segmentation")
     case_ids = _input_case_ids(root)
     labels = _read_labels(root) if task == "classification" else {}
     problems = _case_problems(root, case_ids, task, labels)
     if problems:
-        raise DatasetError("cannot seal " + str(root) + ":\n  " + "\n  ".join(problems))
+        raise _refusal(root, problems)
     cases = [_case_entry(root, case_id, task, labels, description) for case_id in case_ids]
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -270,6 +270,12 @@ def seal(root: Path) -> SealedDataset:
     }
     _write_manifest(root, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return load(root)
+
+
+def _refusal(root: Path, problems: list[str], shown: int = 20) -> DatasetError:
+    listed = problems[:shown] + ([f"... and {len(problems) - shown} more"]
+                                 if len(problems) > shown else [])
+    return DatasetError("cannot seal " + str(root) + ":\n  " + "\n  ".join(listed))
 
 
 def _hash_and_freeze(root: Path, scanned: dict[str, os.stat_result]) -> list[dict]:

@@ -215,6 +215,17 @@ def test_a_dangling_link_and_a_device_are_refused_together(dataset_dir):
         "(copy the data in)"]
 
 
+def test_a_long_list_of_refusals_is_cut_short(dataset_dir):
+    for index in range(13):
+        note = dataset_dir / f"inputs/case-001/note-{index:02d}.txt"
+        note.write_text("linked twice")
+        os.link(note, dataset_dir / f"inputs/case-002/note-{index:02d}.txt")
+    with pytest.raises(DatasetError) as refused:
+        seal(dataset_dir)
+    lines = str(refused.value).splitlines()
+    assert len(lines) == 22 and lines[-1] == "  ... and 6 more"
+
+
 def test_a_socket_in_the_tree_is_refused(dataset_dir):
     import socket
 
