@@ -10,8 +10,16 @@ Layout of a dataset directory:
     manifest.json                written by `seal`: every file with size and sha256,
                                  and per-case metadata
 
-The dataset's version is the sha256 of manifest.json. Sealing makes every file
-read-only; `verify` names each added, missing or changed file.
+A DICOM image is one series in a subfolder: inputs/<case_id>/<series>/*.dcm (classic
+slices, or one multi-frame file); slices lying flat in the case folder are refused.
+
+The dataset's version is the sha256 of manifest.json. Sealing decodes every image
+whole (a truncated or undecodable file is refused, naming the case and the file),
+refuses any symbolic link, hard link or special file in the tree, and makes every
+file read-only through a descriptor opened without following links, so nothing
+outside the dataset is ever changed. `verify` names each added, missing or changed
+file; it checks content only, so the hard links that staging makes while a job runs
+do not fail it.
 
 Verifying a large test set before every run must not mean re-hashing it. A
 `VerificationCache` remembers, per file, the (size, mtime, inode, ctime) seen when
@@ -34,12 +42,18 @@ import re
 import shutil
 import stat
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.medio import MedioError, geometry_differences, is_image, read_header
+import numpy as np
+from pydicom.uid import UID
+
+from engine.medio import MedioError, geometry_differences, is_image, read_header, read_volume
+from engine.medio.dicom import transfer_syntax_name
 
 MANIFEST = "manifest.json"
 DESCRIPTION = "dataset.json"
@@ -47,6 +61,12 @@ MANIFEST_FORMAT = "epreuve-dataset/1"
 LABELS_TABLE = "labels.csv"
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 HASH_CHUNK = 1 << 20
+RELEASE_EXTRAS = ("DATA_CARD.md", "SHA256SUMS")  # written by `release` beside the manifest
+MAX_RELEASE_EXTRA_BYTES = 64 << 20  # one line per file: a larger one is not ours
+MAX_IMAGE_BYTES = 8 << 30  # a header declaring more is refused before its data is read
+DICOM_LAYOUT = "a DICOM case is one series in a subfolder: inputs/<case>/<series>/*.dcm"
+# open a dataset file without following a link, and without blocking on a FIFO swapped in
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DEFAULT_FULL_EVERY_SECONDS = 24 * 3600
 
 
@@ -107,45 +127,195 @@ def load(root: Path) -> SealedDataset:
     """A sealed dataset as its manifest describes it (not verified: see `verify`)."""
     root = Path(root)
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise DatasetError(f"{root} is not sealed: no {MANIFEST} (run `epreuve dataset seal`)")
-    data = manifest_path.read_bytes()
-    manifest = json.loads(data)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DatasetError(f"{manifest_path} is not an Épreuve manifest ({MANIFEST_FORMAT})")
+    try:
+        st = os.lstat(manifest_path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetError(f"{root} is not sealed: no {MANIFEST} (run `epreuve dataset seal`)") \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DatasetError(f"{manifest_path} is {_kind(st.st_mode)}, not the manifest seal "
+                           "writes: seal the dataset again")
+    return _parse_manifest(root, manifest_path.read_bytes())
+
+
+def _parse_manifest(root: Path, data: bytes) -> SealedDataset:
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DatasetError(f"{root / MANIFEST} is not an Épreuve manifest ({MANIFEST_FORMAT})")
     return SealedDataset(root, hashlib.sha256(data).hexdigest(), manifest)
+
+
+# -- the tree, never following a link ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    rel: str  # posix path relative to the dataset root
+    name: str  # the name within its directory
+    dir_fd: int  # the open directory holding it: valid only while the walk is on it
+    st: os.stat_result  # lstat: the entry itself, never a link's target
+
+
+def walk_tree(root: Path) -> Iterator[TreeEntry]:
+    """Every entry under `root` that is not a directory, in a stable order (each directory's
+    entries before its subdirectories'), without following any link: directories are
+    opened relative to their parent with O_NOFOLLOW, so a link swapped in is never entered."""
+    top = os.path.realpath(root)  # the organiser may name the root through a link
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False,
+                                                         onerror=_unreadable):
+        base = Path(os.path.relpath(dirpath, top))
+        subdirectories = []
+        for name in sorted(dirnames + filenames):
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # removed since the listing: as if never there
+            if stat.S_ISDIR(st.st_mode):
+                subdirectories.append(name)
+            else:
+                yield TreeEntry((base / name).as_posix(), name, dir_fd, st)
+        dirnames[:] = subdirectories
+
+
+def _unreadable(error: OSError) -> None:
+    """A directory that cannot be listed is never silently left out of a seal or a check."""
+    raise DatasetError(f"{error.filename} cannot be read: {error.strerror}")
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _tree_problems(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
+    """The regular files of the tree by relative path, and every entry seal refuses."""
+    files, problems = {}, []
+    for entry in walk_tree(root):
+        if not stat.S_ISREG(entry.st.st_mode):
+            problems.append(f"{entry.rel} is {_kind(entry.st.st_mode)}: a dataset holds "
+                            "regular files only (copy the data in)")
+        elif entry.st.st_nlink != 1:
+            problems.append(f"{entry.rel} has {entry.st.st_nlink} hard links: a dataset holds "
+                            "files with one name only (copy it in instead of linking it; if a "
+                            "job is running on this dataset, seal again once it has ended)")
+        else:
+            files[entry.rel] = entry.st
+    return files, problems
+
+
+def _open_regular(entry: TreeEntry) -> int:
+    """A descriptor on this very entry: a regular file, not a link, as the walk saw it."""
+    try:
+        fd = os.open(entry.name, _OPEN_FLAGS, dir_fd=entry.dir_fd)
+    except OSError as exc:
+        raise DatasetError(f"{entry.rel} cannot be opened: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (entry.st.st_dev,
+                                                                    entry.st.st_ino):
+        os.close(fd)
+        raise DatasetError(f"{entry.rel} was replaced while it was being read")
+    return fd
+
+
+def _hash_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    while chunk := os.read(fd, HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # -- sealing -----------------------------------------------------------------------------
 
 
 def seal(root: Path) -> SealedDataset:
-    """Check the dataset, write its manifest, make its files read-only. Refusals name the case."""
+    """Check the dataset, write its manifest, make its files read-only. Refusals name the case.
+
+    Order matters: links and special files are refused before any image is opened (an
+    image reached through a link would be read from outside the dataset), every image is
+    decoded whole before anything is written, and the files are hashed and made read-only
+    through the same descriptors, opened without following links."""
     root = Path(root)
+    scanned, problems = _tree_problems(root)
+    if problems:
+        raise _refusal(root, problems)
     description = _read_description(root)
     task = description.get("task", "segmentation")
     case_ids = _input_case_ids(root)
     labels = _read_labels(root) if task == "classification" else {}
     problems = _case_problems(root, case_ids, task, labels)
     if problems:
-        raise DatasetError("cannot seal " + str(root) + ":\n  " + "\n  ".join(problems))
+        raise _refusal(root, problems)
     cases = [_case_entry(root, case_id, task, labels, description) for case_id in case_ids]
-    files = [{"path": rel, "size": size, "sha256": digest}
-             for rel, size, digest in _hash_tree(root)]
     manifest = {
         "format": MANIFEST_FORMAT,
         "task": task,
         "description": description,
         "cases": [case.__dict__ for case in cases],
-        "files": files,
+        "files": _hash_and_freeze(root, scanned),
     }
-    _make_read_only(root, [f["path"] for f in files])
-    manifest_path = root / MANIFEST
-    if manifest_path.exists():
-        manifest_path.chmod(0o644)
-    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    manifest_path.chmod(0o444)
+    _write_manifest(root, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return load(root)
+
+
+def _refusal(root: Path, problems: list[str], shown: int = 20) -> DatasetError:
+    listed = problems[:shown] + ([f"... and {len(problems) - shown} more"]
+                                 if len(problems) > shown else [])
+    return DatasetError("cannot seal " + str(root) + ":\n  " + "\n  ".join(listed))
+
+
+def _hash_and_freeze(root: Path, scanned: dict[str, os.stat_result]) -> list[dict]:
+    """Hash every file and drop its write bits through one descriptor (fchmod): a file
+    that is no longer the one the scan saw, or that gained a name, is refused."""
+    files, seen = [], set()
+    for entry in walk_tree(root):
+        if entry.rel == MANIFEST:
+            continue
+        if entry.rel not in scanned:
+            raise DatasetError(f"{entry.rel} appeared while {root} was being sealed")
+        fd = _open_regular(entry)
+        try:
+            st = os.fstat(fd)
+            if st.st_nlink != 1:
+                raise DatasetError(f"{entry.rel} gained a hard link while it was being sealed")
+            digest = _hash_fd(fd)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o222 | 0o444)
+        finally:
+            os.close(fd)
+        files.append({"path": entry.rel, "size": st.st_size, "sha256": digest})
+        seen.add(entry.rel)
+    vanished = sorted(set(scanned) - seen - {MANIFEST})
+    if vanished:
+        raise DatasetError(f"{', '.join(vanished)} vanished while {root} was being sealed")
+    return files
+
+
+def _write_manifest(root: Path, text: str) -> None:
+    """A fresh read-only file renamed over the old manifest: a link there is never followed."""
+    fd, temporary = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o444)
+        os.replace(temporary, root / MANIFEST)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _read_description(root: Path) -> dict:
@@ -153,9 +323,11 @@ def _read_description(root: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        description = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(description, dict):
+        raise DatasetError(f"{path} must hold a JSON object (name, task, modality, ...)")
     task = description.get("task", "segmentation")
     if task not in ("segmentation", "classification"):
         raise DatasetError(f"{path}: task must be segmentation or classification, not {task!r}")
@@ -177,15 +349,18 @@ def _read_labels(root: Path) -> dict[str, str]:
     if not path.is_file():
         raise DatasetError(f"classification dataset without ground_truth/{LABELS_TABLE}")
     labels: dict[str, str] = {}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"case_id", "label"} <= set(reader.fieldnames):
-            raise DatasetError(f"{path} needs the columns case_id,label")
-        for line, row in enumerate(reader, start=2):
-            case_id = (row["case_id"] or "").strip()
-            if case_id in labels:
-                raise DatasetError(f"{path} line {line}: duplicate case id {case_id!r}")
-            labels[case_id] = (row["label"] or "").strip()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"case_id", "label"} <= set(reader.fieldnames):
+                raise DatasetError(f"{path} needs the columns case_id,label")
+            for line, row in enumerate(reader, start=2):
+                case_id = (row["case_id"] or "").strip()
+                if case_id in labels:
+                    raise DatasetError(f"{path} line {line}: duplicate case id {case_id!r}")
+                labels[case_id] = (row["label"] or "").strip()
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path} is not a UTF-8 CSV table: {exc}") from None
     return labels
 
 
@@ -200,6 +375,10 @@ def _case_problems(root: Path, case_ids: list[str], task: str, labels: dict) -> 
             problems.append(f"case {case_id!r}: duplicate of {lowered[case_id.lower()]!r} "
                             "(ids must differ in more than letter case)")
         lowered[case_id.lower()] = case_id
+        if not (root / "inputs" / case_id).is_dir():
+            problems.append(f"inputs/{case_id} is a file: each case is a folder, "
+                            "inputs/<case>/...")
+            continue
         if task == "segmentation":
             truth = root / "ground_truth" / case_id
             if not truth.is_dir() or not any(truth.iterdir()):
@@ -213,78 +392,129 @@ def _case_problems(root: Path, case_ids: list[str], task: str, labels: dict) -> 
                 problems.append(f"ground truth for case {extra!r}, which has no inputs")
     for extra in sorted(set(labels) - known):
         problems.append(f"label for case {extra!r}, which has no inputs")
-    for path in root.rglob("*"):
-        if path.is_symlink():
-            problems.append(f"{path.relative_to(root)} is a symbolic link: datasets hold "
-                            "regular files only")
     return problems
 
 
-def _image_entries(directory: Path) -> list[Path]:
-    """The images of a case: image files, and directories (DICOM series)."""
+def _looks_like_dicom(path: Path) -> bool:
+    """A DICOM file, whatever its name: 'DICM' after the 128-byte preamble."""
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def _image_entries(directory: Path, case_id: str) -> list[Path]:
+    """The images of a case: image files, and directories (one DICOM series each).
+
+    DICOM slices directly in the case folder are refused: the folder would be read as
+    one image per slice."""
     entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+    flat = [p.name for p in entries if p.is_file() and (
+        p.name.lower().endswith(".dcm") or _looks_like_dicom(p))]
+    if flat:
+        where = directory.relative_to(directory.parent.parent).as_posix()
+        raise DatasetError(f"case {case_id!r}: {len(flat)} DICOM file(s) lie directly in "
+                           f"{where}/ ({', '.join(flat[:3])}{', ...' if len(flat) > 3 else ''})"
+                           f"; {DICOM_LAYOUT}")
     return [p for p in entries if p.is_dir() or is_image(p)]
 
 
 def _case_entry(root: Path, case_id: str, task: str, labels: dict, description: dict) -> CaseEntry:
-    images = _image_entries(root / "inputs" / case_id)
+    images = _image_entries(root / "inputs" / case_id, case_id)
     if not images:
         raise DatasetError(f"case {case_id!r}: no image in inputs/{case_id}/")
-    inputs = [_describe_image(path, case_id, description) for path in images]
+    described = [_read_image(root, path, case_id) for path in images]
+    inputs = [_describe_image(path, header, volume, description)
+              for path, (header, volume) in zip(images, described, strict=True)]
     truth = None
     if task == "segmentation":
-        masks = _image_entries(root / "ground_truth" / case_id)
+        masks = _image_entries(root / "ground_truth" / case_id, case_id)
         if len(masks) != 1:
             raise DatasetError(f"case {case_id!r}: expected one ground-truth image in "
                                f"ground_truth/{case_id}/, found {len(masks)}")
-        truth = _describe_image(masks[0], case_id, {"modality": "SEG"})
-        header = read_header(masks[0])
-        first_input = read_header(images[0])
-        mismatch = geometry_differences(header.geometry, first_input.geometry)
+        header, volume = _read_image(root, masks[0], case_id)
+        _check_label_map(root, masks[0], case_id, volume)
+        truth = _describe_image(masks[0], header, volume, {"modality": "SEG"})
+        mismatch = geometry_differences(header.geometry, described[0][0].geometry)
         if mismatch:
             raise DatasetError(f"case {case_id!r}: ground truth does not lie on the input's "
                                f"voxel grid: {'; '.join(mismatch)}")
     return CaseEntry(case_id, inputs, truth, labels.get(case_id))
 
 
-def _describe_image(path: Path, case_id: str, description: dict) -> dict:
+def _read_image(root: Path, path: Path, case_id: str):
+    """Header and whole voxel data: a file that only decodes halfway is refused here, not
+    in a worker. The error names the case and the file."""
+    rel = path.relative_to(root).as_posix()
     try:
+        _check_metaimage_data_file(path)
+        _check_gzip_stream(path)
         header = read_header(path)
+        if header.declared_bytes > MAX_IMAGE_BYTES:
+            raise MedioError(f"its header declares {header.declared_bytes} bytes of voxels "
+                             f"(at most {MAX_IMAGE_BYTES})")
+        volume = read_volume(path)
     except MedioError as exc:
-        raise DatasetError(f"case {case_id!r}: {path.name} cannot be read: {exc}") from None
+        raise DatasetError(f"case {case_id!r}: {rel} cannot be read: {exc}") from None
+    except Exception as exc:  # the readers' libraries raise many types for damaged data
+        raise DatasetError(f"case {case_id!r}: {rel} cannot be read: "
+                           f"{type(exc).__name__}: {exc}") from None
+    if tuple(volume.array.shape) != tuple(header.geometry.shape):
+        raise DatasetError(f"case {case_id!r}: {rel} decodes to {list(volume.array.shape)} "
+                           f"voxels, its header declares {list(header.geometry.shape)}")
+    return header, volume
+
+
+def _check_gzip_stream(path: Path) -> None:
+    """Inflate a .gz image to its end: readers stop once they have the voxels they need, so
+    a damaged checksum or trailing member would pass them and fail a stricter reader."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(HASH_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise MedioError(f"its gzip stream is damaged ({exc})") from None
+
+
+def _check_metaimage_data_file(path: Path) -> None:
+    """A MetaImage header names its data file: it must be LOCAL (.mha) or a plain file name
+    beside the header (.mhd), never a path that reaches elsewhere."""
+    if not path.name.lower().endswith((".mha", ".mhd")):
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    match = re.search(rb"^\s*ElementDataFile\s*=\s*(.*?)\s*$", head, re.MULTILINE)
+    if match is None:
+        raise MedioError("its header has no ElementDataFile")
+    data_file = match.group(1).decode("utf-8", "replace")
+    if data_file == "LOCAL":
+        return
+    if "/" in data_file or "\\" in data_file or data_file in ("", ".", "..") or \
+            path.name.lower().endswith(".mha"):
+        raise MedioError(f"ElementDataFile {data_file!r} must be LOCAL or the name of a file "
+                         "beside the header")
+    if not (path.parent / data_file).is_file():
+        raise MedioError(f"its data file {data_file} is not beside it")
+
+
+def _check_label_map(root: Path, path: Path, case_id: str, volume) -> None:
+    values = np.asarray(volume.array)
+    if values.dtype.kind == "f" and not (np.all(np.isfinite(values))
+                                         and np.all(values == np.round(values))):
+        raise DatasetError(f"case {case_id!r}: {path.relative_to(root).as_posix()} is not a "
+                           "label map: it holds non-integer values")
+
+
+def _describe_image(path: Path, header, volume, description: dict) -> dict:
     modality = header.modality if header.modality != "unknown" else description.get(
         "modality", "unknown")
-    return {"name": path.name, "format": header.format, "modality": modality,
-            "dtype": str(header.dtype), **header.geometry.describe()}
-
-
-def _walk_files(root: Path) -> Iterator[Path]:
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(directory) / name
-            if path.parent == root and name == MANIFEST:
-                continue
-            yield path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _hash_tree(root: Path) -> list[tuple[str, int, str]]:
-    return [(path.relative_to(root).as_posix(), path.stat().st_size, sha256_file(path))
-            for path in _walk_files(root)]
-
-
-def _make_read_only(root: Path, relative_paths: Iterable[str]) -> None:
-    for rel in relative_paths:
-        path = root / rel
-        path.chmod(stat.S_IMODE(path.stat().st_mode) & ~0o222 | 0o444)
+    entry = {"name": path.name, "format": header.format, "modality": modality,
+             "dtype": str(header.dtype), **header.geometry.describe()}
+    syntaxes = volume.metadata.get("transfer_syntaxes")
+    if syntaxes:  # what participants will receive: they decode it themselves
+        entry["transfer_syntaxes"] = [{"uid": uid, "name": transfer_syntax_name(UID(uid))}
+                                      for uid in syntaxes]
+    return entry
 
 
 # -- verification ------------------------------------------------------------------------
@@ -322,17 +552,25 @@ class VerificationCache:
     def read(self, root: Path, version: str) -> dict:
         try:
             data = json.loads(self._path(root).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             return {}
-        return data if data.get("version") == version else {}
+        return data if isinstance(data, dict) and data.get("version") == version else {}
 
     def write(self, root: Path, version: str, fingerprints: dict, full_at: float) -> None:
+        """Atomically: each writer fills its own temporary file, then renames it over the
+        cache file, so verifications of one dataset running at once never share a file."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(root)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"version": version, "full_at": full_at,
-                                         "files": fingerprints}))
-        temporary.replace(path)
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}-",
+                                         suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"version": version, "full_at": full_at, "files": fingerprints},
+                          handle)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def _fingerprint(st: os.stat_result) -> list[int]:
@@ -341,7 +579,9 @@ def _fingerprint(st: os.stat_result) -> list[int]:
 
 def verify(source: Path, *, cache: VerificationCache | None = None,
            full: bool = False) -> VerificationReport:
-    """Compare a dataset directory (or a released archive) with its manifest."""
+    """Compare a dataset directory, a released archive, or an extracted release with its
+    manifest. Content only: a file's link count is not checked, since staging hard-links
+    inputs into a job's directory while the job runs."""
     source = Path(source)
     if source.is_file() and source.name.endswith((".tar.gz", ".tgz", ".tar")):
         return verify_archive(source)
@@ -354,31 +594,74 @@ def verify(source: Path, *, cache: VerificationCache | None = None,
     report = VerificationReport(dataset.version, full=full)
     fingerprints: dict[str, list[int]] = {}
     on_disk: set[str] = set()
-    for path in _walk_files(source):
-        rel = path.relative_to(source).as_posix()
+    extras: dict[str, bytes] = {}
+    for entry in walk_tree(source):
+        rel = entry.rel
+        if rel == MANIFEST:
+            continue
         on_disk.add(rel)
-        if path.is_symlink() or not path.is_file():
-            report.changed.append(rel) if rel in expected else report.added.append(rel)
-            continue
-        if rel not in expected:
-            report.added.append(rel)
-            continue
-        st = path.stat()
-        fingerprint = _fingerprint(st)
-        if not full and remembered.get("files", {}).get(rel) == fingerprint:
-            fingerprints[rel] = fingerprint
-            continue
-        report.hashed_files += 1
-        entry = expected[rel]
-        if st.st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            report.changed.append(rel)
+        if not stat.S_ISREG(entry.st.st_mode):
+            (report.changed if rel in expected else report.added).append(rel)
+        elif rel not in expected:
+            if rel in RELEASE_EXTRAS and entry.st.st_size <= MAX_RELEASE_EXTRA_BYTES:
+                extras[rel] = _read_entry(entry)
+            elif rel in RELEASE_EXTRAS:
+                report.changed.append(rel)
+            else:
+                report.added.append(rel)
+        elif not full and remembered.get("files", {}).get(rel) == _fingerprint(entry.st):
+            fingerprints[rel] = _fingerprint(entry.st)
         else:
-            fingerprints[rel] = fingerprint
+            report.hashed_files += 1
+            if _entry_matches(entry, expected[rel]):
+                fingerprints[rel] = _fingerprint(entry.st)
+            else:
+                report.changed.append(rel)
     report.missing = sorted(set(expected) - on_disk)
+    report.changed += _release_extras_changed(dataset, extras)
     if cache is not None and report.ok:
         full_at = time.time() if full else remembered.get("full_at", time.time())
         cache.write(source, dataset.version, fingerprints, full_at)
     return report
+
+
+def _read_entry(entry: TreeEntry) -> bytes:
+    fd = _open_regular(entry)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def _entry_matches(entry: TreeEntry, expected: dict) -> bool:
+    if entry.st.st_size != expected["size"]:
+        return False
+    try:
+        fd = _open_regular(entry)
+    except DatasetError:
+        return False  # replaced under us: not the sealed file
+    try:
+        return _hash_fd(fd) == expected["sha256"]
+    finally:
+        os.close(fd)
+
+
+def _release_extras_changed(dataset: SealedDataset, extras: dict[str, bytes]) -> list[str]:
+    """A release's DATA_CARD.md and SHA256SUMS, where present, must be exactly what `release`
+    writes for this manifest (the card's title aside: it names the folder released)."""
+    changed = []
+    for name in RELEASE_EXTRAS:
+        if name in extras and extras[name] != _expected_extra(dataset, name, extras[name]):
+            changed.append(name)
+    return changed
+
+
+def _expected_extra(dataset: SealedDataset, name: str, found: bytes) -> bytes:
+    if name == "SHA256SUMS":
+        return checksums(dataset).encode()
+    title = found.decode("utf-8", "replace").split("\n", 1)[0].removeprefix("# ")
+    return data_card(dataset, title=title).encode()
 
 
 def _safe_member_name(name: str) -> str | None:
@@ -391,34 +674,40 @@ def _safe_member_name(name: str) -> str | None:
 def verify_archive(archive: Path) -> VerificationReport:
     """Verify a released archive in one streaming pass, without unpacking it."""
     hashes: dict[str, tuple[int, str]] = {}
+    extras: dict[str, bytes] = {}
     manifest_bytes = None
     unsafe = []
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            rel = _safe_member_name(member.name)
-            if rel is None or member.issym() or member.islnk() or member.isdev():
-                unsafe.append(member.name)
-                continue
-            if not member.isfile():
-                continue
-            handle = tar.extractfile(member)
-            if rel == MANIFEST:
-                manifest_bytes = handle.read()
-                continue
-            digest = hashlib.sha256()
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-            hashes[rel] = (member.size, digest.hexdigest())
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                rel = _safe_member_name(member.name)
+                if rel is None or member.issym() or member.islnk() or member.isdev():
+                    unsafe.append(member.name)
+                    continue
+                if not member.isfile():
+                    continue
+                handle = tar.extractfile(member)
+                if rel == MANIFEST:
+                    manifest_bytes = handle.read()
+                elif rel in RELEASE_EXTRAS:
+                    extras[rel] = handle.read(MAX_RELEASE_EXTRA_BYTES + 1)
+                else:
+                    digest = hashlib.sha256()
+                    while chunk := handle.read(HASH_CHUNK):
+                        digest.update(chunk)
+                    hashes[rel] = (member.size, digest.hexdigest())
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"{archive.name} is not a readable release archive: {exc}") from None
     if manifest_bytes is None:
         raise DatasetError(f"{archive.name} holds no {MANIFEST}")
-    manifest = json.loads(manifest_bytes)
-    report = VerificationReport(hashlib.sha256(manifest_bytes).hexdigest())
-    expected = {e["path"]: (e["size"], e["sha256"]) for e in manifest["files"]}
-    release_only = {"DATA_CARD.md", "SHA256SUMS"}
-    report.added = sorted(set(hashes) - set(expected) - release_only) + unsafe
+    dataset = _parse_manifest(Path(archive.name), manifest_bytes)
+    report = VerificationReport(dataset.version)
+    expected = {e["path"]: (e["size"], e["sha256"]) for e in dataset.manifest["files"]}
+    report.added = sorted(set(hashes) - set(expected)) + unsafe
     report.missing = sorted(set(expected) - set(hashes))
     report.changed = sorted(rel for rel in set(hashes) & set(expected)
                             if hashes[rel] != expected[rel])
+    report.changed += _release_extras_changed(dataset, extras)
     report.hashed_files = len(hashes)
     return report
 
@@ -439,7 +728,8 @@ def stage(dataset: SealedDataset, case_ids: list[str], destination: Path) -> Pat
     """Build a container's /input: these cases' inputs and cases.json, never ground truth.
 
     Files are hard-linked (no bytes copied; sealed files are read-only) and copied only
-    where the file system refuses a link (another device)."""
+    where the file system refuses a link (another device). cases.json tells each image's
+    format and modality, and for DICOM its transfer syntaxes: what the container decodes."""
     if not case_ids:
         raise DatasetError("nothing to stage: no cases given")
     destination = Path(destination)
@@ -449,8 +739,7 @@ def stage(dataset: SealedDataset, case_ids: list[str], destination: Path) -> Pat
         case = dataset.case(case_id)
         files = stage_tree(dataset.root / "inputs" / case_id, destination / case_id)
         listing.append({"case_id": case_id, "files": files,
-                        "images": [{k: image[k] for k in ("name", "format", "modality")}
-                                   for image in case["inputs"]]})
+                        "images": [_staged_image(image) for image in case["inputs"]]})
     (destination / "cases.json").write_text(json.dumps({"cases": listing}, indent=1) + "\n")
     for directory in sorted((p for p in destination.rglob("*") if p.is_dir()), reverse=True):
         directory.chmod(0o555)
@@ -458,19 +747,25 @@ def stage(dataset: SealedDataset, case_ids: list[str], destination: Path) -> Pat
     return destination
 
 
+def _staged_image(image: dict) -> dict:
+    keys = ("name", "format", "modality", "transfer_syntaxes")
+    return {key: image[key] for key in keys if key in image}
+
+
 def stage_tree(source: Path, target: Path) -> list[str]:
     """Hard-link (or, across devices, copy) every regular file under `source` into `target`.
 
-    Links and special files are skipped: only regular files are ever staged."""
+    Links and special files are skipped, and a file is linked by its directory descriptor
+    and name, never through a link: only regular files are ever staged."""
     files = []
     target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(p for p in Path(source).rglob("*")
-                       if p.is_file() and not p.is_symlink()):
-        rel = path.relative_to(source)
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(path, target / rel)
-        files.append(rel.as_posix())
-    return files
+    for entry in walk_tree(source):
+        if not stat.S_ISREG(entry.st.st_mode):
+            continue
+        (target / entry.rel).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(entry, target / entry.rel)
+        files.append(entry.rel)
+    return sorted(files)
 
 
 def unstage(destination: Path) -> None:
@@ -484,11 +779,19 @@ def unstage(destination: Path) -> None:
     shutil.rmtree(destination)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(entry: TreeEntry, target: Path) -> None:
     try:
-        os.link(source, target)
+        os.link(entry.name, target, src_dir_fd=entry.dir_fd, follow_symlinks=False)
+        return
     except OSError:
-        shutil.copy2(source, target)
+        pass  # another device: copy the bytes
+    fd = _open_regular(entry)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as source, open(target, "xb") as copy:
+            shutil.copyfileobj(source, copy)
+        os.chmod(target, 0o444)
+    finally:
+        os.close(fd)
 
 
 # -- release -----------------------------------------------------------------------------
@@ -499,7 +802,7 @@ def release(root: Path, archive: Path) -> Path:
     dataset = require_intact(root)
     top = f"{dataset.description.get('name', root.name)}-{dataset.version[:12]}"
     card = data_card(dataset).encode()
-    sums = "".join(f"{e['sha256']}  {e['path']}\n" for e in dataset.manifest["files"]).encode()
+    sums = checksums(dataset).encode()
     archive.parent.mkdir(parents=True, exist_ok=True)
     # No file name and no mtime in the gzip header: the same dataset gives the same bytes.
     with open(archive, "wb") as raw, \
@@ -518,17 +821,29 @@ def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def data_card(dataset: SealedDataset) -> str:
+def checksums(dataset: SealedDataset) -> str:
+    """SHA256SUMS as `sha256sum -c` reads it."""
+    return "".join(f"{e['sha256']}  {e['path']}\n" for e in dataset.manifest["files"])
+
+
+def _syntax_line(cases: list[dict]) -> list[str]:
+    names = sorted({syntax["name"] for case in cases for image in case["inputs"]
+                    for syntax in image.get("transfer_syntaxes", [])})
+    return [f"- DICOM transfer syntaxes: {', '.join(names)}"] if names else []
+
+
+def data_card(dataset: SealedDataset, title: str | None = None) -> str:
     d = dataset.description
     cases = dataset.manifest["cases"]
     modalities = sorted({image["modality"] for case in cases for image in case["inputs"]})
     formats = sorted({image["format"] for case in cases for image in case["inputs"]})
     lines = [
-        f"# {d.get('name', dataset.root.name)}", "",
+        f"# {title or d.get('name', dataset.root.name)}", "",
         f"- Version (sha256 of manifest.json): `{dataset.version}`",
         f"- Task: {dataset.task}",
         f"- Cases: {len(cases)}",
         f"- Modalities: {', '.join(modalities)}; formats: {', '.join(formats)}",
+        *_syntax_line(cases),
         f"- License: {d.get('license', 'not stated: ask the organisers before reuse')}",
         f"- Citation: {d.get('citation', 'not stated')}",
         f"- Files: {len(dataset.manifest['files'])}, checksums in SHA256SUMS and manifest.json",

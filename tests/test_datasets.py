@@ -136,7 +136,8 @@ def test_sealing_refuses_a_duplicate_row_in_a_labels_table(tmp_path):
 
 def test_sealing_refuses_unreadable_images_naming_the_case(dataset_dir):
     (dataset_dir / "inputs/case-003/ct.nii.gz").write_bytes(b"\x1f\x8bnot gzip at all")
-    with pytest.raises(DatasetError, match=r"case 'case-003': ct\.nii\.gz cannot be read"):
+    with pytest.raises(DatasetError,
+                       match=r"case 'case-003': inputs/case-003/ct\.nii\.gz cannot be read"):
         seal(dataset_dir)
 
 
