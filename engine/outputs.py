@@ -131,9 +131,9 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
                           tolerance: GeometryTolerance = GeometryTolerance()) -> CaseOutput:
     rel = f"{case_id}/{spec.filename}"
     where = f"case {case_id}: /output/{rel}"
-    if any(entry.startswith(f"{rel} ") for entry in skipped):
-        return _invalid(case_id, f"{where} was not a regular file (a link or a special file) "
-                                 "and was not collected; write a regular file")
+    if any(entry.startswith((f"{rel} ", f"{case_id} ")) for entry in skipped):
+        return _invalid(case_id, f"{where} (or its folder) was not a regular file (a link or "
+                                 "a special file) and was not collected; write a regular file")
     path = Path(output_root) / case_id / spec.filename
     try:
         mode = os.lstat(path).st_mode

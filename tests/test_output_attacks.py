@@ -391,3 +391,19 @@ def test_a_mha_written_by_a_container_cannot_reach_the_host(runner, tmp_path, tr
     assert result.status is RunStatus.SUCCEEDED, result.message
     outcome = validate(output, truth)
     assert outcome.reason is INVALID and "ElementDataFile = LOCAL" in outcome.message
+
+
+def test_a_header_whose_size_wraps_int64_is_refused_by_its_true_size(tmp_path, truth):
+    head = mha_header(truth, "LOCAL").replace(b"DimSize = 24 24 16",
+                                              b"DimSize = 999999999 999999999 999999999")
+    plant(tmp_path, "case-001", "mask.mha", head)
+    outcome = validate(tmp_path, truth)
+    assert outcome.reason is INVALID
+    assert "declares 999999997000000002999999999 bytes" in outcome.message
+
+
+def test_a_case_folder_the_runner_refused_as_a_link_is_invalid(tmp_path, truth):
+    skipped = frozenset({"case-001 (symbolic link, not collected)"})
+    outcome = validate_segmentation(tmp_path, "case-001", SPEC, truth.geometry, skipped=skipped)
+    assert outcome.reason is INVALID and "(or its folder) was not a regular file" in \
+        outcome.message

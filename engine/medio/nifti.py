@@ -10,6 +10,7 @@ declared size, so a gzip bomb costs nothing.
 from __future__ import annotations
 
 import io
+import math
 import struct
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def read_nifti(path: Path) -> Volume:
                          f"{described.declared_bytes} bytes, the file holds "
                          f"{max(0, len(raw) - offset)})")
     dtype = header.get_data_dtype()
-    array = np.frombuffer(raw, dtype=dtype, count=int(np.prod(header.get_data_shape())),
+    array = np.frombuffer(raw, dtype=dtype, count=math.prod(header.get_data_shape()),
                           offset=offset).reshape(header.get_data_shape(), order="F")
     slope, inter = header.get_slope_inter()
     array = apply_read_scaling(array.astype(dtype.newbyteorder("=")), slope, inter)
