@@ -98,7 +98,7 @@ class OutputArea:
 
         Everything is measured before a byte is copied, as a copy would occupy the
         host's disk: sparse files at their apparent size, each hard link as its own
-        copy, every file and directory at least a block. Over the quota, nothing is
+        copy, every directory a block, every file whole blocks. Over the quota, nothing is
         copied (OUTPUT_QUOTA). A tree too deep, a path too long, a name that is not
         UTF-8 text: OUTPUT_INVALID, and that entry is not collected. Nothing the
         container wrote raises here; only the host's own failures (its disk) do.
@@ -239,7 +239,7 @@ def _scan_entry(fd: int, parts: tuple[str, ...], entry: os.DirEntry, found: _Sca
     elif stat.S_ISREG(info.st_mode):
         found.files.append((child, info.st_size))
         found.file_bytes += info.st_size
-        found.occupied += max(BLOCK, _round_up(info.st_size, BLOCK))
+        found.occupied += _round_up(info.st_size, BLOCK)
         if info.st_nlink > 1 or info.st_blocks * 512 < info.st_size:
             found.inflated.append(_inflation(child, info))
     else:

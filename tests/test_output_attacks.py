@@ -407,3 +407,37 @@ def test_a_case_folder_the_runner_refused_as_a_link_is_invalid(tmp_path, truth):
     outcome = validate_segmentation(tmp_path, "case-001", SPEC, truth.geometry, skipped=skipped)
     assert outcome.reason is INVALID and "(or its folder) was not a regular file" in \
         outcome.message
+
+
+@pytest.mark.docker
+def test_empty_directories_count_for_what_they_occupy_on_the_host(runner, tmp_path):
+    result, output = contained(runner, tmp_path, (
+        "import os\n"
+        "for i in range(3000): os.mkdir(f'/output/d{i:04d}')\n"))
+    assert result.reason is FailureReason.OUTPUT_QUOTA, result.message
+    assert "would occupy 11.7 MiB once copied, more than its output quota of 10.0 MiB" in \
+        result.message
+    assert allocated_below(output) <= 10 * MiB
+
+
+def test_a_polled_directory_area_survives_a_deep_tree(tmp_path):
+    """Without root the area is a plain directory, walked while the container runs."""
+    from runners.output_area import OutputArea
+
+    area = OutputArea(tmp_path / "area", quota_bytes=10 * MiB)
+    area.path.mkdir()
+    fd = os.open(area.path, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+    os.write(leaf, b"x" * 100)
+    os.close(leaf)
+    os.close(fd)
+    assert not area.over_quota()
+    collected = area.collect(tmp_path / "copy")
+    assert collected.reason is INVALID and "more than 32 directories deep" in collected.message
+    area.release()
+    assert not area.path.exists()
