@@ -441,3 +441,15 @@ def test_a_polled_directory_area_survives_a_deep_tree(tmp_path):
     assert collected.reason is INVALID and "more than 32 directories deep" in collected.message
     area.release()
     assert not area.path.exists()
+
+
+def test_a_nifti_in_several_gzip_members_reads_whole(tmp_path, truth):
+    from engine.medio import write_nifti
+
+    write_nifti(truth, tmp_path / "one.nii.gz")
+    raw = gzip.decompress((tmp_path / "one.nii.gz").read_bytes())
+    members = b"".join(gzip.compress(raw[i:i + 1000]) for i in range(0, len(raw), 1000))
+    plant(tmp_path, "case-001", "mask.nii.gz", members + b"trailing junk")
+    spec = SegmentationOutput(filename="mask.nii.gz", labels=[0, 1, 2, 3])
+    outcome = validate_segmentation(tmp_path, "case-001", spec, truth.geometry)
+    assert outcome.valid and np.array_equal(outcome.mask, truth.array)
