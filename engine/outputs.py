@@ -10,6 +10,13 @@ accepted; anything else (0.5) is not.
 Probabilities: one table `/output/<filename>` (CSV or JSON) with one row per case
 and one value in [0, 1] per class.
 
+Outputs are untrusted bytes, read, never followed: the spec accepts only formats
+whose file holds everything (.nii, .nii.gz, .mha with its data inside), each read
+by its own reader chosen by the extension, from the one regular file named in the
+case's folder (never a link); nothing a header names is opened (see engine/medio).
+Tables are read as bounded UTF-8 text; a field too long, a nesting too deep, a
+duplicate key, NaN: each is OUTPUT_INVALID, never an exception.
+
 Every refusal is OUTPUT_MISSING or OUTPUT_INVALID, names the case, and says
 what to change.
 """
@@ -17,41 +24,82 @@ what to change.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from engine.medio import (
     Geometry,
     GeometryTolerance,
+    ImageHeader,
     MedioError,
+    Volume,
     geometry_differences,
-    read_header,
-    read_volume,
 )
+from engine.medio.files import open_regular, read_at_most
+from engine.medio.metaimage import read_metaimage, read_metaimage_header
+from engine.medio.nifti import read_nifti, read_nifti_header
 from runners.base import FailureReason
 
 MAX_TABLE_BYTES = 64 << 20
+MAX_TABLE_ROWS = 1_000_000
+MAX_TABLE_COLUMNS = 1_000
+# One reader per accepted extension: single-file formats only. .mhd (+ .raw) and
+# .hdr/.img name a second file, DICOM a directory: a participant's file may not point
+# anywhere, so those are not output formats.
+SEGMENTATION_READERS: dict[str, tuple[Callable[[Path], ImageHeader], Callable[[Path], Volume]]] = {
+    ".nii.gz": (read_nifti_header, read_nifti),
+    ".nii": (read_nifti_header, read_nifti),
+    ".mha": (read_metaimage_header, read_metaimage),
+}
+TABLE_SUFFIXES = (".csv", ".json")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+def _suffix(filename: str, allowed) -> str | None:
+    return next((s for s in allowed if filename.lower().endswith(s)), None)
+
+
+def _plain_filename(value: str, allowed, what: str) -> str:
+    if not _PLAIN_NAME.fullmatch(value) or _suffix(value, allowed) is None:
+        raise ValueError(f"{value[:80]!r} is not accepted: the output file name must be a plain "
+                         f"name (letters, digits, '.', '_', '-'; no folder) ending in "
+                         f"{', '.join(allowed)} ({what})")
+    return value
 
 
 class SegmentationOutput(BaseModel):
     kind: Literal["segmentation"] = "segmentation"
     filename: str = "mask.nii.gz"
     labels: list[int] = Field(default_factory=lambda: [0, 1])
-    max_voxel_bytes: int = 2 << 30  # from the header's dimensions and data type
+    max_voxel_bytes: int = Field(2 << 30, gt=0)  # from the header's dimensions and data type
+
+    @field_validator("filename")
+    @classmethod
+    def _single_file_format(cls, value: str) -> str:
+        return _plain_filename(value, tuple(SEGMENTATION_READERS), "single-file formats "
+                               "only: .mhd/.raw, .hdr/.img and DICOM name other files")
 
 
 class ProbabilityOutput(BaseModel):
     kind: Literal["probabilities"] = "probabilities"
     filename: str = "predictions.csv"
-    classes: list[str] = Field(default_factory=lambda: ["probability"])
+    classes: list[str] = Field(default_factory=lambda: ["probability"], min_length=1)
+
+    @field_validator("filename")
+    @classmethod
+    def _table_format(cls, value: str) -> str:
+        return _plain_filename(value, TABLE_SUFFIXES, "a CSV or JSON table")
 
 
 OutputSpec = Annotated[SegmentationOutput | ProbabilityOutput, Field(discriminator="kind")]
@@ -83,17 +131,20 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
                           tolerance: GeometryTolerance = GeometryTolerance()) -> CaseOutput:
     rel = f"{case_id}/{spec.filename}"
     where = f"case {case_id}: /output/{rel}"
-    if any(entry.startswith(f"{rel} ") for entry in skipped):
-        return _invalid(case_id, f"{where} was not a regular file (a link or a special file) "
-                                 "and was not collected; write a regular file")
+    if any(entry.startswith((f"{rel} ", f"{case_id} ")) for entry in skipped):
+        return _invalid(case_id, f"{where} (or its folder) was not a regular file (a link or "
+                                 "a special file) and was not collected; write a regular file")
     path = Path(output_root) / case_id / spec.filename
     try:
         mode = os.lstat(path).st_mode
+        folder_mode = os.lstat(path.parent).st_mode
     except FileNotFoundError:
         return _missing(case_id, f"{where} was not written{_listing(Path(output_root), case_id)}")
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(mode) or not stat.S_ISDIR(folder_mode):
         return _invalid(case_id, f"{where} is not a regular file (links, directories and "
                                  "devices are refused)")
+    read_header, read_volume = SEGMENTATION_READERS[_suffix(spec.filename,
+                                                            SEGMENTATION_READERS)]
     try:
         header = read_header(path)
     except MedioError as exc:
@@ -135,10 +186,14 @@ def _check_labels(case_id: str, where: str, array: np.ndarray, allowed: list[int
 
 def _listing(root: Path, case_id: str) -> str:
     directory = root / case_id
-    if not directory.is_dir():
+    try:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise FileNotFoundError
+        names = sorted(os.listdir(directory))[:10]
+    except OSError:
         return f" (no directory /output/{case_id}/ either)"
-    names = sorted(p.name for p in directory.iterdir())[:10]
-    return f" (/output/{case_id}/ holds: {', '.join(names) or 'nothing'})"
+    shown = [os.fsencode(n).decode("utf-8", "backslashreplace") for n in names]
+    return f" (/output/{case_id}/ holds: {', '.join(shown) or 'nothing'})"
 
 
 # -- probability tables ------------------------------------------------------------------
@@ -149,17 +204,13 @@ def validate_probabilities(output_root: Path, case_ids: list[str], spec: Probabi
     path = Path(output_root) / spec.filename
     where = f"/output/{spec.filename}"
     try:
-        mode = os.lstat(path).st_mode
+        os.lstat(path)
     except FileNotFoundError:
         return {c: _missing(c, f"{where} was not written") for c in case_ids}
-    if not stat.S_ISREG(mode):
-        return {c: _invalid(c, f"{where} is not a regular file") for c in case_ids}
-    if path.stat().st_size > MAX_TABLE_BYTES:
-        return {c: _invalid(c, f"{where} is larger than {MAX_TABLE_BYTES} bytes")
-                for c in case_ids}
     try:
-        rows = _read_table(path, spec)
-    except ValueError as exc:
+        text = _table_text(path)
+        rows = _read_table(text, spec)
+    except (MedioError, ValueError) as exc:
         return {c: _invalid(c, f"{where}: {exc}") for c in case_ids}
     results = {}
     for case_id in case_ids:
@@ -173,31 +224,79 @@ def validate_probabilities(output_root: Path, case_ids: list[str], spec: Probabi
     return results
 
 
-def _read_table(path: Path, spec: ProbabilityOutput) -> dict[str, dict[str, float] | str]:
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError('expected an object {"<case_id>": {"<class>": p, ...}, ...}')
-        raw = {str(k): (v if isinstance(v, dict) else {spec.classes[0]: v})
-               for k, v in data.items()}
-        return {case: _row_values(values, spec.classes) for case, values in raw.items()}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        wanted = {"case_id", *spec.classes}
-        if not wanted <= columns:
-            raise ValueError(f"missing column(s) {sorted(wanted - columns)}; expected "
+def _table_text(path: Path) -> str:
+    """The table as text: one regular file (never a link), bounded, strict UTF-8."""
+    with open_regular(path) as fd:
+        if os.fstat(fd).st_size > MAX_TABLE_BYTES:
+            raise ValueError(f"larger than {MAX_TABLE_BYTES} bytes")
+        data = read_at_most(fd, MAX_TABLE_BYTES)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start}); save the table as UTF-8") from None
+
+
+def _read_table(text: str, spec: ProbabilityOutput) -> dict[str, dict[str, float] | str]:
+    if spec.filename.lower().endswith(".json"):
+        return _read_json_table(text, spec)
+    return _read_csv_table(text, spec)
+
+
+def _read_json_table(text: str, spec: ProbabilityOutput) -> dict[str, dict[str, float] | str]:
+    try:
+        data = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply; expected "
+                         '{"<case_id>": {"<class>": p, ...}, ...}') from None
+    if not isinstance(data, dict):
+        raise ValueError('expected an object {"<case_id>": {"<class>": p, ...}, ...}')
+    if len(data) > MAX_TABLE_ROWS:
+        raise ValueError(f"more than {MAX_TABLE_ROWS} cases")
+    raw = {str(k): (v if isinstance(v, dict) else {spec.classes[0]: v})
+           for k, v in data.items()}
+    return {case: _row_values(values, spec.classes) for case, values in raw.items()}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"not valid JSON: {name} is not a JSON number; probabilities lie in [0, 1]")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"not valid JSON: key {twice[:80]!r} appears more than once")
+    return dict(pairs)
+
+
+def _read_csv_table(text: str, spec: ProbabilityOutput) -> dict[str, dict[str, float] | str]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        columns = next(reader, [])
+        if len(columns) > MAX_TABLE_COLUMNS:
+            raise ValueError(f"more than {MAX_TABLE_COLUMNS} columns")
+        wanted = ["case_id", *spec.classes]
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise ValueError(f"missing column(s) {missing}; expected "
                              f"case_id,{','.join(spec.classes)}")
+        index = {name: columns.index(name) for name in wanted}
         rows: dict[str, dict[str, float] | str] = {}
-        for line, row in enumerate(reader, start=2):
+        for line, cells in enumerate(reader, start=2):
+            if line > MAX_TABLE_ROWS + 1:
+                raise ValueError(f"more than {MAX_TABLE_ROWS} rows")
+            if not cells:
+                continue
+            row = {name: cells[i] if i < len(cells) else None for name, i in index.items()}
             case_id = (row["case_id"] or "").strip()
             if case_id in rows:
                 rows[case_id] = f"more than one row (again on line {line})"
                 continue
             rows[case_id] = _row_values(row, spec.classes)
+    except csv.Error as exc:  # a field past the size limit, a NUL byte, a stray quote
+        raise ValueError(f"not a valid CSV table, line {reader.line_num}: {exc}") from None
     return rows
 
 
@@ -205,11 +304,18 @@ def _row_values(row: dict, classes: list[str]) -> dict[str, float] | str:
     values = {}
     for name in classes:
         raw = row.get(name)
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            return f"{name} is {_short(raw)}, not a number"
         try:
             value = float(raw)
-        except (TypeError, ValueError):
-            return f"{name} is {raw!r}, not a number"
+        except (ValueError, OverflowError):
+            return f"{name} is {_short(raw)}, not a number"
         if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-            return f"{name} is {raw!r}; probabilities lie in [0, 1]"
+            return f"{name} is {_short(raw)}; probabilities lie in [0, 1]"
         values[name] = value
     return values
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."

@@ -47,7 +47,8 @@ from runners.base import FailureReason, Runner, RunResult, RunSpec
 from runners.docker import owner_token
 
 RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED, FailureReason.NONZERO_EXIT,
-                FailureReason.OUTPUT_QUOTA, FailureReason.IMAGE_INVALID}
+                FailureReason.OUTPUT_QUOTA, FailureReason.OUTPUT_INVALID,
+                FailureReason.IMAGE_INVALID}
 
 
 class EvaluatorFailed(RuntimeError):

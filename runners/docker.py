@@ -287,15 +287,19 @@ class DockerRunner:
         oom_kills = max(usage.oom_kills or 0, execution.leaf_oom_kills)
         reason = decide_reason(
             stop_reason=execution.stop_reason,
-            over_quota=execution.over_quota,
+            over_quota=execution.over_quota
+            or collected.reason is FailureReason.OUTPUT_QUOTA,
             exit_code=exit_code,
             oom_evidence=bool(state.get("OOMKilled")) or oom_kills > 0
             or _peak_at_limit(exit_code, usage.peak_memory_bytes, spec.memory_bytes),
-        )
+        ) or collected.reason  # what collection refused (bad names, depth): the team's fault
+        message = messages.for_reason(reason, spec, exit_code, usage.peak_memory_bytes)
+        if reason is collected.reason and not execution.over_quota and collected.message:
+            message = collected.message
         return RunResult(
             status=RunStatus.SUCCEEDED if reason is None else RunStatus.FAILED,
             reason=reason,
-            message=messages.for_reason(reason, spec, exit_code, usage.peak_memory_bytes),
+            message=message,
             exit_code=exit_code,
             started_at=started,
             finished_at=finished,

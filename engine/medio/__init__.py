@@ -1,12 +1,17 @@
-"""Medical image I/O: NIfTI (nibabel), DICOM series (pydicom), MetaImage (SimpleITK).
+"""Medical image I/O: NIfTI (nibabel), DICOM series (pydicom), MetaImage (our own parser).
 
 `read_header` reads what a file declares without its voxels, so callers can check
 geometry and size (decompression bombs) before paying for the data; `read_volume`
-reads the image. Both pick the format from the path: a directory is a DICOM series.
+reads the image. Both pick the format from the path's name (never from its content):
+a directory is a DICOM series. NIfTI and MetaImage readers open the one regular file
+named, never a link, and nothing a header says makes them open another path (see
+files.py).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from engine.medio.dicom import read_dicom_header, read_dicom_series, write_dicom_series
@@ -27,7 +32,7 @@ METAIMAGE_SUFFIXES = (".mha", ".mhd")
 
 def format_of(path: Path) -> str:
     name = path.name.lower()
-    if path.is_dir() or name.endswith(".dcm"):
+    if _is_real_directory(path) or name.endswith(".dcm"):
         return "dicom"
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
@@ -35,6 +40,13 @@ def format_of(path: Path) -> str:
         return "metaimage"
     raise MedioError(f"{path.name}: unknown image format (expected .nii, .nii.gz, .mha, .mhd, "
                      "or a directory of DICOM slices)")
+
+
+def _is_real_directory(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def is_image(path: Path) -> bool:
@@ -47,7 +59,7 @@ def is_image(path: Path) -> bool:
 
 def read_header(path: Path) -> ImageHeader:
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise MedioError(f"{path.name} does not exist")
     kind = format_of(path)
     if kind == "nifti":
@@ -59,7 +71,7 @@ def read_header(path: Path) -> ImageHeader:
 
 def read_volume(path: Path) -> Volume:
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise MedioError(f"{path.name} does not exist")
     kind = format_of(path)
     if kind == "nifti":

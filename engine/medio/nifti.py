@@ -1,45 +1,58 @@
-"""NIfTI-1/2 (.nii, .nii.gz) through nibabel. Headers are read without touching voxel data."""
+"""NIfTI-1/2 single files (.nii, .nii.gz). Headers are read without touching voxel data.
+
+We read the bytes ourselves (one regular file, never a link) and hand nibabel only
+bytes in memory: an `.hdr`/`.img` pair, or a header whose magic says its data lies
+in another file (`ni1`, `ni2`), is refused, so nothing in a header can make us
+open a second path. A `.nii.gz` is decompressed only as far as the header's
+declared size, so a gzip bomb costs nothing.
+"""
 
 from __future__ import annotations
 
+import io
+import math
+import struct
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import apply_read_scaling
 
+from engine.medio.files import inflate_at_most, open_regular, read_at_most
 from engine.medio.volume import Geometry, ImageHeader, MedioError, Volume
 
-
-def _load(path: Path) -> nib.spatialimages.SpatialImage:
-    try:
-        image = nib.load(str(path))  # lazy: only the header is read here
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise MedioError(f"{path.name} is not a readable NIfTI file ({exc})") from None
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise MedioError(f"{path.name} is not a NIfTI image")
-    return image
+NIFTI1_SIZE, NIFTI2_SIZE = 348, 540
+MAX_VOX_OFFSET = 16 << 20  # header extensions beyond this are not an image's business
+_SINGLE_FILE_MAGIC = {NIFTI1_SIZE: b"n+1\x00", NIFTI2_SIZE: b"n+2\x00"}
 
 
 def read_nifti_header(path: Path) -> ImageHeader:
-    image = _load(path)
-    shape = tuple(int(n) for n in image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise MedioError(f"{path.name} has {len(shape)} dimensions {shape}; a 3-D volume is "
-                         "expected")
-    return ImageHeader(Geometry(shape, np.asarray(image.affine, float)),
-                       np.dtype(image.get_data_dtype()), "nifti")
+    path = Path(path)
+    with open_regular(path) as fd:
+        header, _ = _header(fd, path)
+    return _describe(header, path.name)
 
 
 def read_nifti(path: Path) -> Volume:
-    header = read_nifti_header(path)
-    image = _load(path)
-    try:
-        array = np.asanyarray(image.dataobj)  # keeps the stored dtype, applies scaling if any
-    except Exception as exc:
-        raise MedioError(f"{path.name}: voxel data cannot be read ({exc})") from None
-    return Volume(array.reshape(header.geometry.shape), header.geometry.affine, "nifti")
+    path = Path(path)
+    with open_regular(path) as fd:
+        header, compressed = _header(fd, path)
+        described = _describe(header, path.name)
+        offset = int(header.get_data_offset())
+        wanted = offset + described.declared_bytes
+        raw = inflate_at_most(fd, wanted, what=path.name) if compressed else \
+            read_at_most(fd, wanted)
+    if len(raw) != wanted:
+        raise MedioError(f"{path.name}: voxel data cannot be read (expected "
+                         f"{described.declared_bytes} bytes, the file holds "
+                         f"{max(0, len(raw) - offset)})")
+    dtype = header.get_data_dtype()
+    array = np.frombuffer(raw, dtype=dtype, count=math.prod(header.get_data_shape()),
+                          offset=offset).reshape(header.get_data_shape(), order="F")
+    slope, inter = header.get_slope_inter()
+    array = apply_read_scaling(array.astype(dtype.newbyteorder("=")), slope, inter)
+    return Volume(np.asarray(array).reshape(described.geometry.shape),
+                  described.geometry.affine, "nifti")
 
 
 def write_nifti(volume: Volume, path: Path) -> None:
@@ -49,3 +62,60 @@ def write_nifti(volume: Volume, path: Path) -> None:
     image.set_sform(volume.affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
+
+
+def _header(fd: int, path: Path) -> tuple[nib.Nifti1Header, bool]:
+    """The parsed header (no extensions) and whether the file is gzip-compressed."""
+    name = path.name
+    compressed = path.name.lower().endswith(".gz")
+    if compressed:
+        if read_at_most(fd, 2) != b"\x1f\x8b":
+            raise MedioError(f"{name} is not a readable NIfTI file (not gzip-compressed)")
+        head = inflate_at_most(fd, NIFTI2_SIZE, what=f"{name} is not a readable NIfTI file")
+    else:
+        head = read_at_most(fd, NIFTI2_SIZE)
+    size = _header_size(head, name)
+    magic = head[344:348] if size == NIFTI1_SIZE else head[4:8]
+    if magic != _SINGLE_FILE_MAGIC[size]:
+        raise MedioError(f"{name} is not a readable NIfTI file: magic {magic!r}, expected "
+                         f"{_SINGLE_FILE_MAGIC[size]!r} (a single-file .nii; .hdr/.img pairs "
+                         "are refused)")
+    klass = nib.Nifti1Header if size == NIFTI1_SIZE else nib.Nifti2Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(head[:size]), check=True)
+    except Exception as exc:  # nibabel raises many types for broken headers
+        raise MedioError(f"{name} is not a readable NIfTI file ({exc})") from None
+    offset = header.get_data_offset()
+    if offset == 0:  # unset: right after the header and its 4 extension flag bytes
+        header.set_data_offset(size + 4)
+    elif not size + 4 <= offset <= MAX_VOX_OFFSET:
+        raise MedioError(f"{name}: vox_offset {offset} lies outside [{size + 4}, "
+                         f"{MAX_VOX_OFFSET}]")
+    return header, compressed
+
+
+def _header_size(head: bytes, name: str) -> int:
+    if len(head) >= 4:
+        for order in "<>":
+            size = struct.unpack(f"{order}i", head[:4])[0]
+            if size in _SINGLE_FILE_MAGIC and len(head) >= size:
+                return size
+    raise MedioError(f"{name} is not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+
+
+def _describe(header: nib.Nifti1Header, name: str) -> ImageHeader:
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise MedioError(f"{name} has {len(shape)} dimensions {shape}; a 3-D volume is expected")
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise MedioError(f"{name} has data type {dtype}; a scalar image is expected")
+    try:
+        affine = np.asarray(header.get_best_affine(), float)
+    except Exception as exc:
+        raise MedioError(f"{name}: its orientation cannot be read ({exc})") from None
+    if not np.isfinite(affine).all():
+        raise MedioError(f"{name}: its affine holds non-finite numbers")
+    return ImageHeader(Geometry(shape, affine), np.dtype(dtype.newbyteorder("=")), "nifti")

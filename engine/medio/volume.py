@@ -9,6 +9,7 @@ Conventions (the same for every format):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -60,7 +61,8 @@ class ImageHeader:
 
     @property
     def declared_bytes(self) -> int:
-        return int(np.prod(self.geometry.shape, dtype=np.int64)) * self.dtype.itemsize
+        # Python integers: a hostile header's dimensions must not wrap around int64
+        return math.prod(int(n) for n in self.geometry.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
