@@ -32,7 +32,12 @@ from pydantic import (
     model_validator,
 )
 
-from engine.outputs import ProbabilityOutput, SegmentationOutput
+from engine.outputs import (
+    SEGMENTATION_READERS,
+    TABLE_SUFFIXES,
+    ProbabilityOutput,
+    SegmentationOutput,
+)
 from engine.scoring.conventions import EmptyMaskPolicy, larger_is_better
 from engine.units import parse_size
 from runners.messages import human_bytes
@@ -42,9 +47,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 MAX_FILE_BYTES = 1 << 20
 # output files the engine reads back (.mhd is left out: its header names a second file)
-SEGMENTATION_EXTENSIONS = (".nii.gz", ".nii", ".mha")
-PROBABILITY_EXTENSIONS = (".csv", ".json")
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+SEGMENTATION_EXTENSIONS = tuple(SEGMENTATION_READERS)  # one allow-list: the readers'
+PROBABILITY_EXTENSIONS = TABLE_SUFFIXES
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GIB, TIB = 1 << 30, 1 << 40
 
@@ -154,16 +158,6 @@ class Strict(BaseModel):
 # -- output ------------------------------------------------------------------------------
 
 
-def _plain_file_name(name: str, extensions: tuple[str, ...]) -> str:
-    if not _PLAIN_NAME.match(name) or ".." in name:
-        raise ValueError(f"{name!r} must be a plain file name (letters, digits, '.', '_', "
-                         "'-'; no directory, no '..'), e.g. mask.nii.gz")
-    if not name.lower().endswith(extensions):
-        raise ValueError(f"{name!r} has an unsupported extension: use one of "
-                         f"{', '.join(extensions)}")
-    return name
-
-
 class SegmentationSpec(SegmentationOutput):
     """What each case's output must be: one label map per case."""
 
@@ -179,9 +173,6 @@ class SegmentationSpec(SegmentationOutput):
     max_voxel_bytes: int = field(2 * GIB, "the most voxel data a mask may declare in its "
                                  "header (refused before it is read)", unit="bytes",
                                  kind="size", minimum=1, maximum=64 * GIB)
-
-    _filename = field_validator("filename")(
-        lambda name: _plain_file_name(name, SEGMENTATION_EXTENSIONS))
 
     @field_validator("labels")
     @classmethod
@@ -200,9 +191,6 @@ class ProbabilitySpec(ProbabilityOutput):
     classes: list[str] = field(["probability"], "the table's columns besides case_id; one "
                                "column is a binary task (probability of the positive class)",
                                min_length=1, max_length=1000)
-
-    _filename = field_validator("filename")(
-        lambda name: _plain_file_name(name, PROBABILITY_EXTENSIONS))
 
     @field_validator("classes")
     @classmethod
