@@ -63,8 +63,9 @@ class Limits(Strict):
     output_quota: int = 1 << 30
     pids: int = Field(256, ge=8)
     time_per_case: float = 300.0
+    image_size: int = 20 << 30  # the submitted image's layers, decompressed
 
-    @field_validator("memory", "shm", "tmp", "output_quota", mode="before")
+    @field_validator("memory", "shm", "tmp", "output_quota", "image_size", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
@@ -146,6 +147,7 @@ class Metrics(Strict):
     empty_masks: dict[str, float | Literal["diagonal"]] = {}
     lesion_wise: bool = False
     evaluation_image: str | None = None  # an organiser's image replacing the built-in metrics
+    evaluation_image_id: str | None = None  # pinned at `challenge create`: what workers run
     evaluator_metrics: list[EvaluatorMetric] = []  # what that image reports
     classes: list[str] = []  # classification
     threshold: float = Field(0.5, ge=0, le=1)

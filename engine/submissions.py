@@ -58,7 +58,7 @@ def challenge_definition(row: ChallengeRow) -> Challenge:
 
 def register_challenge(session: Session, path: Path, actor: str = "cli") -> ChallengeRow:
     """Create (or update) a challenge from its file; every phase's dataset must be sealed."""
-    challenge = load_challenge(path)
+    challenge = _with_pinned_evaluation_image(load_challenge(path))
     definition = json.loads(challenge.model_dump_json())
     digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
     row = session.get(ChallengeRow, challenge.id)
@@ -73,6 +73,20 @@ def register_challenge(session: Session, path: Path, actor: str = "cli") -> Chal
         _register_phase(session, row, phase)
     session.commit()
     return row
+
+
+def _with_pinned_evaluation_image(challenge: Challenge) -> Challenge:
+    """The organisers' evaluation image is pinned to its id now: the workers run that id."""
+    from engine.scoring.evaluation_image import EvaluationImageUnusable, pin_evaluation_image
+
+    if not challenge.metrics.evaluation_image:
+        return challenge
+    try:
+        image_id = pin_evaluation_image(challenge.metrics.evaluation_image)
+    except EvaluationImageUnusable as exc:
+        raise SubmissionRefused(str(exc)) from None
+    metrics = challenge.metrics.model_copy(update={"evaluation_image_id": image_id})
+    return challenge.model_copy(update={"metrics": metrics})
 
 
 def _register_phase(session: Session, challenge: ChallengeRow, phase: Phase) -> None:
