@@ -221,6 +221,7 @@ def inspect_tar(path: Path, *, max_bytes: int = DEFAULT_MAX_TAR_BYTES,
         _check_tree(members, links)
         entry, named_tags = _checked_manifest(control)
         config_name = _resolve(entry["Config"], members, links, "the config")
+        out.flush()  # the config is read back from the copy
         config_bytes = _read_copy(target, blobs[config_name], MAX_CONFIG_JSON, "the config")
         writer.file("manifest.json", json.dumps(
             [{"Config": config_name, "RepoTags": None, "Layers": [
@@ -446,11 +447,15 @@ def check_config(config: dict, node_arch: str) -> None:
         raise ImageInvalid("the image config's rootfs.diff_ids is not a list of digests")
     if not isinstance(settings.get("User") or "", str):
         raise ImageInvalid("the image config's User is not a string")
-    name, _, group = (settings.get("User") or "").strip().partition(":")
-    if name in ("", "root") or go_atoi(name) == 0 or group == "root" or (
-            group and go_atoi(group) == 0):
-        raise ImageInvalid("the image runs as root: add a non-root user to the Dockerfile "
-                           "(RUN useradd -u 1000 -m algorithm, then USER algorithm)")
+    user = (settings.get("User") or "").strip()
+    name, _, group = user.partition(":")
+    if name in ("", "root") or go_atoi(name) == 0:
+        raise ImageInvalid(f"the image runs as root (USER {user!r} is uid 0): add a non-root "
+                           "user to the Dockerfile (RUN useradd -u 1000 -m algorithm, then "
+                           "USER 1000:1000)")
+    if group == "root" or (group and go_atoi(group) == 0):
+        raise ImageInvalid(f"the image runs as root (USER {user!r} is group id 0): give a "
+                           "non-root group, e.g. USER 1000:1000")
     for key in ("Entrypoint", "Cmd"):
         value = settings.get(key)
         if value is not None and not (isinstance(value, list)

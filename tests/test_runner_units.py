@@ -26,7 +26,6 @@ from runners.logs import LogTail
 from runners.messages import exit_hint
 from runners.output_area import OutputArea, TmpfsOutputArea
 
-
 PASSWD = "root:x:0:0::/root:/bin/sh\ntoor:x:0:0::/:/bin/sh\nparticipant:x:10001:10001::/:/bin/sh\n"
 
 
