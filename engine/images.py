@@ -30,6 +30,7 @@ Every refusal raises `ImageInvalid` (IMAGE_INVALID) with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -543,12 +544,19 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
                                  progress=progress, copy_to=copy)
         image_id = inspection.image_id
         tags_before = _tag_targets(client, inspection.named_tags)
-        if not _present(client, image_id):
-            _load(copy, client, load_progress)
-        if not _present(client, image_id):
-            raise ImageInvalid("the Docker Engine did not load the image the archive "
-                               "describes: create the archive with `docker save`")
-        _check_tags_unmoved(client, tags_before)
+        loaded = not _present(client, image_id)
+        try:
+            if loaded:
+                _load(copy, client, load_progress)
+            if not _present(client, image_id):
+                raise ImageInvalid("the Docker Engine did not load the image the archive "
+                                   "describes: create the archive with `docker save`")
+            _check_tags_unmoved(client, tags_before)
+        except ImageInvalid:
+            if loaded:  # refused: nothing of it stays on the node
+                with contextlib.suppress(docker.errors.APIError):
+                    client.api.remove_image(image_id)
+            raise
         attributes = client.api.inspect_image(image_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -556,8 +564,7 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
         image_id=image_id,
         tar_sha256=inspection.tar_sha256,
         layers=list(inspection.config["rootfs"]["diff_ids"]),
-        reference=reference or (inspection.named_tags[0] if inspection.named_tags
-                                else path.name),
+        reference=reference or path.name,  # never the archive's own tags: they name nothing
         architecture=inspection.config["architecture"],
         user=inspection.user.spec,
         size_bytes=int(attributes.get("Size") or 0),
@@ -582,11 +589,19 @@ def _tag_targets(client: docker.DockerClient, tags: list[str]) -> dict[str, str 
 
 
 def _check_tags_unmoved(client: docker.DockerClient, before: dict[str, str | None]) -> None:
-    """Belt and braces: the copy we load names no tag, so none of the node's may move."""
+    """Belt and braces: the copy we load names no tag, so none of the node's may move; one
+    that did is put back where it was."""
     moved = [tag for tag, target in before.items()
              if _tag_targets(client, [tag])[tag] != target]
+    for tag in moved:
+        with contextlib.suppress(docker.errors.APIError):
+            if before[tag] is None:
+                client.api.remove_image(tag, noprune=True)
+            else:
+                repository, _, name = tag.rpartition(":")
+                client.api.tag(before[tag], repository, name, force=True)
     if moved:
-        raise ImageInvalid(f"loading the image moved the node's tags {moved}: refused")
+        raise ImageInvalid(f"the archive moved the node's tags {moved} (put back): refused")
 
 
 def _load(path: Path, client: docker.DockerClient, progress: Progress | None) -> None:
