@@ -78,6 +78,7 @@ MAX_VOLUMES = 16
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 CONTROL_FILES = ("manifest.json", "repositories", "index.json", "oci-layout")
+PROTECTED_TAGS = ("epreuve/base:3.11",)  # checked after every load, named or not
 FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
@@ -543,7 +544,7 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
         inspection = inspect_tar(path, max_bytes=max_bytes, max_image_bytes=max_image_bytes,
                                  progress=progress, copy_to=copy)
         image_id = inspection.image_id
-        tags_before = _tag_targets(client, inspection.named_tags)
+        tags_before = _tag_targets(client, [*PROTECTED_TAGS, *inspection.named_tags])
         loaded = not _present(client, image_id)
         try:
             if loaded:

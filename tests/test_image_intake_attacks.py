@@ -129,6 +129,24 @@ def test_any_entry_twice_is_refused(tmp_path):
     refused(path, r"'0/layer\.tar' twice")
 
 
+def test_a_layer_saved_as_a_link_to_an_identical_one_is_followed(tmp_path):
+    """`docker save` links a layer to an identical one saved before: that is legitimate."""
+    base = layer({"etc/passwd": PASSWD, "etc/group": GROUP})
+    config = json.dumps(config_for([base, base])).encode()
+    manifest = [{"Config": "config.json", "Layers": ["0/layer.tar", "1/layer.tar"]}]
+    archive(tmp_path / "a.tar", members=[
+        entry("config.json", config), entry("0/layer.tar", base),
+        entry("1", kind=tarfile.DIRTYPE),
+        entry("1/layer.tar", kind=tarfile.SYMTYPE, link="../0/layer.tar"),
+        entry("manifest.json", json.dumps(manifest).encode())])
+    assert inspect_tar(tmp_path / "a.tar").user.spec == "1000:1000"
+    archive(tmp_path / "b.tar", members=[
+        entry("config.json", config), entry("0/layer.tar", base),
+        entry("1/layer.tar", kind=tarfile.SYMTYPE, link="../../etc/passwd"),
+        entry("manifest.json", json.dumps(manifest).encode())])
+    refused(tmp_path / "b.tar", r"a link leaving it: '1/layer\.tar'")
+
+
 def test_an_entry_below_a_link_is_refused(tmp_path):
     path = archive(tmp_path / "a.tar", extra=[
         entry("x", kind=tarfile.SYMTYPE, link="0"), entry("x/layer.tar", layer({}))])
