@@ -552,7 +552,7 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
             if not _present(client, image_id):
                 raise ImageInvalid("the Docker Engine did not load the image the archive "
                                    "describes: create the archive with `docker save`")
-            _check_tags_unmoved(client, tags_before)
+            _check_tags_unmoved(client, tags_before, image_id)
         except ImageInvalid:
             if loaded:  # refused: nothing of it stays on the node
                 with contextlib.suppress(docker.errors.APIError):
@@ -589,11 +589,13 @@ def _tag_targets(client: docker.DockerClient, tags: list[str]) -> dict[str, str 
     return targets
 
 
-def _check_tags_unmoved(client: docker.DockerClient, before: dict[str, str | None]) -> None:
-    """Belt and braces: the copy we load names no tag, so none of the node's may move; one
-    that did is put back where it was."""
+def _check_tags_unmoved(client: docker.DockerClient, before: dict[str, str | None],
+                        image_id: str) -> None:
+    """Belt and braces: the copy we load names no tag, so no tag of the node may now point
+    at the loaded image; one that does is put back where it was. (A tag moved elsewhere
+    meanwhile is someone else's doing, e.g. a rebuild of the base image, and left alone.)"""
     moved = [tag for tag, target in before.items()
-             if _tag_targets(client, [tag])[tag] != target]
+             if target != image_id and _tag_targets(client, [tag])[tag] == image_id]
     for tag in moved:
         with contextlib.suppress(docker.errors.APIError):
             if before[tag] is None:

@@ -486,3 +486,29 @@ def test_the_runner_runs_resolved_numbers(docker_engine, runner, user, passwd_li
     assert result.reason is None, result.message
     uid, gid = expected.split(":")
     assert (result.user, result.log_tail.strip()) == (expected, f"{uid}:{gid}:{gid}")
+
+
+@pytest.mark.docker
+def test_a_tag_moved_onto_the_loaded_image_is_put_back(docker_engine):
+    """The second line of defence, should a load ever tag: the tag goes back, intake refuses."""
+    from engine.images import _check_tags_unmoved
+
+    client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+    token = uuid.uuid4().hex[:12]
+    victim = docker_build(f"organisers-test/victim:{token}",
+                          f"FROM epreuve/base:3.11\nLABEL which=victim-{token}\n")
+    loaded = docker_build(f"epreuve-attack/loaded:{token}",
+                          f"FROM epreuve/base:3.11\nLABEL which=loaded-{token}\n")
+    victim_id, loaded_id = image_id(client, victim), image_id(client, loaded)
+    before = {victim: victim_id, f"organisers-test/new:{token}": None}
+    try:
+        client.api.tag(loaded_id, "organisers-test/victim", token, force=True)
+        client.api.tag(loaded_id, "organisers-test/new", token)
+        with pytest.raises(ImageInvalid, match=r"moved the node's tags \['organisers-test/victim"):
+            _check_tags_unmoved(client, before, loaded_id)
+        assert image_id(client, victim) == victim_id
+        assert image_id(client, f"organisers-test/new:{token}") is None
+    finally:
+        for tag in (victim, loaded, f"organisers-test/new:{token}"):
+            subprocess.run(["docker", "rmi", tag], capture_output=True)
+        subprocess.run(["docker", "rmi", victim_id], capture_output=True)
