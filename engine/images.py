@@ -60,6 +60,7 @@ from engine.image_streams import (
     peek,
     scan_layer,
 )
+from runners.docker import FORBIDDEN_VOLUME_ROOTS, MAX_VOLUMES  # one volume policy
 from runners.image_user import (
     ResolvedUser,
     UserUnresolvable,
@@ -74,12 +75,10 @@ MAX_ARCHIVE_MEMBERS = 10_000
 MAX_LAYER_MEMBERS = 2_000_000  # entries of one layer
 MAX_CONTROL_JSON = 1 << 20  # manifest.json, repositories, index.json, oci-layout
 MAX_CONFIG_JSON = 8 << 20
-MAX_VOLUMES = 16
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 CONTROL_FILES = ("manifest.json", "repositories", "index.json", "oci-layout")
 PROTECTED_TAGS = ("epreuve/base:3.11",)  # checked after every load, named or not
-FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
 
