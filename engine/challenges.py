@@ -253,6 +253,9 @@ class Limits(Strict):
     time_per_case: float = field(300.0, "wall time per case; a run of n cases gets n times "
                                  "this", unit="seconds", kind="duration", minimum=1,
                                  maximum=86400)
+    image_size: int = field(20 * GIB, "the submitted image's layers, decompressed (counted "
+                            "while the archive is read)", unit="bytes", kind="size",
+                            minimum=1 << 20, maximum=TIB)
 
 
 class Visibility(Strict):
@@ -398,6 +401,10 @@ class Metrics(Strict):
     evaluation_image: str | None = field(None, "an organiser's image replacing the built-in "
                                          "metrics (loaded on every worker node)",
                                          max_length=300)
+    evaluation_image_id: str | None = field(None, "set by `challenge create`: the id the "
+                                            "evaluation image was pinned to, which the workers "
+                                            "run (leave it out: a typed value is replaced)",
+                                            max_length=100)
     evaluator_metrics: list[EvaluatorMetric] = field([], "what that image reports",
                                                      max_length=100)
     classes: list[str] = field([], "unused; classes are output.classes", max_length=0)

@@ -364,7 +364,7 @@ def submit(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from engine.images import ImageInvalid, pin_tar, save_image
-    from engine.submissions import SubmissionRefused
+    from engine.submissions import SubmissionRefused, find_phase
     from engine.submissions import submit as make_submission
 
     settings, sessions = _sessions()
@@ -373,6 +373,11 @@ def submit(
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with sessions() as session:
+        try:
+            image_size = find_phase(session, challenge, phase)[1].limits.image_size
+        except (SubmissionRefused, KeyError, ValueError) as exc:
+            _fail(str(exc))
     with tempfile.TemporaryDirectory(dir=settings.data_dir) as scratch:
         try:
             with Progress(*columns, console=console, transient=True) as progress:
@@ -382,7 +387,8 @@ def submit(
                     reference = image
                     tar = save_image(image, Path(scratch) / "image.tar", client,
                                      _byte_progress(progress, f"saving {escape(image)}"))
-                pinned = pin_tar(tar, client, reference=reference,
+                pinned = pin_tar(tar, client, reference=reference, max_image_bytes=image_size,
+                                 work_dir=Path(scratch),
                                  progress=_byte_progress(progress, "checking the archive"),
                                  load_progress=_byte_progress(progress, "loading the image"))
         except ImageInvalid as exc:

@@ -69,6 +69,7 @@ def register_challenge(session: Session, path: Path, actor: str = "cli", *,
     field, every phase's sealed dataset and sample cases); only then is anything written.
     A change to a challenge whose phases have submissions needs `force`, and is recorded."""
     challenge, locator = load_challenge_file(path)
+    challenge = _with_pinned_evaluation_image(challenge, locator)
     datasets = {phase.id: _phase_dataset(phase, index, locator)
                 for index, phase in enumerate(challenge.phases)}
     definition = json.loads(challenge.model_dump_json())
@@ -92,6 +93,22 @@ def register_challenge(session: Session, path: Path, actor: str = "cli", *,
                          "; ".join(changes))
     session.commit()
     return row
+
+
+def _with_pinned_evaluation_image(challenge: Challenge, locator: Locator) -> Challenge:
+    """The organisers' evaluation image is pinned to its id now: the workers run that id,
+    never the tag (a value typed into the file is replaced)."""
+    from engine.scoring.evaluation_image import EvaluationImageUnusable, pin_evaluation_image
+
+    image_id = None
+    if challenge.metrics.evaluation_image:
+        try:
+            image_id = pin_evaluation_image(challenge.metrics.evaluation_image)
+        except EvaluationImageUnusable as exc:
+            raise ChallengeError(locator.describe(("metrics", "evaluation_image"),
+                                                  str(exc))) from None
+    metrics = challenge.metrics.model_copy(update={"evaluation_image_id": image_id})
+    return challenge.model_copy(update={"metrics": metrics})
 
 
 def _phase_dataset(phase: Phase, index: int, locator: Locator) -> SealedDataset:

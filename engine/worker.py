@@ -27,7 +27,7 @@ from engine import queue
 from engine.challenges import Challenge, Phase
 from engine.config import Settings
 from engine.datasets import DatasetError, SealedDataset, VerificationCache, stage, unstage
-from engine.db.models import CaseResultRow, JobRow, utcnow
+from engine.db.models import CaseResultRow, ImageRow, JobRow, utcnow
 from engine.medio import read_header
 from engine.outputs import (
     ProbabilityOutput,
@@ -37,7 +37,11 @@ from engine.outputs import (
 )
 from engine.results import flatten, worst_metrics
 from engine.scoring.cases import CasePair, LesionSettings, score_cases
-from engine.scoring.evaluation_image import run_evaluation_image
+from engine.scoring.evaluation_image import (
+    EvaluationImageUnusable,
+    pinned_evaluation_image,
+    run_evaluation_image,
+)
 from engine.scoring.segmentation import SegmentationSettings
 from engine.submissions import after_job, challenge_definition, find_phase, verified_dataset
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
@@ -45,6 +49,7 @@ from gpu.inventory import list_gpus
 from gpu.telemetry import TelemetrySampler
 from runners.base import FailureReason, Runner, RunResult, RunSpec
 from runners.docker import owner_token
+from runners.image_user import numeric_pair
 
 RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED, FailureReason.NONZERO_EXIT,
                 FailureReason.OUTPUT_QUOTA, FailureReason.OUTPUT_INVALID,
@@ -67,7 +72,7 @@ class ScoredCase:
 
 def phase_run_spec(phase: Phase, image_id: str, input_dir: Path, output_dir: Path,
                    n_cases: int, gpu_uuids: tuple[str, ...] = (),
-                   labels: dict[str, str] | None = None) -> RunSpec:
+                   labels: dict[str, str] | None = None, user: str | None = None) -> RunSpec:
     """The one sandbox of a phase: the workers and a participant's `check` both use it."""
     limits = phase.limits
     return RunSpec(
@@ -76,6 +81,7 @@ def phase_run_spec(phase: Phase, image_id: str, input_dir: Path, output_dir: Pat
         memory_bytes=limits.memory, cpus=limits.cpus, pids_limit=limits.pids,
         shm_size_bytes=limits.shm, tmp_size_bytes=limits.tmp,
         output_quota_bytes=limits.output_quota, gpu_uuids=gpu_uuids, labels=labels or {},
+        user=user,  # the uid:gid resolved at intake: a name cannot resolve differently now
     )
 
 
@@ -146,7 +152,7 @@ class Worker:
             with allocation:
                 queue.transition(session, job, "running", self.owner, started_at=utcnow())
                 session.commit()
-                result, gpu_usage = self._run(session, job, phase, submission.image.image_id,
+                result, gpu_usage = self._run(session, job, phase, submission.image,
                                               staged, output_dir, allocation.uuids)
             self._finish(session, job, challenge, phase, dataset, result, gpu_usage,
                          output_dir)
@@ -157,11 +163,12 @@ class Worker:
                 unstage(staged)
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    def _run(self, session: Session, job: JobRow, phase: Phase, image_id: str, staged: Path,
+    def _run(self, session: Session, job: JobRow, phase: Phase, image: ImageRow, staged: Path,
              output_dir: Path, gpu_uuids: tuple[str, ...]) -> tuple[RunResult, dict]:
-        spec = phase_run_spec(phase, image_id, staged, output_dir, len(job.case_ids),
+        spec = phase_run_spec(phase, image.image_id, staged, output_dir, len(job.case_ids),
                               gpu_uuids, labels={"org.epreuve.job": str(job.id),
-                                                 "org.epreuve.submission": str(job.submission_id)})
+                                                 "org.epreuve.submission": str(job.submission_id)},
+                              user=image.user if numeric_pair(image.user or "") else None)
         lost = threading.Event()
         beating = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, lost, beating),
@@ -286,8 +293,12 @@ class Worker:
                               output_dir: Path, scored: dict[str, ScoredCase],
                               case_ids: list[str]) -> None:
         """The organiser's image scores the valid outputs; its failures are the platform's."""
-        outcome = run_evaluation_image(self.runner, challenge.metrics.evaluation_image,
-                                       output_dir, dataset, case_ids,
+        try:
+            image_id = pinned_evaluation_image(challenge.metrics.evaluation_image_id,
+                                               challenge.metrics.evaluation_image)
+        except EvaluationImageUnusable as exc:
+            raise EvaluatorFailed(str(exc)) from None
+        outcome = run_evaluation_image(self.runner, image_id, output_dir, dataset, case_ids,
                                        work_dir=self.settings.work_dir)
         if not outcome.succeeded:
             raise EvaluatorFailed(f"the organisers' evaluation image failed: {outcome.message}")

@@ -14,10 +14,13 @@ left behind by a crashed process are removed the next time a runner starts.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import posixpath
 import re
 import shutil
 import socket
+import tarfile
 import tempfile
 import threading
 import time
@@ -35,6 +38,7 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from runners import messages
 from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed
 from runners.cgroups import CgroupUsage, RunCgroup, make_run_cgroup
+from runners.image_user import MAX_ID, UserUnresolvable, numeric_pair, resolve_user
 from runners.logs import LogTail
 from runners.output_area import OutputArea, unmount
 
@@ -50,6 +54,11 @@ IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
                       "unable to find user", "permission denied", "exec format error",
                       "no command specified", "not a directory")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
+MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
+MAX_VOLUMES = 16
+# A VOLUME becomes a tmpfs; these paths are the sandbox's own or the kernel's.
+FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
+SANDBOX_MOUNTS = ("/tmp",)  # already a tmpfs: an image VOLUME there is covered by it
 
 
 class DockerUnavailable(RuntimeError):
@@ -139,7 +148,8 @@ class DockerRunner:
 
     def _provision(self, run: _Run) -> None:
         run.image = self.resolve_image(run.spec.image, run.spec.command)
-        run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "")
+        run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "",
+                                  lambda: self.account_files(run.image))
         run.directory.mkdir(mode=0o700)
         run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
         if self.use_cgroups:
@@ -167,13 +177,49 @@ class DockerRunner:
         config = image.get("Config") or {}
         if not command and not (config.get("Entrypoint") or config.get("Cmd")):
             raise ImageRejected(messages.image_without_command())
+        image_volumes(image)  # refused here, before anything is created
         return image
+
+    def account_files(self, image: dict) -> tuple[str | None, str | None]:
+        """The image's own /etc/passwd and /etc/group (None where absent), read from a
+        container that is created, never started, and removed at once."""
+        container = self.api.create_container(
+            image=image["Id"], entrypoint=["/nonexistent"], command=[], network_disabled=True,
+            labels={LABEL_MANAGED: "true", LABEL_OWNER: self.owner},
+            host_config=self.api.create_host_config(
+                network_mode="none", read_only=True,
+                tmpfs={path: "rw,nosuid,nodev,size=1m" for path in image_volumes(image)}))
+        try:
+            return (self._read_account_file(container["Id"], "/etc/passwd"),
+                    self._read_account_file(container["Id"], "/etc/group"))
+        finally:
+            self._remove_container(container["Id"])
+
+    def _read_account_file(self, cid: str, path: str) -> str | None:
+        try:
+            chunks, _ = self.api.get_archive(cid, path)
+        except docker.errors.NotFound:
+            return None
+        data = b""
+        for chunk in chunks:
+            data += chunk
+            if len(data) > MAX_ACCOUNT_FILE + (64 << 10):
+                raise ImageRejected(messages.image_cannot_start(
+                    f"{path} is larger than {MAX_ACCOUNT_FILE} bytes"))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.next()
+            if member is None or not member.isreg():
+                raise ImageRejected(messages.image_cannot_start(
+                    f"{path} is not a regular file, so USER cannot be resolved: use USER "
+                    "uid:gid with numbers"))
+            return tar.extractfile(member).read().decode("utf-8", "replace")
 
     def _create_container(self, run: _Run, input_dir: Path) -> str:
         spec = run.spec
         host_config = self.api.create_host_config(**sandbox_host_config(
             spec, input_dir=input_dir, output_dir=run.area.path,
             cgroup_parent=run.cgroup.parent if run.cgroup else None,
+            volumes=image_volumes(run.image),
         ))
         labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_OWNER: self.owner,
                   LABEL_RUN: run.name}
@@ -359,8 +405,14 @@ class DockerRunner:
 
 
 def sandbox_host_config(spec: RunSpec, *, input_dir: Path, output_dir: Path,
-                        cgroup_parent: str | None) -> dict[str, Any]:
-    """The sandbox, as arguments of `APIClient.create_host_config`: one definition for all."""
+                        cgroup_parent: str | None, volumes: tuple[str, ...] | list[str] = (),
+                        ) -> dict[str, Any]:
+    """The sandbox, as arguments of `APIClient.create_host_config`: one definition for all.
+    Every VOLUME of the image is covered by a tmpfs of the /tmp size (charged to memory, like
+    /tmp): Docker would otherwise make it a writable, unlimited directory on its own disk."""
+    tmpfs = {"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size_bytes}"}
+    for path in volumes:
+        tmpfs.setdefault(path, f"rw,nosuid,nodev,size={spec.tmp_size_bytes}")
     config: dict[str, Any] = dict(
         network_mode="none",
         cap_drop=["ALL"],
@@ -369,7 +421,7 @@ def sandbox_host_config(spec: RunSpec, *, input_dir: Path, output_dir: Path,
         read_only=True,
         init=True,  # a real PID 1 that forwards SIGTERM and reaps zombies
         ipc_mode="private",
-        tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size_bytes}"},
+        tmpfs=tmpfs,
         pids_limit=spec.pids_limit,
         mem_limit=spec.memory_bytes,
         memswap_limit=spec.memory_bytes,  # equal: no swap
@@ -422,15 +474,50 @@ def _peak_at_limit(exit_code: int | None, peak: int | None, limit: int) -> bool:
     return exit_code == 137 and peak is not None and peak >= OOM_PEAK_FRACTION * limit
 
 
-def effective_user(requested: str | None, image_user: str) -> str:
-    """Never root: a root (or unset) user becomes nobody, a root group becomes nogroup."""
-    user = requested or image_user
-    name, _, group = user.partition(":")
-    if name in ("", "root", "0"):
+def image_volumes(image: dict) -> list[str]:
+    """The image's VOLUMEs, cleaned as Docker cleans them; a path the sandbox mounts itself
+    (/input, /output) or a kernel file system is refused."""
+    volumes = (image.get("Config") or {}).get("Volumes") or {}
+    if not isinstance(volumes, dict) or len(volumes) > MAX_VOLUMES:
+        raise ImageRejected(messages.image_cannot_start(
+            f"the image declares more than {MAX_VOLUMES} VOLUMEs"))
+    cleaned = []
+    for path in volumes:
+        clean = posixpath.normpath(path) if str(path).startswith("/") else ""
+        if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
+                                           for root in FORBIDDEN_VOLUME_ROOTS):
+            raise ImageRejected(messages.image_cannot_start(
+                f"VOLUME {path!r} is not allowed: volumes must be absolute paths outside /, "
+                "/input, /output, /proc, /sys and /dev"))
+        if clean not in SANDBOX_MOUNTS:
+            cleaned.append(clean)
+    return cleaned
+
+
+def effective_user(requested: str | None, image_user: str,
+                   account_files: Any = None) -> str:
+    """The numbers the container runs as, `uid:gid`: never root. A name is resolved through
+    the image's own /etc/passwd and /etc/group (`account_files()` reads them) as runc would,
+    so that `toor` or `00` cannot pass for a non-root user. uid 0 becomes nobody:nogroup,
+    gid 0 becomes nogroup; the numbers are passed explicitly, so runc adds no supplementary
+    group either."""
+    spec = (requested or image_user or "").strip()
+    if not spec:
         return REMAPPED_USER
-    if group in ("root", "0"):
-        return f"{name}:65534"
-    return user
+    pair = numeric_pair(spec)
+    if pair is None:
+        passwd, group = account_files() if account_files is not None else (None, None)
+        try:
+            resolved = resolve_user(spec, passwd, group)
+        except UserUnresolvable as exc:
+            raise ImageRejected(messages.image_cannot_start(str(exc))) from None
+        pair = (resolved.uid, resolved.gid)
+    uid, gid = pair
+    if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+        raise ImageRejected(messages.image_cannot_start(f"the user {spec!r} is out of range"))
+    if uid == 0:
+        return REMAPPED_USER
+    return f"{uid}:{65534 if gid == 0 else gid}"
 
 
 def _classify_api_error(exc: docker.errors.APIError) -> Exception:

@@ -142,7 +142,7 @@ def test_a_real_root_image_is_refused_and_a_good_one_pinned_once(adversarial, tm
     inspected = client.api.inspect_image(adversarial["probe"])
     assert first.image_id == again.image_id == inspected["Id"]
     assert first.layers == inspected["RootFS"]["Layers"]
-    assert len(first.tar_sha256) == 64 and first.user == "10001"
+    assert len(first.tar_sha256) == 64 and first.user == "10001:10001"
 
 
 # -- GPU allocation -----------------------------------------------------------------------

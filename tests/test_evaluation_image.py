@@ -40,7 +40,7 @@ def test_evaluator_scores_the_cases_it_can(runner, evaluator, scene):
     assert cases["case-001"]["dice"] == 1.0
     assert cases["case-002"]["dice"] == 0.0
     assert "case-003" not in cases  # the engine will give it the worst value
-    assert outcome.run.user == "10002"
+    assert outcome.run.user == "10002:10002"  # resolved through its /etc/passwd
 
 
 def test_evaluator_output_is_schema_checked(runner, adversarial, scene):

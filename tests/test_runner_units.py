@@ -26,20 +26,27 @@ from runners.logs import LogTail
 from runners.messages import exit_hint
 from runners.output_area import OutputArea, TmpfsOutputArea
 
+PASSWD = "root:x:0:0::/root:/bin/sh\ntoor:x:0:0::/:/bin/sh\nparticipant:x:10001:10001::/:/bin/sh\n"
+
 
 @pytest.mark.parametrize(("requested", "image_user", "expected"), [
     (None, "", REMAPPED_USER),
     (None, "root", REMAPPED_USER),
+    (None, "toor", REMAPPED_USER),
     (None, "0", REMAPPED_USER),
+    (None, "00", REMAPPED_USER),
+    (None, "+0:+0", REMAPPED_USER),
     (None, "0:0", REMAPPED_USER),
-    (None, "10001", "10001"),
-    (None, "participant", "participant"),
+    (None, "10001", "10001:10001"),
+    (None, "4242", "4242:65534"),  # no passwd line: runc would use gid 0
+    (None, "participant", "10001:10001"),
     (None, "1000:0", "1000:65534"),
+    (None, "1000:00", "1000:65534"),
     ("0", "10001", REMAPPED_USER),
     ("2000:2000", "", "2000:2000"),
 ])
 def test_effective_user_is_never_root(requested, image_user, expected):
-    assert effective_user(requested, image_user) == expected
+    assert effective_user(requested, image_user, lambda: (PASSWD, "")) == expected
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
