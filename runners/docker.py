@@ -60,6 +60,7 @@ IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
 # The runs in flight in this process, whichever runner started them: they share the owner label.
 _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
+RUN_OWNER_TAG = "owner"
 RUN_NAME = re.compile(r"epreuve-[0-9a-f]{12}")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
 
@@ -254,6 +255,7 @@ class DockerRunner:
         run.image = self.resolve_image(run.spec.image, run.spec.command)
         run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "")
         run.directory.mkdir(mode=0o700)
+        (run.directory / RUN_OWNER_TAG).write_text(self.owner)  # for a reap without container
         run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
         if self.use_cgroups:
             run.cgroup = make_run_cgroup(run.name, version=self.cgroup_version,
@@ -524,8 +526,22 @@ class DockerRunner:
             if self._remove_container(container["Id"]):
                 self._release_run(run_name)
                 reaped.append(container["Id"])
+        self._remove_orphan_run_dirs(known)
         self._remove_orphan_cgroups(known)
         return reaped
+
+    def _remove_orphan_run_dirs(self, containers_known: set[str]) -> None:
+        """Output areas of dead runs whose container is already gone (another node's runner
+        reaped it first, or the process died before creating it)."""
+        for run_dir in self.state_dir.iterdir() if self.state_dir.is_dir() else ():
+            if not RUN_NAME.fullmatch(run_dir.name) or run_dir.name in containers_known:
+                continue
+            try:
+                owner = (run_dir / RUN_OWNER_TAG).read_text()
+            except OSError:
+                continue  # untagged: being provisioned right now
+            if self._is_leftover(owner, run_dir.name):
+                self._release_run(run_dir.name)
 
     def _is_leftover(self, owner: str, run_name: str) -> bool:
         if owner == self.owner:

@@ -22,6 +22,7 @@ import requests.exceptions
 from runners.base import FailureReason, InvalidRunSpec, RunSpec
 from runners.cgroups import cgroup_hierarchies, leftover_run_cgroups
 from runners.docker import LABEL_RUN, DockerRunner
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.docker
 
@@ -352,3 +353,35 @@ def test_an_unreachable_daemon_mid_run_never_raises(runner_factory, adversarial,
     assert runner.run(RunSpec(image=adversarial["probe"], command=("true",))).succeeded
     label = f"org.epreuve.test={spec.labels['org.epreuve.test']}"
     assert runner.api.containers(all=True, filters={"label": label}) == []
+
+
+# -- a dead run's output area, when its container is already gone ----------------------------
+
+ORPHAN_RUN = """
+import sys
+from pathlib import Path
+from runners.base import RunSpec
+from runners.docker import DockerRunner
+runner = DockerRunner(state_dir=Path(sys.argv[1]), reap_orphans=False)
+runner.run(RunSpec(image=sys.argv[2], command=("sleep", "600"),
+                   labels={"org.epreuve.test": sys.argv[3]}))
+"""
+
+
+def test_a_dead_runs_output_area_is_reaped_even_without_its_container(runner, adversarial,
+                                                                       tmp_path):
+    state, tag = tmp_path / "state", uuid.uuid4().hex
+    child = subprocess.Popen([sys.executable, "-c", ORPHAN_RUN, str(state), adversarial["probe"],
+                              tag], env={**os.environ, "PYTHONPATH": str(REPO)})
+    spec_like = RunSpec(image="x", labels={"org.epreuve.test": tag})
+    container = running_container(runner, spec_like)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    (run_dir,) = list(state.iterdir())
+    # another runner on the node (another state directory) reaped the container first
+    runner.api.remove_container(container["Id"], force=True)
+
+    DockerRunner(state_dir=state)  # the next runner on this state directory starts
+
+    assert not os.path.ismount(run_dir / "output")
+    assert not run_dir.exists()
