@@ -5,6 +5,7 @@ None of them may end as the team's fault, and none may leave anything behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -251,11 +252,32 @@ class SecondDaemon:
 
     def close(self) -> None:
         self.stop()
+        _kill_processes_of(self.root)
         containerd_pid = self.root / "exec" / "containerd" / "containerd.pid"
         if containerd_pid.exists():  # the containerd this daemon started, if it outlived it
             pid = int(containerd_pid.read_text().strip() or 0)
             if pid and _is_our_containerd(pid, self.root):
                 os.kill(pid, signal.SIGTERM)
+
+
+def _kill_processes_of(root: Path) -> None:
+    """What this test's daemon left running (a shim that outlived a crash, and its tree)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    ours = {pid for pid in parents if _is_our_containerd(pid, root)}
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in ours} - ours
+        if not more:
+            break
+        ours |= more
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _is_our_containerd(pid: int, root: Path) -> bool:
@@ -385,3 +407,31 @@ def test_a_dead_runs_output_area_is_reaped_even_without_its_container(runner, ad
 
     assert not os.path.ismount(run_dir / "output")
     assert not run_dir.exists()
+
+
+def test_the_sandbox_cli_reports_a_daemon_restart_without_a_traceback(second_daemon, tmp_path):
+    """`epreuve sandbox run` used to die with a ConnectionError traceback from
+    remove_container, leaving the container behind."""
+    cli = Path(sys.executable).parent / "epreuve"
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    process = subprocess.Popen(
+        [str(cli), "sandbox", "run", "--input", str(inputs), "--timeout", "120",
+         "epreuve/base:3.11", "--", "sh", "-c", AWAIT_GO + "exit 0"],
+        env={**os.environ, "DOCKER_HOST": second_daemon.url, "PYTHONPATH": str(REPO),
+             "EPREUVE_STATE_DIR": str(tmp_path / "state")},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    api = docker.APIClient(base_url=second_daemon.url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not api.containers(filters={"status": "running"}):
+        time.sleep(0.05)
+    assert api.containers(filters={"status": "running"}), "the CLI never started its container"
+    second_daemon.stop(signal.SIGTERM)  # as `systemctl restart docker` does
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    said = " ".join(out.split())  # the terminal wraps lines
+    assert "INFRASTRUCTURE" in said and "not caused by your submission" in said
+    assert "Traceback" not in out + err
+    second_daemon.start()
+    leftover = DockerRunner(base_url=second_daemon.url, state_dir=tmp_path / "state" / "runs")
+    assert leftover.api.containers(all=True) == []  # the dead CLI's container, reaped
