@@ -622,14 +622,15 @@ def decide_reason(*, stop_reason: FailureReason | None, over_quota: bool, exit_c
                   oom_evidence: bool, outside_stop: bool = False) -> FailureReason | None:
     """The one typed reason of a finished run; None when it succeeded.
 
-    Our own stops come first; then a stop nobody in the engine asked for (an operator's
-    kill, a daemon restart), which is the platform's fault; then what the container did."""
+    A stop nobody in the engine asked for (an operator's kill or pause, a daemon restart) is
+    recorded only before any stop of ours, so it comes first: a paused container that then
+    timed out is the platform's fault. Only the output quota is the team's regardless."""
     if stop_reason is FailureReason.OUTPUT_QUOTA or over_quota:
         return FailureReason.OUTPUT_QUOTA
-    if stop_reason is not None:
-        return stop_reason
     if outside_stop:
         return FailureReason.INFRASTRUCTURE
+    if stop_reason is not None:
+        return stop_reason
     if exit_code != 0 and oom_evidence:
         return FailureReason.OOM_KILLED
     if exit_code != 0:

@@ -125,6 +125,22 @@ def test_a_container_stopped_from_outside_is_the_platforms_fault(runner, adversa
     assert "Traceback" not in result.message
 
 
+def test_a_container_paused_from_outside_then_timed_out_is_the_platforms_fault(
+        runner, adversarial, tmp_path):
+    spec = gated_spec(adversarial["probe"], tmp_path, "exit 0", timeout_seconds=2)
+    thread, box = run_in_background(runner, spec)
+    docker.APIClient(base_url=runner.base_url).pause(running_container(runner, spec)["Id"])
+    thread.join(120)
+    assert box["result"].reason is FailureReason.INFRASTRUCTURE
+    assert "pause" in box["result"].detail
+
+
+def test_our_own_timeout_stays_the_teams(runner, adversarial, tmp_path):
+    spec = gated_spec(adversarial["probe"], tmp_path, "exit 0", timeout_seconds=1)
+    result = runner.run(spec)  # never released: it runs into its limit, and we stop it
+    assert result.reason is FailureReason.TIMEOUT
+
+
 @pytest.mark.parametrize(("script", "code"), [
     ("kill -9 $$", 137),  # the participant's own SIGKILL: its exit, not an outside kill
     ("kill -TERM $$", 143),
