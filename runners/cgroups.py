@@ -169,10 +169,13 @@ def remove_cgroup_tree(path: Path) -> bool:
 
 
 def _has_tasks(path: Path) -> bool:
+    """Any process in the group or below it: then it is in use, and no wait will free it."""
     try:
-        return bool((path / "cgroup.procs").read_text().strip())
+        if (path / "cgroup.procs").read_text().strip():
+            return True
     except OSError:
         return False
+    return any(_has_tasks(child) for child in _subdirectories(path))
 
 
 def _subdirectories(path: Path) -> Iterable[Path]:

@@ -21,7 +21,7 @@ import pytest
 import requests.exceptions
 
 from runners.base import FailureReason, InvalidRunSpec, RunSpec
-from runners.cgroups import cgroup_hierarchies, leftover_run_cgroups
+from runners.cgroups import cgroup_hierarchies, leftover_run_cgroups, remove_cgroup_tree
 from runners.docker import LABEL_RUN, DockerRunner
 from tests.conftest import REPO
 
@@ -201,6 +201,26 @@ def test_no_run_cgroup_is_left_in_any_hierarchy(runner_factory, adversarial):
     left = [mount / "epreuve" / name for mount in hierarchies for name in names
             if (mount / "epreuve" / name).exists()]
     assert left == []
+
+
+def test_a_group_in_use_is_left_alone_then_removed_once_empty():
+    """Removal never disturbs a group with a process in it (nor waits for it), and takes the
+    whole tree once it is empty."""
+    pids = next((m for m in cgroup_hierarchies() if m.name == "pids"), None)
+    if pids is None:
+        pytest.skip("no v1 pids hierarchy on this host")
+    group = pids / "epreuve" / f"epreuve-{uuid.uuid4().hex[:12]}"
+    (group / "leaf").mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        (group / "leaf" / "cgroup.procs").write_text(str(sleeper.pid))
+        assert remove_cgroup_tree(group) is False
+        assert (group / "leaf").is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_cgroup_tree(group) is True
+    assert not group.exists()
 
 
 def test_orphan_cgroups_without_a_container_are_reaped(runner_factory):
