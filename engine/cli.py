@@ -75,23 +75,26 @@ def sandbox_run(
     """Run IMAGE once, sandboxed, and report what happened. Exit status 0 only on success."""
     from runners.docker import DockerRunner, DockerUnavailable
 
-    spec = RunSpec(
-        image=image,
-        command=tuple(command) if command else None,
-        input_dir=input_dir,
-        output_dir=output_dir,
-        timeout_seconds=timeout,
-        memory_bytes=_size(memory),
-        cpus=cpus,
-        pids_limit=pids,
-        output_quota_bytes=_size(output_quota),
-        tmp_size_bytes=_size(tmp_size),
-        shm_size_bytes=_size(shm_size),
-        gpu_uuids=tuple(uuid.strip() for uuid in gpus.split(",") if uuid.strip()),
-        user=user,
-        log_cap_bytes=_size(log_cap),
-        stop_grace_seconds=grace,
-    )
+    try:  # an absurd limit (nan, inf, 0, weeks) is refused before anything is created
+        spec = RunSpec(
+            image=image,
+            command=tuple(command) if command else None,
+            input_dir=input_dir,
+            output_dir=output_dir,
+            timeout_seconds=timeout,
+            memory_bytes=_size(memory),
+            cpus=cpus,
+            pids_limit=pids,
+            output_quota_bytes=_size(output_quota),
+            tmp_size_bytes=_size(tmp_size),
+            shm_size_bytes=_size(shm_size),
+            gpu_uuids=tuple(uuid.strip() for uuid in gpus.split(",") if uuid.strip()),
+            user=user,
+            log_cap_bytes=_size(log_cap),
+            stop_grace_seconds=grace,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     try:
         runner = DockerRunner()
     except DockerUnavailable as exc:

@@ -122,14 +122,16 @@ def heartbeat(session: Session, job_id: int, owner: str,
 
 
 def release_for_retry(session: Session, job: JobRow, actor: str, reason: str,
-                      message: str) -> None:
-    """An INFRASTRUCTURE failure: queue the job again, or fail it when out of attempts."""
+                      message: str, run_result: dict | None = None) -> None:
+    """An INFRASTRUCTURE failure: queue the job again, or fail it when out of attempts.
+    `run_result` keeps what happened (for organisers) even when the job is queued again."""
+    kept = {} if run_result is None else {"run_result": run_result}
     if job.attempts >= job.max_attempts:
         transition(session, job, "failed", actor, message, reason=reason, message=message,
-                   finished_at=utcnow(), lease_owner=None)
+                   finished_at=utcnow(), lease_owner=None, **kept)
     else:
         transition(session, job, "queued", actor, f"retry: {message}", lease_owner=None,
-                   lease_expires_at=None)
+                   lease_expires_at=None, **kept)
 
 
 def sweep(session: Session, actor: str, now: datetime | None = None) -> list[int]:

@@ -8,15 +8,27 @@
 Killing the worker at any moment loses nothing: a container it left is removed
 by the next runner to start on the node (its owner process is dead), its lease
 is swept back to the queue (at once when the owner is known dead, otherwise
-when the lease expires), and since results are written in the same
-transaction that ends the job, no case is ever written twice.
+when the lease expires), its work directory is removed by the next worker to
+start, and since results are written in the same transaction that ends the
+job, no case is ever written twice.
+
+A worker survives anything one job does: any exception while staging, running,
+collecting, validating or scoring ends THAT job, as the participant's typed
+reason when their outputs caused it, otherwise as INFRASTRUCTURE (retried, never
+counted against the team) with the traceback kept where only organisers look
+(the job's run_result), and the worker goes on to the next job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 import shutil
+import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +42,7 @@ from engine.datasets import DatasetError, SealedDataset, VerificationCache, stag
 from engine.db.models import CaseResultRow, ImageRow, JobRow, utcnow
 from engine.medio import read_header
 from engine.outputs import (
+    CaseOutput,
     ProbabilityOutput,
     SegmentationOutput,
     validate_probabilities,
@@ -48,16 +61,30 @@ from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from gpu.inventory import list_gpus
 from gpu.telemetry import TelemetrySampler
 from runners.base import FailureReason, Runner, RunResult, RunSpec
-from runners.docker import owner_token
+from runners.docker import owner_alive, owner_token
 from runners.image_user import numeric_pair
 
 RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED, FailureReason.NONZERO_EXIT,
                 FailureReason.OUTPUT_QUOTA, FailureReason.OUTPUT_INVALID,
                 FailureReason.IMAGE_INVALID}
+# A run that ended like this may still have written some cases whole: those are scored.
+PARTIAL_RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED,
+                        FailureReason.NONZERO_EXIT, FailureReason.OUTPUT_QUOTA}
+OWNER_TAG = "owner"  # in each worker's work directory: whose it is, for the next one to judge
+log = logging.getLogger(__name__)
 
 
 class EvaluatorFailed(RuntimeError):
     """The organisers' evaluation image failed: not the participant's fault (retried)."""
+
+
+class PlatformFailure(RuntimeError):
+    """Something of ours failed while a job was handled: INFRASTRUCTURE for that job."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {type(cause).__name__}")
+        self.stage = stage
+        self.detail = "".join(traceback.format_exception(cause))
 
 
 @dataclass
@@ -99,19 +126,54 @@ class Worker:
         self.scoring_workers = scoring_workers
         self.verify_cache = VerificationCache(settings.state_dir / "verify")
         self.gpus = GPUAllocator([g.uuid for g in list_gpus()], settings.state_dir / "gpus")
+        remove_dead_workers_dirs(settings.work_dir)
+        self.work_dir = claim_work_dir(settings.work_dir, self.owner)
 
     # -- the loop ----------------------------------------------------------------------
 
     def run_once(self) -> bool:
         """Sweep, then lease and process one job. False when there was nothing to do."""
         with self.sessions() as session:
-            queue.sweep(session, self.actor)
+            self._sweep(session)
             job = queue.lease(session, self.owner, self.lease_duration,
                               gpus_available=self.gpus.free_count())
             if job is None:
                 return False
-            self.process(session, job)
+            self.survive(session, job)
         return True
+
+    def _sweep(self, session: Session) -> None:
+        """Re-queue the jobs of vanished workers; a job out of attempts ends like any other:
+        its submission moves on (and an INFRASTRUCTURE end never counts against the team)."""
+        for job_id in queue.sweep(session, self.actor):
+            job = session.get(JobRow, job_id, populate_existing=True)
+            if job is not None and job.status == "failed":
+                after_job(session, job, self.actor)
+        session.commit()
+
+    def survive(self, session: Session, job: JobRow) -> None:
+        """Process one job; whatever it raises ends that job, never the worker."""
+        try:
+            self.process(session, job)
+        except PlatformFailure as exc:
+            self._end_as_infrastructure(session, job, exc.stage, exc.detail)
+        except Exception as exc:
+            detail = "".join(traceback.format_exception(exc))
+            self._end_as_infrastructure(session, job, "handling the job", detail)
+
+    def _end_as_infrastructure(self, session: Session, job: JobRow, stage: str,
+                               detail: str) -> None:
+        log.error("job %s failed on the platform's side while %s:\n%s", job.id, stage, detail)
+        session.rollback()
+        try:
+            job = session.get(JobRow, job.id, populate_existing=True)
+            if job is None or job.status not in queue.ACTIVE or job.lease_owner != self.owner:
+                return  # swept or cancelled meanwhile: not ours to end
+            self._infrastructure(session, job, messages_platform(stage),
+                                 {"infrastructure_detail": detail[-20000:]})
+        except Exception:  # the database itself: the lease expires and the sweeper retries
+            session.rollback()
+            log.exception("job %s could not be released; its lease will expire", job.id)
 
     def run(self, stop: threading.Event | None = None, *, until_idle: bool = False,
             idle_seconds: float = 2.0, max_jobs: int | None = None) -> int:
@@ -138,12 +200,12 @@ class Worker:
         except DatasetError as exc:
             self._infrastructure(session, job, f"the test set failed verification: {exc}")
             return
-        job_dir = self.settings.work_dir / f"job-{job.id}-{job.attempts}"
+        job_dir = self.work_dir / f"job-{job.id}-{job.attempts}"
         output_dir = self.settings.outputs_dir / f"submission-{submission.id}" / f"job-{job.id}"
         shutil.rmtree(output_dir, ignore_errors=True)
-        staged = None
         try:
-            staged = stage(dataset, list(job.case_ids), job_dir / "input")
+            with _stage("staging the inputs"):
+                staged = stage(dataset, list(job.case_ids), job_dir / "input")
             try:
                 allocation = self.gpus.allocate(phase.limits.gpus)
             except NotEnoughGPUs as exc:
@@ -152,16 +214,15 @@ class Worker:
             with allocation:
                 queue.transition(session, job, "running", self.owner, started_at=utcnow())
                 session.commit()
-                result, gpu_usage = self._run(session, job, phase, submission.image,
-                                              staged, output_dir, allocation.uuids)
+                with _stage("running the container"):
+                    result, gpu_usage = self._run(session, job, phase, submission.image,
+                                                  staged, output_dir, allocation.uuids)
             self._finish(session, job, challenge, phase, dataset, result, gpu_usage,
                          output_dir)
         except queue.LeaseLost:
             session.rollback()  # swept or cancelled meanwhile: someone else owns it now
         finally:
-            if staged is not None:
-                unstage(staged)
-            shutil.rmtree(job_dir, ignore_errors=True)
+            remove_tree(job_dir)
 
     def _run(self, session: Session, job: JobRow, phase: Phase, image: ImageRow, staged: Path,
              output_dir: Path, gpu_uuids: tuple[str, ...]) -> tuple[RunResult, dict]:
@@ -192,9 +253,10 @@ class Worker:
                     lost.set()  # swept or cancelled: stop the container
                     return
 
-    def _infrastructure(self, session: Session, job: JobRow, message: str) -> None:
+    def _infrastructure(self, session: Session, job: JobRow, message: str,
+                        run_record: dict | None = None) -> None:
         queue.release_for_retry(session, job, self.owner, FailureReason.INFRASTRUCTURE.value,
-                                message)
+                                message, run_result=run_record)
         session.refresh(job)
         if job.status == "failed":
             after_job(session, job, self.actor)
@@ -204,13 +266,16 @@ class Worker:
                 dataset: SealedDataset, result: RunResult, gpu_usage: dict,
                 output_dir: Path) -> None:
         if result.reason is FailureReason.INFRASTRUCTURE:
-            self._infrastructure(session, job, result.message)
+            self._infrastructure(session, job, result.message,
+                                 {**result.to_dict(), "gpus": gpu_usage,
+                                  "infrastructure_detail": result.detail})
             return
         queue.transition(session, job, "scoring", self.owner)
         session.commit()
         run_failed = result.reason in RUN_FAILURES or result.reason is FailureReason.CANCELLED
         try:
-            cases = self._score(job, challenge, dataset, result, output_dir, run_failed)
+            with _stage("validating and scoring the outputs"):
+                cases = self._score(job, challenge, dataset, result, output_dir, run_failed)
         except EvaluatorFailed as exc:
             self._infrastructure(session, job, str(exc))
             return
@@ -245,12 +310,18 @@ class Worker:
     def _score(self, job: JobRow, challenge: Challenge, dataset: SealedDataset,
                result: RunResult, output_dir: Path, run_failed: bool) -> list[ScoredCase]:
         case_ids = list(job.case_ids)
-        if run_failed:
+        if run_failed and result.reason not in PARTIAL_RUN_FAILURES:
             return [ScoredCase(c, False, result.reason.value, result.message,
                                self._worst(challenge, dataset, c), {}) for c in case_ids]
+        # a failed run's cases that were written whole are scored; the others get its reason
+        fallback = (result.reason.value, result.message) if run_failed else None
         if isinstance(challenge.output, ProbabilityOutput):
-            return self._score_probabilities(challenge.output, case_ids, output_dir)
-        return self._score_segmentation(job, challenge, dataset, result, output_dir, case_ids)
+            cases = self._score_probabilities(challenge.output, case_ids, output_dir)
+            return [c if c.valid or fallback is None else
+                    ScoredCase(c.case_id, False, *fallback, c.metrics, c.output_sha256)
+                    for c in cases]
+        return self._score_segmentation(job, challenge, dataset, result, output_dir, case_ids,
+                                        fallback)
 
     def _worst(self, challenge: Challenge, dataset: SealedDataset, case_id: str) -> dict:
         if challenge.task == "classification":
@@ -258,17 +329,19 @@ class Worker:
         return worst_metrics(challenge, dataset, case_id)
 
     def _score_segmentation(self, job, challenge, dataset, result, output_dir,
-                            case_ids) -> list[ScoredCase]:
+                            case_ids, fallback: tuple[str, str] | None = None
+                            ) -> list[ScoredCase]:
         spec: SegmentationOutput = challenge.output
         skipped = frozenset(result.skipped_outputs)
         scored, pairs = {}, []
         for case_id in case_ids:
             reference = dataset.ground_truth_path(case_id)
-            outcome = validate_segmentation(output_dir, case_id, spec,
-                                            read_header(reference).geometry, skipped=skipped)
+            geometry = read_header(reference).geometry  # ground truth: ours, errors are ours
+            outcome = _validate_untrusted(case_id, validate_segmentation, output_dir, case_id,
+                                          spec, geometry, skipped=skipped)
             if not outcome.valid:
-                scored[case_id] = ScoredCase(case_id, False, outcome.reason.value,
-                                             outcome.message,
+                reason, message = fallback or (outcome.reason.value, outcome.message)
+                scored[case_id] = ScoredCase(case_id, False, reason, message,
                                              self._worst(challenge, dataset, case_id), {})
                 continue
             prediction = output_dir / case_id / spec.filename
@@ -299,7 +372,7 @@ class Worker:
         except EvaluationImageUnusable as exc:
             raise EvaluatorFailed(str(exc)) from None
         outcome = run_evaluation_image(self.runner, image_id, output_dir, dataset, case_ids,
-                                       work_dir=self.settings.work_dir)
+                                       work_dir=self.work_dir)
         if not outcome.succeeded:
             raise EvaluatorFailed(f"the organisers' evaluation image failed: {outcome.message}")
         wanted = [m.name for m in challenge.metrics.evaluator_metrics]
@@ -316,7 +389,10 @@ class Worker:
 
     def _score_probabilities(self, spec: ProbabilityOutput, case_ids: list[str],
                              output_dir: Path) -> list[ScoredCase]:
-        outcomes = validate_probabilities(output_dir, case_ids, spec)
+        try:
+            outcomes = validate_probabilities(output_dir, case_ids, spec)
+        except Exception as exc:  # the table's bytes are the participant's: so is the failure
+            outcomes = {c: _unreadable(c, exc) for c in case_ids}
         table = output_dir / spec.filename
         digest = {spec.filename: _sha256(table)} if table.is_file() else {}
         return [ScoredCase(c, o.valid, None if o.valid else o.reason.value, o.message,
@@ -331,3 +407,85 @@ def _sha256(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    """Label an unexpected failure with the step it happened in (the organisers' view)."""
+    try:
+        yield
+    except (queue.LeaseLost, PlatformFailure, EvaluatorFailed):
+        raise
+    except Exception as exc:
+        raise PlatformFailure(name, exc) from exc
+
+
+def messages_platform(stage: str) -> str:
+    """What a team reads when the platform failed them: no traceback, no host detail."""
+    return (f"The platform failed while {stage} (an internal error, not caused by your "
+            "submission). The job is retried automatically and never counts against your "
+            "quota.")
+
+
+def _validate_untrusted(case_id: str, validate, *args, **kwargs) -> CaseOutput:
+    """A validator crashing on hostile output bytes is the output's fault, not ours."""
+    try:
+        return validate(*args, **kwargs)
+    except Exception as exc:
+        return _unreadable(case_id, exc)
+
+
+def _unreadable(case_id: str, exc: BaseException) -> CaseOutput:
+    return CaseOutput(case_id, FailureReason.OUTPUT_INVALID,
+                      f"case {case_id}: the output could not be read ({type(exc).__name__}); "
+                      "write the file the challenge asks for, in its format")
+
+
+def claim_work_dir(root: Path, owner: str) -> Path:
+    """This worker's own work directory, tagged with its owner before it is visible, so that
+    a worker starting later can tell whether it is still in use."""
+    root.mkdir(parents=True, exist_ok=True)
+    pending = Path(tempfile.mkdtemp(prefix=".claim-", dir=root))
+    (pending / OWNER_TAG).write_text(owner)
+    mine = root / f"worker-{owner.replace(':', '-').replace('/', '-')}"
+    remove_tree(mine)  # the same process token cannot be another live worker
+    os.replace(pending, mine)
+    return mine
+
+
+def remove_dead_workers_dirs(root: Path) -> list[Path]:
+    """Remove the work directories (staged inputs, scratch) of workers that died."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        owner = _owner_of(entry)
+        if entry.name.startswith("worker-"):
+            dead = owner is None or not owner_alive(owner)  # tagged before it was renamed
+        elif entry.name.startswith(".claim-"):
+            dead = owner is not None and not owner_alive(owner)  # untagged: being claimed
+        else:
+            continue
+        if dead:
+            remove_tree(entry)
+            removed.append(entry)
+    return removed
+
+
+def _owner_of(directory: Path) -> str | None:
+    try:
+        return (directory / OWNER_TAG).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a work directory whatever it holds (staged inputs are read-only)."""
+    with contextlib.suppress(OSError):
+        unstage(path)
+    shutil.rmtree(path, ignore_errors=True)

@@ -6,6 +6,8 @@ a job into a `RunSpec`, and a `Runner` turns that into a `RunResult`.
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -17,6 +19,12 @@ from typing import Any, Protocol
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0  # a week: anything longer is a typo, not a limit
+MAX_STOP_GRACE_SECONDS = 3600.0
+
+
+class InvalidRunSpec(ValueError):
+    """A RunSpec no runner may start: refused before anything is created."""
 
 
 class RunStatus(StrEnum):
@@ -79,12 +87,26 @@ class RunSpec:
             "log_cap_bytes": self.log_cap_bytes,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"RunSpec.{name} must be positive, got {value!r}")
-        if self.stop_grace_seconds < 0:
-            raise ValueError("RunSpec.stop_grace_seconds must not be negative")
+            # `not value > 0` also refuses nan, which compares false with everything
+            if not _finite_number(value) or not value > 0:
+                raise InvalidRunSpec(f"RunSpec.{name} must be a positive finite number, "
+                                     f"got {value!r}")
+        if self.timeout_seconds > MAX_TIMEOUT_SECONDS:
+            raise InvalidRunSpec(f"RunSpec.timeout_seconds must be at most "
+                                 f"{MAX_TIMEOUT_SECONDS:g} s (7 days), got "
+                                 f"{self.timeout_seconds!r}")
+        grace = self.stop_grace_seconds
+        if not _finite_number(grace) or not 0 <= grace <= MAX_STOP_GRACE_SECONDS:
+            raise InvalidRunSpec(f"RunSpec.stop_grace_seconds must be between 0 and "
+                                 f"{MAX_STOP_GRACE_SECONDS:g} s, got {grace!r}")
         if self.input_dir is not None and not Path(self.input_dir).is_dir():
-            raise ValueError(f"input directory {self.input_dir} does not exist")
+            raise InvalidRunSpec(f"input directory {self.input_dir} does not exist")
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value)
 
 
 @dataclass
@@ -111,6 +133,7 @@ class RunResult:
     image_id: str | None = None
     user: str | None = None  # the user the container actually ran as
     accounting: str = "none"  # where the numbers came from: cgroup-v1, cgroup-v2, sampled
+    detail: str = ""  # for organisers only (a platform traceback): never shown to a team
 
     @property
     def succeeded(self) -> bool:

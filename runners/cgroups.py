@@ -9,16 +9,27 @@ Supported: cgroup v1 and v2 with Docker's `cgroupfs` driver (the parent is
 `/epreuve/<run>`), and v2 with the `systemd` driver (a slice). Anything else
 (a remote daemon, an unreadable hierarchy) yields no cgroup, and the runner
 falls back to sampling the Docker stats API.
+
+Removal covers every mounted hierarchy, not only the controllers we read: runc
+also makes the run's group under named hierarchies (v1 `name=systemd`), and
+those were once left behind by the hundred.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
+import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+MOUNTINFO = Path("/proc/self/mountinfo")
+RUN_NAME = re.compile(r"epreuve-[0-9a-f]{12}")
+BUSY_RETRIES = 20  # a cgroup stays busy for a moment after its last task exits
+BUSY_PAUSE_SECONDS = 0.05
 V1_CONTROLLERS = ("memory", "cpuacct", "cpu,cpuacct", "pids", "cpu", "blkio", "cpuset",
                   "devices", "freezer", "net_cls", "perf_event", "hugetlb")
 
@@ -108,17 +119,82 @@ class RunCgroup:
     def exists(self) -> bool:
         return self._dir("memory").is_dir()
 
-    def remove(self) -> None:
-        """Best effort: an empty cgroup directory is removed with rmdir."""
-        if self.version == 2:
-            with contextlib.suppress(OSError):
-                self._dir("").rmdir()
-            return
-        for controller in V1_CONTROLLERS:
-            path = self.root / controller / self._relative
-            if path.is_dir() and not path.is_symlink():
-                with contextlib.suppress(OSError):
-                    path.rmdir()
+    def hierarchy_dirs(self) -> list[Path]:
+        """This run's group in every mounted hierarchy (v1: each one, named ones included)."""
+        return [mount / self._relative for mount in cgroup_hierarchies(self.root)]
+
+    def remove(self) -> bool:
+        """Remove the run's group everywhere; True when none is left."""
+        return all(remove_cgroup_tree(path) for path in self.hierarchy_dirs())
+
+
+def cgroup_hierarchies(root: Path = CGROUP_ROOT, mountinfo: Path = MOUNTINFO) -> list[Path]:
+    """The mount point of every cgroup hierarchy under `root` mounted at its own root."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields = before.split()
+        if len(fields) < 5 or after.split()[:1] not in (["cgroup"], ["cgroup2"]):
+            continue
+        hierarchy_root, mount_point = fields[3], Path(fields[4])
+        if hierarchy_root == "/" and mount_point.is_relative_to(root):
+            mounts.append(mount_point)
+    return mounts
+
+
+def remove_cgroup_tree(path: Path) -> bool:
+    """rmdir the group and any empty groups below it, deepest first; True when it is gone.
+
+    Only an empty group (no task, no child) can be removed, so this never disturbs a
+    group that is still in use: it stays, and False says so."""
+    if not path.is_dir() or path.is_symlink():
+        return True
+    for child in _subdirectories(path):
+        remove_cgroup_tree(child)
+    for attempt in range(BUSY_RETRIES):
+        try:
+            path.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or attempt == BUSY_RETRIES - 1 or _has_tasks(path):
+                return False  # in use: it stays, and waiting would not change that
+            time.sleep(BUSY_PAUSE_SECONDS)
+    return False
+
+
+def _has_tasks(path: Path) -> bool:
+    """Any process in the group or below it: then it is in use, and no wait will free it."""
+    try:
+        if (path / "cgroup.procs").read_text().strip():
+            return True
+    except OSError:
+        return False
+    return any(_has_tasks(child) for child in _subdirectories(path))
+
+
+def _subdirectories(path: Path) -> Iterable[Path]:
+    try:
+        return [entry for entry in path.iterdir() if entry.is_dir() and not entry.is_symlink()]
+    except OSError:
+        return []
+
+
+def leftover_run_cgroups(root: Path = CGROUP_ROOT) -> dict[str, list[Path]]:
+    """Per-run groups found in any hierarchy (cgroupfs or systemd layout), by run name."""
+    found: dict[str, list[Path]] = {}
+    for mount in cgroup_hierarchies(root):
+        for parent in ("epreuve", "epreuve.slice"):
+            for entry in _subdirectories(mount / parent):
+                name = entry.name.removesuffix(".slice")
+                if RUN_NAME.fullmatch(name):
+                    found.setdefault(name, []).append(entry)
+    return found
 
 
 def make_run_cgroup(run_name: str, *, version: int | None, driver: str | None) -> RunCgroup | None:

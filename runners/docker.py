@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,11 +34,18 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from runners import messages
 from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed
-from runners.cgroups import CgroupUsage, RunCgroup, make_run_cgroup
+from runners.cgroups import (
+    CgroupUsage,
+    RunCgroup,
+    leftover_run_cgroups,
+    make_run_cgroup,
+    remove_cgroup_tree,
+)
 from runners.image_user import MAX_ID, UserUnresolvable, numeric_pair, resolve_user
 from runners.logs import LogTail
 from runners.output_area import OutputArea, unmount
@@ -53,6 +61,11 @@ OOM_PEAK_FRACTION = 0.9  # exit 137 with a peak this close to the limit is an OO
 IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
                       "unable to find user", "permission denied", "exec format error",
                       "no command specified", "not a directory")
+# The runs in flight in this process, whichever runner started them: they share the owner label.
+_ACTIVE_RUNS: set[str] = set()
+_ACTIVE_LOCK = threading.Lock()
+RUN_OWNER_TAG = "owner"
+RUN_NAME = re.compile(r"epreuve-[0-9a-f]{12}")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
 MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 MAX_VOLUMES = 16
@@ -67,6 +80,23 @@ class DockerUnavailable(RuntimeError):
 
 class ImageRejected(Exception):
     """The image cannot be run as it is; the message tells the participant why."""
+
+
+class DaemonLost(RuntimeError):
+    """The Docker Engine stopped answering in the middle of a run (restarted, crashed)."""
+
+
+class ContainerVanished(RuntimeError):
+    """The container was removed by someone other than the engine."""
+
+
+class RunStuck(RuntimeError):
+    """The container did not stop, even after SIGKILL."""
+
+
+FINISHED_STATES = ("exited", "dead")
+OUTSIDE_ACTIONS = ("kill", "destroy", "pause")  # none of them comes from the container itself
+DIE_EVENT_WAIT_SECONDS = 5.0  # the daemon reports `die` right after the exit it follows
 
 
 @dataclass
@@ -90,6 +120,73 @@ class _Execution:
     leaf_oom_kills: int = 0
     sampled: CgroupUsage = field(default_factory=CgroupUsage)
     over_quota: bool = False
+    # set once the engine itself asks the daemon to stop or kill: later kills are ours
+    stopping: threading.Event = field(default_factory=threading.Event)
+    outside_stop: str | None = None  # what stopped the container that the engine did not ask
+    daemon_interrupted: bool = False  # the daemon went away while the container ran
+
+
+class _Waiter(threading.Thread):
+    """Blocks in the daemon's wait() for one container; records an error instead of an exit.
+
+    A failed wait is never an exit: the main loop re-inspects the container and decides."""
+
+    def __init__(self, api, cid: str, http_timeout: float, pause: float = 0.0):
+        super().__init__(daemon=True, name="epreuve-wait")
+        self.api, self.cid, self.http_timeout, self.pause = api, cid, http_timeout, pause
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            time.sleep(self.pause)  # a restart after an error: do not spin on a failing daemon
+            while True:
+                try:
+                    self.api.wait(self.cid, timeout=self.http_timeout)
+                    return
+                except requests.exceptions.ReadTimeout:
+                    continue  # only the HTTP timeout: the run limit is our own clock's
+        except BaseException as exc:  # handed to the main loop, never lost
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+class _EventWatcher(threading.Thread):
+    """The daemon's events for one container: a `kill` the engine did not ask for is an
+    outside stop (an operator's docker kill/stop/rm -f, a daemon shutting down). A process
+    that kills itself inside the container makes no such event: that stays the team's."""
+
+    def __init__(self, api, cid: str, execution: _Execution):
+        super().__init__(daemon=True, name="epreuve-events")
+        self.execution = execution
+        self.died = threading.Event()
+        # since: replay what happened between subscribing and the first read
+        self.stream = api.events(since=f"{time.time() - 1:.9f}", decode=True,
+                                 filters={"container": cid})
+
+    def run(self) -> None:
+        try:
+            for event in self.stream:
+                self._observe(event)
+        except Exception:  # the stream ends with the daemon or with close()
+            pass
+        finally:
+            self.died.set()
+
+    def _observe(self, event: dict) -> None:
+        action = event.get("Action") or event.get("status") or ""
+        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+        ours = self.execution.stopping.is_set()
+        if action in OUTSIDE_ACTIONS and not ours and self.execution.outside_stop is None:
+            detail = f" {attributes['signal']}" if "signal" in attributes else ""
+            self.execution.outside_stop = f"{action}{detail}"
+        if action == "die":
+            self.died.set()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stream.close()
 
 
 class DockerRunner:
@@ -123,26 +220,43 @@ class DockerRunner:
         self.node_arch = ARCH_ALIASES.get(info.get("Architecture", ""), info.get("Architecture"))
         self.use_cgroups = use_cgroups
         self.owner = owner_token()
+        self._leftovers = False  # a container we could not remove: retry before the next run
         if reap_orphans:
             self.reap_orphans()
 
     # -- the Runner protocol -------------------------------------------------------------
 
     def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+        if self._leftovers:
+            self._reap_quietly()
         name = f"epreuve-{uuid.uuid4().hex[:12]}"
         run = _Run(name=name, directory=self.state_dir / name, spec=spec)
+        with _ACTIVE_LOCK:
+            _ACTIVE_RUNS.add(name)
+        try:
+            return self._run(run, cancel)
+        finally:
+            self._deprovision(run)
+            with _ACTIVE_LOCK:
+                _ACTIVE_RUNS.discard(name)
+
+    def _run(self, run: _Run, cancel: threading.Event | None) -> RunResult:
+        """Never raises: whatever goes wrong on the platform's side is INFRASTRUCTURE."""
+        image_id = None
         try:
             self._provision(run)
+            image_id = run.image.get("Id")
             execution = self._execute(run, cancel)
             return self._collect(run, execution)
         except ImageRejected as exc:
             return failed(FailureReason.IMAGE_INVALID, str(exc), image_id=run.image.get("Id"))
-        except (docker.errors.DockerException, requests.exceptions.RequestException,
-                OSError) as exc:
-            return failed(FailureReason.INFRASTRUCTURE, messages.infrastructure(exc),
-                          image_id=run.image.get("Id"))
-        finally:
-            self._deprovision(run)
+        except Exception as exc:  # the daemon, the host, a bug of ours: never the team's fault
+            return self._platform_failure(run, exc, image_id)
+
+    def _platform_failure(self, run: _Run, exc: BaseException, image_id: str | None) -> RunResult:
+        return failed(FailureReason.INFRASTRUCTURE, messages.infrastructure(exc),
+                      image_id=image_id, log_tail=run.logs.text() if run.logs else "",
+                      detail="".join(traceback.format_exception(exc)))
 
     # -- provision -----------------------------------------------------------------------
 
@@ -151,6 +265,7 @@ class DockerRunner:
         run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "",
                                   lambda: self.account_files(run.image))
         run.directory.mkdir(mode=0o700)
+        (run.directory / RUN_OWNER_TAG).write_text(self.owner)  # for a reap without container
         run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
         if self.use_cgroups:
             run.cgroup = make_run_cgroup(run.name, version=self.cgroup_version,
@@ -246,56 +361,98 @@ class DockerRunner:
         spec, cid = run.spec, run.container_id
         run.logs = LogTail(spec.log_cap_bytes)
         run.logs.follow(self.api.attach(cid, stdout=True, stderr=True, stream=True, logs=False))
-        exited = threading.Event()
-        waiter = threading.Thread(target=self._wait_for_exit, args=(cid, spec, exited),
-                                  daemon=True, name="epreuve-wait")
-        try:
-            self.api.start(cid)
-        except docker.errors.APIError as exc:
-            raise _classify_api_error(exc) from exc
-        deadline = time.monotonic() + spec.timeout_seconds
-        waiter.start()
         execution = _Execution()
-        next_sample = 0.0
-        while not exited.wait(self.poll_interval):
-            if run.cgroup is not None:
-                kills = run.cgroup.read_leaf_oom_kills(cid) or 0
-                execution.leaf_oom_kills = max(execution.leaf_oom_kills, kills)
-            elif time.monotonic() >= next_sample:
-                self._sample_stats(cid, execution.sampled)
-                next_sample = time.monotonic() + 1.0
-            if run.area.over_quota():
-                execution.stop_reason = FailureReason.OUTPUT_QUOTA
-                self._kill(cid)
-                break
-            if cancel is not None and cancel.is_set():
-                execution.stop_reason = FailureReason.CANCELLED
-                self._stop(cid, spec.stop_grace_seconds)
-                break
-            if time.monotonic() >= deadline:
-                execution.stop_reason = FailureReason.TIMEOUT
-                self._stop(cid, spec.stop_grace_seconds)
-                break
-        if not exited.wait(spec.stop_grace_seconds + WAIT_SLACK_SECONDS):
-            self._kill(cid)
-            if not exited.wait(WAIT_SLACK_SECONDS):
-                raise RuntimeError(f"container {cid[:12]} did not stop after SIGKILL")
+        watcher = _EventWatcher(self.api, cid, execution)
+        watcher.start()
+        try:
+            try:
+                self.api.start(cid)
+            except docker.errors.APIError as exc:
+                raise _classify_api_error(exc) from exc
+            self._supervise(run, cancel, execution)
+            watcher.died.wait(DIE_EVENT_WAIT_SECONDS)  # the events up to the exit are read
+        finally:
+            watcher.close()
         execution.over_quota = run.area.over_quota()
         return execution
 
-    def _wait_for_exit(self, cid: str, spec: RunSpec, exited: threading.Event) -> None:
-        # wait(timeout=) is only an HTTP timeout: the run limit is enforced by our own clock.
-        try:
-            while True:
-                try:
-                    self.api.wait(cid, timeout=spec.timeout_seconds + spec.stop_grace_seconds + 60)
+    def _supervise(self, run: _Run, cancel: threading.Event | None,
+                   execution: _Execution) -> None:
+        """Our own clock until the container has really exited; our stops are recorded."""
+        spec, cid = run.spec, run.container_id
+        http_timeout = spec.timeout_seconds + spec.stop_grace_seconds + 60
+        waiter = _Waiter(self.api, cid, http_timeout)
+        waiter.start()
+        deadline = time.monotonic() + spec.timeout_seconds
+        must_exit_by: float | None = None  # after our stop: when to escalate
+        killed = False
+        next_sample = 0.0
+        while True:
+            if waiter.done.wait(self.poll_interval):
+                if self._has_exited(cid, waiter, execution):
                     return
-                except requests.exceptions.ReadTimeout:
-                    continue
-        except Exception:
-            return  # removed or daemon gone: the main loop inspects and decides
-        finally:
-            exited.set()
+                waiter = _Waiter(self.api, cid, http_timeout, pause=self.poll_interval)
+                waiter.start()
+                continue
+            next_sample = self._account(run, execution, next_sample)
+            now = time.monotonic()
+            if must_exit_by is None:
+                reason = self._reason_to_stop(run, cancel, deadline, now)
+                if reason is not None:
+                    execution.stop_reason = reason
+                    execution.stopping.set()
+                    if reason is FailureReason.OUTPUT_QUOTA:
+                        self._kill(cid)
+                    else:
+                        self._stop(cid, spec.stop_grace_seconds)
+                    must_exit_by = now + spec.stop_grace_seconds + WAIT_SLACK_SECONDS
+            elif now >= must_exit_by and not killed:
+                self._kill(cid)
+                killed, must_exit_by = True, now + WAIT_SLACK_SECONDS
+            elif now >= must_exit_by:
+                raise RunStuck(f"container {cid[:12]} did not stop after SIGKILL")
+
+    def _reason_to_stop(self, run: _Run, cancel: threading.Event | None, deadline: float,
+                        now: float) -> FailureReason | None:
+        if run.area.over_quota():
+            return FailureReason.OUTPUT_QUOTA
+        if cancel is not None and cancel.is_set():
+            return FailureReason.CANCELLED
+        if now >= deadline:
+            return FailureReason.TIMEOUT
+        return None
+
+    def _account(self, run: _Run, execution: _Execution, next_sample: float) -> float:
+        if run.cgroup is not None:
+            kills = run.cgroup.read_leaf_oom_kills(run.container_id) or 0
+            execution.leaf_oom_kills = max(execution.leaf_oom_kills, kills)
+        elif time.monotonic() >= next_sample:
+            self._sample_stats(run.container_id, execution.sampled)
+            return time.monotonic() + 1.0
+        return next_sample
+
+    def _has_exited(self, cid: str, waiter: _Waiter, execution: _Execution) -> bool:
+        """After wait() returned or failed: has the container really exited?"""
+        if waiter.error is None:
+            return True
+        if _is_connection_error(waiter.error):
+            execution.daemon_interrupted = True
+        state = self._state(cid)
+        if state.get("Status") in FINISHED_STATES:
+            return True
+        if _is_connection_error(waiter.error):
+            execution.daemon_interrupted = False  # back, and the container still runs
+        return False
+
+    def _state(self, cid: str) -> dict:
+        try:
+            return self.api.inspect_container(cid)["State"]
+        except docker.errors.NotFound:
+            raise ContainerVanished(f"container {cid[:12]} was removed from outside the "
+                                    "engine during the run") from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DaemonLost(f"the Docker Engine stopped answering during the run: "
+                             f"{type(exc).__name__}") from exc
 
     def _stop(self, cid: str, grace: float) -> None:
         with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
@@ -323,7 +480,10 @@ class DockerRunner:
 
     def _collect(self, run: _Run, execution: _Execution) -> RunResult:
         spec = run.spec
-        state = self.api.inspect_container(run.container_id)["State"]
+        state = self._state(run.container_id)
+        if state.get("Status") not in FINISHED_STATES:  # never an exit code of a live container
+            raise DaemonLost(f"the Docker Engine reported an exit, but the container is "
+                             f"{state.get('Status')!r}")
         started, finished = parse_docker_time(state.get("StartedAt")), parse_docker_time(
             state.get("FinishedAt"))
         usage = run.cgroup.read() if run.cgroup else execution.sampled
@@ -331,6 +491,7 @@ class DockerRunner:
         collected = run.area.collect(Path(spec.output_dir) if spec.output_dir else None)
         exit_code = state.get("ExitCode")
         oom_kills = max(usage.oom_kills or 0, execution.leaf_oom_kills)
+        outside = _outside_stop(execution)
         reason = decide_reason(
             stop_reason=execution.stop_reason,
             over_quota=execution.over_quota
@@ -338,14 +499,19 @@ class DockerRunner:
             exit_code=exit_code,
             oom_evidence=bool(state.get("OOMKilled")) or oom_kills > 0
             or _peak_at_limit(exit_code, usage.peak_memory_bytes, spec.memory_bytes),
+            outside_stop=outside is not None,
         ) or collected.reason  # what collection refused (bad names, depth): the team's fault
-        message = messages.for_reason(reason, spec, exit_code, usage.peak_memory_bytes)
-        if reason is collected.reason and not execution.over_quota and collected.message:
+        if reason is FailureReason.INFRASTRUCTURE:
+            message = messages.stopped_from_outside()
+        elif reason is collected.reason and not execution.over_quota and collected.message:
             message = collected.message
+        else:
+            message = messages.for_reason(reason, spec, exit_code, usage.peak_memory_bytes)
         return RunResult(
             status=RunStatus.SUCCEEDED if reason is None else RunStatus.FAILED,
             reason=reason,
             message=message,
+            detail=outside or "",
             exit_code=exit_code,
             started_at=started,
             finished_at=finished,
@@ -368,37 +534,91 @@ class DockerRunner:
     # -- deprovision ---------------------------------------------------------------------
 
     def _deprovision(self, run: _Run) -> None:
-        if run.container_id:
-            self._remove_container(run.container_id)
+        """Undo what provision did; never raises. What cannot be undone now (the daemon is
+        away) is undone by the next reap: the container stays labelled with its run."""
+        removed = run.container_id is None or self._remove_container(run.container_id)
         if run.area is not None:
-            run.area.release()
-        if run.cgroup is not None:
+            with contextlib.suppress(OSError):
+                run.area.release()
+        if run.cgroup is not None and removed:
             run.cgroup.remove()
         shutil.rmtree(run.directory, ignore_errors=True)
 
-    def _remove_container(self, cid: str) -> None:
-        with contextlib.suppress(docker.errors.NotFound):
+    def _remove_container(self, cid: str) -> bool:
+        """True when the container is gone; False (remembered for a later reap) otherwise."""
+        try:
             self.api.remove_container(cid, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            self._leftovers = True
+            return False
+        return True
+
+    def _reap_quietly(self) -> None:
+        # still away: the flag stays set, and the next run tries again
+        with contextlib.suppress(docker.errors.DockerException,
+                                 requests.exceptions.RequestException):
+            self.reap_orphans()
 
     def reap_orphans(self) -> list[str]:
-        """Remove the containers, output areas and cgroups of runner processes that died."""
-        reaped = []
-        for container in self.api.containers(all=True, filters={"label": LABEL_MANAGED}):
+        """Remove what runs that are over left behind: containers, output areas and cgroups of
+        dead runner processes, and of this one's finished runs (a daemon that was away).
+        Raises only when the daemon does not answer the listing."""
+        reaped, known = [], set()
+        containers = self.api.containers(all=True, filters={"label": LABEL_MANAGED})
+        self._leftovers = False
+        for container in containers:
             labels = container.get("Labels") or {}
-            if owner_alive(labels.get(LABEL_OWNER, "")):
+            run_name = labels.get(LABEL_RUN, "")
+            known.add(run_name)
+            if not self._is_leftover(labels.get(LABEL_OWNER, ""), run_name):
                 continue
-            self._remove_container(container["Id"])
-            run_name = labels.get(LABEL_RUN)
-            if run_name and re.fullmatch(r"epreuve-[0-9a-f]{12}", run_name):
-                run_dir = self.state_dir / run_name
-                unmount(run_dir / "output")
-                shutil.rmtree(run_dir, ignore_errors=True)
-                cgroup = make_run_cgroup(run_name, version=self.cgroup_version,
-                                         driver=self.cgroup_driver)
-                if cgroup is not None:
-                    cgroup.remove()
-            reaped.append(container["Id"])
+            if self._remove_container(container["Id"]):
+                self._release_run(run_name)
+                reaped.append(container["Id"])
+        self._remove_orphan_run_dirs(known)
+        self._remove_orphan_cgroups(known)
         return reaped
+
+    def _remove_orphan_run_dirs(self, containers_known: set[str]) -> None:
+        """Output areas of dead runs whose container is already gone (another node's runner
+        reaped it first, or the process died before creating it)."""
+        for run_dir in self.state_dir.iterdir() if self.state_dir.is_dir() else ():
+            if not RUN_NAME.fullmatch(run_dir.name) or run_dir.name in containers_known:
+                continue
+            try:
+                owner = (run_dir / RUN_OWNER_TAG).read_text()
+            except OSError:
+                continue  # untagged: being provisioned right now
+            if self._is_leftover(owner, run_dir.name):
+                self._release_run(run_dir.name)
+
+    def _is_leftover(self, owner: str, run_name: str) -> bool:
+        if owner == self.owner:
+            with _ACTIVE_LOCK:
+                return run_name not in _ACTIVE_RUNS
+        return not owner_alive(owner)
+
+    def _release_run(self, run_name: str) -> None:
+        if not RUN_NAME.fullmatch(run_name):
+            return  # a label is not trusted with a path
+        run_dir = self.state_dir / run_name
+        unmount(run_dir / "output")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cgroup = make_run_cgroup(run_name, version=self.cgroup_version, driver=self.cgroup_driver)
+        if cgroup is not None:
+            cgroup.remove()
+
+    def _remove_orphan_cgroups(self, containers_known: set[str]) -> None:
+        """Per-run cgroups whose container is gone (a worker killed between the two removals).
+        Only empty groups can be removed, so a group still in use elsewhere stays."""
+        with _ACTIVE_LOCK:
+            busy = containers_known | _ACTIVE_RUNS
+        for run_name, paths in leftover_run_cgroups().items():
+            if run_name not in busy:
+                for path in paths:
+                    remove_cgroup_tree(path)
 
 
 # -- pure helpers (tested without a daemon) -------------------------------------------------
@@ -456,10 +676,16 @@ def container_env(spec: RunSpec) -> dict[str, str]:
 
 
 def decide_reason(*, stop_reason: FailureReason | None, over_quota: bool, exit_code: int | None,
-                  oom_evidence: bool) -> FailureReason | None:
-    """The one typed reason of a finished run; None when it succeeded."""
+                  oom_evidence: bool, outside_stop: bool = False) -> FailureReason | None:
+    """The one typed reason of a finished run; None when it succeeded.
+
+    A stop nobody in the engine asked for (an operator's kill or pause, a daemon restart) is
+    recorded only before any stop of ours, so it comes first: a paused container that then
+    timed out is the platform's fault. Only the output quota is the team's regardless."""
     if stop_reason is FailureReason.OUTPUT_QUOTA or over_quota:
         return FailureReason.OUTPUT_QUOTA
+    if outside_stop:
+        return FailureReason.INFRASTRUCTURE
     if stop_reason is not None:
         return stop_reason
     if exit_code != 0 and oom_evidence:
@@ -518,6 +744,21 @@ def effective_user(requested: str | None, image_user: str,
     if uid == 0:
         return REMAPPED_USER
     return f"{uid}:{65534 if gid == 0 else gid}"
+
+
+def _outside_stop(execution: _Execution) -> str | None:
+    """What stopped the container from outside the engine, for organisers; None if nothing."""
+    if execution.daemon_interrupted:
+        return "the Docker Engine went away while the container ran"
+    if execution.outside_stop is not None:
+        return f"the daemon reported `{execution.outside_stop}` that the engine did not ask for"
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """The daemon itself is unreachable (as opposed to an error answer from it)."""
+    return isinstance(exc, requests.exceptions.ConnectionError | urllib3.exceptions.ProtocolError
+                      | ConnectionError | requests.exceptions.ChunkedEncodingError)
 
 
 def _classify_api_error(exc: docker.errors.APIError) -> Exception:

@@ -87,5 +87,12 @@ def image_cannot_start(detail: str) -> str:
 
 
 def infrastructure(exc: BaseException) -> str:
-    return (f"The platform failed to run the container ({type(exc).__name__}: {exc}). This is "
-            "not caused by your submission; the run is retried automatically.")
+    # the exception's text (host paths, sockets) is for organisers: it goes in RunResult.detail
+    return (f"The platform failed to run the container ({type(exc).__name__}). This is not "
+            "caused by your submission; the run is retried automatically.")
+
+
+def stopped_from_outside() -> str:
+    return ("The container was stopped by the platform, not by your code or its limits (for "
+            "example the container engine restarted). This is not caused by your submission; "
+            "the run is retried automatically.")
