@@ -18,7 +18,7 @@ from engine.leaderboard import leaderboard, stability
 from engine.reports import submission_report
 from engine.submissions import SubmissionRefused, register_challenge, submit
 from engine.worker import Worker
-from runners.docker import LABEL_MANAGED, DockerRunner
+from runners.docker import LABEL_MANAGED, LABEL_OWNER, DockerRunner, owner_token
 from tests.engine_fixtures import build_examples, make_scene, pin
 
 pytestmark = pytest.mark.docker
@@ -126,11 +126,13 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, images, tars):
     first = subprocess.Popen(epreuve, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     runner = DockerRunner(state_dir=scene.settings.state_dir / "probe", reap_orphans=False)
+    # this worker's own container (other runs on the same daemon may share the submission id)
+    ours = {"label": [f"org.epreuve.submission={sub.id}",
+                      f"{LABEL_OWNER}={owner_token(first.pid)}"]}
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not runner.api.containers(
-            filters={"label": f"org.epreuve.submission={sub.id}"}):
+    while time.monotonic() < deadline and not runner.api.containers(filters=ours):
         time.sleep(0.2)
-    assert runner.api.containers(filters={"label": f"org.epreuve.submission={sub.id}"})
+    assert runner.api.containers(filters=ours)
     os.kill(first.pid, signal.SIGKILL)  # mid-run: the container sleeps for 20 s
     first.wait()
 
@@ -220,9 +222,9 @@ def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
     thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
     started = time.monotonic()
     thread.start()
+    ours = {"label": [f"org.epreuve.submission={sub.id}", f"{LABEL_OWNER}={owner_token()}"]}
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not worker.runner.api.containers(
-            filters={"label": f"org.epreuve.submission={sub.id}"}):
+    while time.monotonic() < deadline and not worker.runner.api.containers(filters=ours):
         time.sleep(0.2)
     with scene.sessions() as session:
         cancel(session, sub.id, "organiser", "wrong phase")
@@ -235,8 +237,7 @@ def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
         assert "wrong phase" in submission.message
         assert session.scalars(select(CaseResultRow).where(
             CaseResultRow.submission_id == sub.id)).all() == []
-    assert worker.runner.api.containers(all=True, filters={
-        "label": f"org.epreuve.submission={sub.id}"}) == []
+    assert worker.runner.api.containers(all=True, filters=ours) == []
 
 
 def test_the_engine_on_postgresql(tmp_path, images, tars):
