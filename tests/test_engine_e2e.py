@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -153,17 +155,23 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, images, tars):
         == []
 
 
-def test_quota_refusal_and_infrastructure_failures_do_not_count(tmp_path, images, tars):
+def test_quota_refusal(tmp_path, images, tars):
+    """The other half, that the platform's own failures do not count, is in
+    test_platform_failures.py: the engine sets counts_against_quota there."""
     scene = make_scene(tmp_path, quota=1)
     pinned = pin(images["threshold"], tars)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         first = submit(session, "test-liver", "validation", "t", pinned)
-        with pytest.raises(SubmissionRefused, match=r"quota of 1 submission\(s\) per 1 day"):
+        assert first.counts_against_quota is True
+        next_slot = first.created_at + timedelta(days=1)
+        with pytest.raises(SubmissionRefused, match=re.escape(
+                f"team t has used its quota of 1 submission(s) per 1 day in phase validation; "
+                f"the next one is possible from {next_slot:%Y-%m-%d %H:%M} UTC (failures "
+                "caused by the platform do not count)")):
             submit(session, "test-liver", "validation", "t", pinned)
-        first.counts_against_quota = False  # as when the platform failed it
-        session.commit()
-        assert submit(session, "test-liver", "validation", "t", pinned).id > first.id
+        assert submit(session, "test-liver", "validation", "other-team", pinned).id == \
+            first.id + 1
 
 
 def test_closed_phase_refuses_submissions(tmp_path, images, tars):
