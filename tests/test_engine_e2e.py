@@ -20,7 +20,7 @@ from engine.leaderboard import leaderboard, stability
 from engine.reports import submission_report
 from engine.submissions import SubmissionRefused, register_challenge, submit
 from engine.worker import Worker
-from runners.docker import LABEL_MANAGED, DockerRunner
+from runners.docker import LABEL_OWNER, DockerRunner, owner_token
 from tests.engine_fixtures import build_examples, make_scene, pin
 
 pytestmark = pytest.mark.docker
@@ -133,19 +133,23 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, images, tars):
                "--lease-seconds", "600", "--heartbeat-seconds", "1"]
     first = subprocess.Popen(epreuve, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+    # the daemon is shared: only this worker's containers are ours to look at
+    first_owner = {"label": [f"{LABEL_OWNER}={owner_token(first.pid)}"]}
     runner = DockerRunner(state_dir=scene.settings.state_dir / "probe", reap_orphans=False)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not runner.api.containers(
-            filters={"label": f"org.epreuve.submission={sub.id}"}):
+    while time.monotonic() < deadline and not runner.api.containers(filters=first_owner):
         time.sleep(0.2)
-    assert runner.api.containers(filters={"label": f"org.epreuve.submission={sub.id}"})
+    assert runner.api.containers(filters=first_owner)
     os.kill(first.pid, signal.SIGKILL)  # mid-run: the container sleeps for 20 s
     first.wait()
 
     # A second worker: reaps the orphan container, re-queues the job (its owner is dead,
     # long before the 600 s lease would expire), runs it, and writes each case once.
-    second = subprocess.run(epreuve, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr
+    second = subprocess.Popen(epreuve, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    second_owner = {"label": [f"{LABEL_OWNER}={owner_token(second.pid)}"]}
+    _, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0, stderr
     with scene.sessions() as session:
         submission = session.get(SubmissionRow, sub.id)
         assert submission.status == "succeeded", submission.message
@@ -156,9 +160,8 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, images, tars):
         assert smoke.attempts == 2
         assert session.scalar(select(func.count()).select_from(EventRow).where(
             EventRow.detail.like("%worker process died%"))) == 1
-    leftovers = runner.api.containers(all=True, filters={"label": LABEL_MANAGED})
-    assert [c for c in leftovers if c["Labels"].get("org.epreuve.submission") == str(sub.id)] \
-        == []
+    for owner in (first_owner, second_owner):
+        assert runner.api.containers(all=True, filters=owner) == []
 
 
 def test_quota_refusal(tmp_path, images, tars):
@@ -234,9 +237,9 @@ def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
     thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
     started = time.monotonic()
     thread.start()
+    mine = {"label": [f"{LABEL_OWNER}={worker.runner.owner}"]}  # the daemon is shared
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not worker.runner.api.containers(
-            filters={"label": f"org.epreuve.submission={sub.id}"}):
+    while time.monotonic() < deadline and not worker.runner.api.containers(filters=mine):
         time.sleep(0.2)
     with scene.sessions() as session:
         cancel(session, sub.id, "organiser", "wrong phase")
@@ -249,8 +252,7 @@ def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
         assert "wrong phase" in submission.message
         assert session.scalars(select(CaseResultRow).where(
             CaseResultRow.submission_id == sub.id)).all() == []
-    assert worker.runner.api.containers(all=True, filters={
-        "label": f"org.epreuve.submission={sub.id}"}) == []
+    assert worker.runner.api.containers(all=True, filters=mine) == []
 
 
 def test_the_engine_on_postgresql(tmp_path, images, tars):

@@ -157,7 +157,9 @@ def test_sigterm_ignored_is_killed_after_grace(runner, adversarial):
 
 def _largest_daemon_log(runner, stop: threading.Event, sizes: list[int]) -> None:
     while not stop.is_set():
-        for container in runner.api.containers(filters={"label": "org.epreuve.managed"}):
+        # this runner's containers only: other processes share the daemon
+        for container in runner.api.containers(filters={"label": [
+                "org.epreuve.managed", f"org.epreuve.owner={runner.owner}"]}):
             # The run may end, and its container and log vanish, between any two calls.
             with contextlib.suppress(docker.errors.NotFound, FileNotFoundError):
                 log_path = runner.api.inspect_container(container["Id"]).get("LogPath")
