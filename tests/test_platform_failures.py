@@ -286,3 +286,28 @@ def test_an_evaluation_image_leaving_out_a_metric_fails_that_case(tmp_path, imag
                    for c in ("case-001", "case-003"))
         (entry,) = leaderboard(session, "eval-liver", "test")
         assert entry.n_failed == 1
+
+
+def test_a_main_job_the_platform_failed_fails_the_submission_free_of_quota(tmp_path, images,
+                                                                           tars):
+    """The smoke case passed; the daemon then stops answering for the rest: the team is not
+    given the worst value for cases nobody ran, and may submit again."""
+    scene = make_scene(tmp_path, quota=1, cases_per_run=2)
+    pinned = pin(images["threshold"], tars)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        sub = submit(session, "test-liver", "validation", "t", pinned)
+    assert worker_for(scene).run(max_jobs=1) == 1  # the smoke job, case-001
+    assert worker_for(scene, unreachable_daemon(scene)).run(until_idle=True) == MAX_ATTEMPTS
+    with scene.sessions() as session:
+        smoke, main = session.scalars(select(JobRow).where(JobRow.submission_id == sub.id)
+                                      .order_by(JobRow.id)).all()
+        assert (smoke.status, main.status, main.reason, main.attempts) == (
+            "succeeded", "failed", "INFRASTRUCTURE", MAX_ATTEMPTS)
+        submission = session.get(SubmissionRow, sub.id)
+        assert (submission.status, submission.reason) == ("failed", "INFRASTRUCTURE")
+        assert submission.message == (f"the platform could not evaluate 2 of the 3 cases: "
+                                      f"{main.message}")
+        assert submission.counts_against_quota is False
+        assert leaderboard(session, "test-liver", "validation") == []  # no worst values shown
+        assert submit(session, "test-liver", "validation", "t", pinned).id == sub.id + 1
