@@ -337,6 +337,14 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
     if pending == 0:
         from engine.results import compute_aggregates
 
+        lost = session.scalars(select(JobRow).where(
+            JobRow.submission_id == submission.id,
+            JobRow.reason == FailureReason.INFRASTRUCTURE.value).order_by(JobRow.id)).all()
+        if lost:  # cases the platform never evaluated: not the team's failure, nor its quota
+            _finish_submission(session, submission, "failed", actor, lost[0].reason, (
+                f"the platform could not evaluate {sum(len(j.case_ids) for j in lost)} of the "
+                f"{len(submission.phase.case_ids)} cases: {lost[0].message}"))
+            return
         compute_aggregates(session, submission)
         _finish_submission(session, submission, "succeeded", actor, None,
                            "evaluated: see the leaderboard")

@@ -11,11 +11,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from sqlalchemy import create_engine, text
 
 from engine.db import session_factory
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Hypothesis remembers failing examples, outside the source tree (tests write nothing there)
+hypothesis_settings.register_profile("epreuve", database=DirectoryBasedExampleDatabase(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "epreuve" / "hypothesis"))
+hypothesis_settings.load_profile("epreuve")
 ADVERSARIAL_TARGETS = ("probe", "nvidia-env", "root-user", "no-command")
 
 

@@ -180,10 +180,22 @@ def test_a_dead_holder_frees_its_gpu(tmp_path):
     assert GPUAllocator(["GPU-x"], tmp_path).free_count() == 1
 
 
-def test_no_gpu_inventory_without_nvml():
+def gpus_the_driver_lists() -> list[str]:
+    """The UUIDs `nvidia-smi -L` lists: none on a machine without the NVIDIA driver."""
+    import re
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sorted(re.findall(r"UUID: (GPU-[0-9a-f-]+)", listing.stdout))
+
+
+def test_gpu_inventory_is_what_the_driver_lists():
     from gpu.inventory import list_gpus
 
-    assert list_gpus() == []  # this machine has no NVIDIA driver: empty, never an error
+    # without a driver: empty, never an error; with one: every GPU, by UUID
+    assert sorted(g.uuid for g in list_gpus()) == gpus_the_driver_lists()
 
 
 def test_evaluator_metrics_are_declared_and_ranked_by_name(tmp_path):

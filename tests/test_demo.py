@@ -19,10 +19,17 @@ def test_demo_evaluates_a_whole_challenge(tmp_path, docker_engine):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "challenge demo-liver created" in out
-    for team in ("monai-unet", "threshold", "threshold-no-smoothing"):
-        assert f"│ {team} " in out  # ranked on the leaderboard
+    # the trained UNet beats the thresholds on the lesions; smoothing beats none
+    assert table_rows(out, columns=3) == [["1", "monai-unet", "3"], ["2", "threshold", "1"],
+                                          ["3", "threshold-no-smoothing", "2"]]
     assert "broken (#4): NONZERO_EXIT" in out
     assert "weights.pt" in out  # the broken image's own error, from its log
+
+
+def table_rows(output: str, columns: int) -> list[list[str]]:
+    """The first `columns` cells of each body row of the tables rich printed."""
+    return [[cell.strip() for cell in line.split("│")[1:columns + 1]]
+            for line in output.splitlines() if line.startswith("│")]
 
 
 def test_sandbox_demo(docker_engine):
@@ -30,5 +37,13 @@ def test_sandbox_demo(docker_engine):
                           env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    for reason in ("OOM_KILLED", "TIMEOUT", "OUTPUT_QUOTA", "IMAGE_INVALID"):
-        assert reason in proc.stdout
+    assert table_rows(proc.stdout, columns=3) == [
+        ["well-behaved algorithm", "succeeded", "-"],
+        ["memory hog, 128 MiB limit", "failed", "OOM_KILLED"],
+        ["ignores SIGTERM, 2 s limit", "failed", "TIMEOUT"],
+        ["fills /output, 8 MiB quota", "failed", "OUTPUT_QUOTA"],
+        ["fork bomb, 64 processes, 3 s", "failed", "TIMEOUT"],
+        ["floods 64 MiB of log", "succeeded", "-"],
+        ["image that is not on the node", "failed", "IMAGE_INVALID"],
+    ]
+    assert "64.0 MiB (capped)" in proc.stdout

@@ -94,9 +94,25 @@ def test_an_evaluation_image_replaces_the_built_in_metrics(tmp_path, docker_engi
             CaseResultRow.submission_id == sub.id)).all()
         assert len(rows) == 3
         assert all(set(r.metrics) == {"dice", "false_positive_ml"} for r in rows)
-        assert all(r.metrics["dice"] > 0.8 for r in rows)
+        outputs = tmp_path / "state/outputs" / f"submission-{sub.id}"
+        for row in rows:  # the evaluator's own formula, on the stored output
+            (prediction,) = outputs.glob(f"job-*/{row.case_id}/mask.nii.gz")
+            truth = tmp_path / "data/ground_truth" / row.case_id / "label.nii.gz"
+            assert row.metrics["dice"] == pytest.approx(label_dice(prediction, truth), rel=1e-12)
         (entry,) = leaderboard(session, "eval-liver", "test")
-        assert entry.scores["dice"] > 0.8 and entry.n_failed == 0
+        assert entry.n_failed == 0
+        assert entry.scores["dice"] == pytest.approx(
+            sum(r.metrics["dice"] for r in rows) / 3, rel=1e-12)
+
+
+def label_dice(prediction, truth, label: int = 1) -> float:
+    import numpy as np
+
+    from engine.medio import read_volume
+
+    p = np.asarray(read_volume(prediction).array) == label
+    t = np.asarray(read_volume(truth).array) == label
+    return 2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum())
 
 
 def test_a_classification_challenge_end_to_end(tmp_path, adversarial):
@@ -128,4 +144,20 @@ def test_a_classification_challenge_end_to_end(tmp_path, adversarial):
         board = {e.team: e for e in leaderboard(session, "tumour-presence", "test")}
         assert set(board) == {"full", "partial"}
         assert board["partial"].n_failed == 1 and board["full"].n_failed == 0
-        assert 0.0 <= board["full"].scores["roc_auc"] <= 1.0
+        assert board["full"].scores["roc_auc"] == pytest.approx(
+            expected_roc_auc(tmp_path / "data"), rel=1e-12)
+
+
+def expected_roc_auc(dataset) -> float:
+    """scikit-learn's ROC AUC of what CLASSIFIER writes, against the sealed labels."""
+    import csv
+    import hashlib
+
+    from sklearn.metrics import roc_auc_score
+
+    with open(dataset / "ground_truth/labels.csv", newline="") as handle:
+        truth = {row["case_id"]: int(row["label"]) for row in csv.DictReader(handle)}
+    cases = sorted(truth)
+    scores = [round(hashlib.sha256(c.encode()).digest()[0] / 255, 3) for c in cases]
+    assert 0 < sum(truth.values()) < len(truth)  # both classes present: AUC is defined
+    return roc_auc_score([truth[c] for c in cases], scores)

@@ -178,3 +178,66 @@ def test_queue_position_and_estimate(sessions):
         assert queue.position(session, submission) == 0
         wait = queue.estimated_wait(session, submission)  # half a 30 s job still to run
         assert abs(wait - timedelta(seconds=15)) < timedelta(seconds=1)
+
+
+def events_of(session, job_id: int) -> list[tuple[str | None, str, str | None]]:
+    return [(e.from_state, e.to_state, e.detail) for e in session.scalars(
+        select(EventRow).where(EventRow.entity == "job", EventRow.entity_id == job_id)
+        .order_by(EventRow.id))]
+
+
+def test_release_for_retry_queues_the_job_again_until_it_runs_out_of_attempts(sessions):
+    fill(sessions, n_main=1)
+    with sessions() as session:
+        job = queue.lease(session, "w:1:1")
+        job.max_attempts = 2
+        session.commit()
+        queue.release_for_retry(session, job, "w:1:1", "INFRASTRUCTURE", "disk full")
+        session.commit()
+        session.refresh(job)
+        assert (job.status, job.attempts, job.lease_owner, job.lease_expires_at) == (
+            "queued", 1, None, None)
+        assert (job.reason, job.message, job.finished_at) == (None, None, None)
+
+        again = queue.lease(session, "w:2:2")
+        assert again.id == job.id and again.attempts == 2
+        queue.release_for_retry(session, again, "w:2:2", "INFRASTRUCTURE", "disk full")
+        session.commit()
+        session.refresh(job)
+        assert (job.status, job.attempts, job.reason, job.message, job.lease_owner) == (
+            "failed", 2, "INFRASTRUCTURE", "disk full", None)
+        assert job.finished_at is not None
+        assert queue.lease(session, "w:3:3") is None  # a failed job is never leased again
+        assert events_of(session, job.id) == [
+            (None, "queued", "main job over 1 case(s)"),
+            ("queued", "leased", None),
+            ("leased", "queued", "retry: disk full"),
+            ("queued", "leased", None),
+            ("leased", "failed", "disk full"),
+        ]
+
+
+def test_only_the_lease_holder_may_release_a_job(sessions):
+    fill(sessions, n_main=1)
+    with sessions() as session:
+        job = queue.lease(session, "w:1:1")
+        with pytest.raises(queue.LeaseLost):
+            queue.release_for_retry(session, job, "someone-else:2:2", "INFRASTRUCTURE", "x")
+        session.refresh(job)
+        assert (job.status, job.lease_owner, job.attempts) == ("leased", "w:1:1", 1)
+
+
+def test_a_job_out_of_attempts_fails_with_its_reason_and_message(sessions):
+    fill(sessions, n_main=1)
+    with sessions() as session:
+        for attempt in range(1, 4):  # the default: three attempts
+            job = queue.lease(session, f"w:{attempt}:1")
+            assert (job.attempts, job.max_attempts) == (attempt, 3)
+            queue.release_for_retry(session, job, f"w:{attempt}:1", "INFRASTRUCTURE",
+                                    f"attempt {attempt}: the node lost its GPU")
+            session.commit()
+        session.refresh(job)
+        assert (job.status, job.attempts, job.reason, job.message) == (
+            "failed", 3, "INFRASTRUCTURE", "attempt 3: the node lost its GPU")
+        assert [d for _, to, d in events_of(session, job.id) if to == "queued"][1:] == [
+            "retry: attempt 1: the node lost its GPU", "retry: attempt 2: the node lost its GPU"]

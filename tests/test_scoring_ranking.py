@@ -144,15 +144,27 @@ def test_consensus_is_the_mean_rank_over_metrics():
 def test_bootstrap_stability_is_seeded():
     rng = np.random.default_rng(2)
     values = {name: list(rng.normal(mean, 0.05, 20)) for name, mean in
-              (("A", 0.8), ("B", 0.75), ("C", 0.5))}
+              (("A", 0.8), ("B", 0.79), ("C", 0.5))}  # A and B close: samples disagree
 
     def rank(v):
         return aggregate_then_rank(v, larger_is_better=True)
 
     first = bootstrap_stability(values, rank, resamples=200, seed=5)
     assert first == bootstrap_stability(values, rank, resamples=200, seed=5)
-    assert 0.5 < first["kendall_tau_mean"] <= 1.0
-    assert first["rank_frequencies"]["C"] == {3: 1.0}
+    other = bootstrap_stability(values, rank, resamples=200, seed=6)
+    assert first["kendall_tau_mean"] != other["kendall_tau_mean"]  # the seed is what decides
+    assert first["rank_frequencies"]["C"] == {3: 1.0}  # C is far behind in every sample
+
+
+def test_bootstrap_stability_of_a_ranking_no_sample_can_change():
+    """A beats B beats C on every case: every resample ranks them so, tau is exactly 1."""
+    rng = np.random.default_rng(4)
+    base = rng.random(15)
+    values = {"A": list(base + 2.0), "B": list(base + 1.0), "C": list(base)}
+    firmness = bootstrap_stability(
+        values, lambda v: rank_then_aggregate(v, larger_is_better=True), resamples=100, seed=1)
+    assert (firmness["kendall_tau_mean"], firmness["kendall_tau_median"]) == (1.0, 1.0)
+    assert firmness["rank_frequencies"] == {"A": {1: 1.0}, "B": {2: 1.0}, "C": {3: 1.0}}
 
 
 # -- the command line ----------------------------------------------------------------------

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 from engine.scoring.conventions import EmptyMaskPolicy, image_diagonal_mm, worst_value
 from engine.scoring.lesions import lesion_wise
@@ -172,17 +171,108 @@ def monai_scores(pred, ref, spacing, tolerance):
     }
 
 
-masks = arrays(bool, st.tuples(st.integers(3, 12), st.integers(3, 12), st.integers(2, 10)),
-               elements=st.booleans())
-spacings = st.tuples(*(st.floats(0.3, 3.0, allow_nan=False) for _ in range(3)))
+# Realistic structures, not coin flips: blobs (unions of ellipsoids), shells, thin lines and
+# planes, a little speckle; the prediction is the reference moved, grown, shrunk, given a
+# spurious blob, or another structure altogether; spacings often strongly anisotropic.
+shapes = st.tuples(st.integers(6, 22), st.integers(6, 22), st.integers(4, 14))
+spacings = st.one_of(
+    st.tuples(*(st.floats(0.3, 3.0, allow_nan=False) for _ in range(3))),
+    st.tuples(st.floats(0.3, 1.0), st.floats(0.3, 1.0), st.floats(2.0, 6.0)),  # thick slices
+    st.permutations([0.4, 0.8, 5.0]).map(tuple),
+)
+
+
+@st.composite
+def ellipsoid(draw, shape, *, scale: float = 1.0) -> np.ndarray:
+    centre = [draw(st.floats(0, n - 1)) for n in shape]
+    radii = [draw(st.floats(0.8, max(1.0, n / 2.5))) * scale for n in shape]
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+
+
+@st.composite
+def blob(draw, shape) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for _ in range(draw(st.integers(1, 3))):
+        mask |= draw(ellipsoid(shape))
+    return mask
+
+
+@st.composite
+def shell(draw, shape) -> np.ndarray:
+    from scipy import ndimage
+
+    solid = draw(ellipsoid(shape))
+    return solid & ~ndimage.binary_erosion(solid, iterations=draw(st.integers(1, 2)))
+
+
+@st.composite
+def thin(draw, shape) -> np.ndarray:
+    """A one-voxel line or plane along an axis, or a one-voxel diagonal line."""
+    mask = np.zeros(shape, bool)
+    kind = draw(st.sampled_from(["line", "plane", "diagonal"]))
+    axis = draw(st.integers(0, 2))
+    index = [draw(st.integers(0, n - 1)) for n in shape]
+    if kind == "diagonal":
+        steps = np.arange(min(shape))
+        mask[steps, steps, steps[::-1] if draw(st.booleans()) else steps] = True
+        return mask
+    where = [slice(None) if (a == axis) == (kind == "line") else index[a] for a in range(3)]
+    mask[tuple(where)] = True
+    return mask
+
+
+@st.composite
+def speckle(draw, shape) -> np.ndarray:
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    return np.random.default_rng(seed).random(shape) < draw(st.floats(0.02, 0.3))
+
+
+STRUCTURES = (blob, shell, thin, speckle)
+
+
+@st.composite
+def perturbed(draw, ref: np.ndarray) -> np.ndarray:
+    """Never the reference itself (identical masks are the tests above): a shift along a
+    plane or a line's own axis, say, becomes growth instead."""
+    from scipy import ndimage
+
+    pred = draw(_perturbation(ref))
+    return ndimage.binary_dilation(ref) if np.array_equal(pred, ref) else pred
+
+
+@st.composite
+def _perturbation(draw, ref: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    how = draw(st.sampled_from(["shift", "grow", "shrink", "spurious", "other"]))
+    if how == "shift":
+        offset = draw(st.tuples(*(st.integers(-2, 2) for _ in range(3))).filter(any))
+        return np.roll(ref, offset, axis=(0, 1, 2))
+    if how == "grow":
+        return ndimage.binary_dilation(ref, iterations=draw(st.integers(1, 2)))
+    if how == "shrink":
+        shrunk = ndimage.binary_erosion(ref)
+        return shrunk if shrunk.any() else np.roll(ref, 1, axis=0)
+    if how == "spurious":
+        return ref | draw(ellipsoid(ref.shape, scale=0.5))
+    return draw(draw(st.sampled_from(STRUCTURES))(ref.shape))
+
+
+@st.composite
+def mask_pairs(draw) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, reference): both non-empty (MONAI's empty conventions differ: see above)."""
+    shape = draw(shapes)
+    ref = draw(draw(st.sampled_from(STRUCTURES))(shape))
+    pred = draw(perturbed(ref))
+    assume(pred.any() and ref.any())
+    return pred, ref
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), spacing=spacings, tolerance=st.floats(0.0, 4.0))
-def test_edge_mode_matches_monai(data, spacing, tolerance):
-    ref = data.draw(masks)
-    pred = data.draw(arrays(bool, ref.shape, elements=st.booleans()))
-    assume(pred.any() and ref.any())  # MONAI's empty conventions differ: tested above
+@given(pair=mask_pairs(), spacing=spacings, tolerance=st.floats(0.0, 4.0))
+def test_edge_mode_matches_monai(pair, spacing, tolerance):
+    pred, ref = pair
     ours = score_label(pred, ref, spacing, SegmentationSettings(nsd_tolerance_mm=tolerance))
     theirs = monai_scores(pred, ref, spacing, tolerance)
     for metric in ("dice", "hd", "hd95", "assd"):
@@ -247,13 +337,11 @@ def test_area_table_equals_the_published_one(spacing):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), spacing=spacings, tolerance=st.floats(0.0, 4.0))
-def test_subvoxel_mode_matches_deepmind(data, spacing, tolerance):
+@given(pair=mask_pairs(), spacing=spacings, tolerance=st.floats(0.0, 4.0))
+def test_subvoxel_mode_matches_deepmind(pair, spacing, tolerance):
     import surface_distance as deepmind
 
-    ref = data.draw(masks)
-    pred = data.draw(arrays(bool, ref.shape, elements=st.booleans()))
-    assume(pred.any() and ref.any())
+    pred, ref = pair
     ours = score_label(pred, ref, spacing, SegmentationSettings(surface="subvoxel",
                                                                 nsd_tolerance_mm=tolerance))
     distances = deepmind.compute_surface_distances(ref, pred, spacing)
