@@ -39,7 +39,12 @@ CHECK_HINT = ("This phase does not show per-case details: run `epreuve check` on
 
 def participant_message(phase: Phase, output_hint: str, reason: str | None,
                         message: str | None) -> str | None:
-    """What a participant may read of a failure message in this phase."""
+    """What a participant may read of a failure message in this phase. The platform's own
+    failures are described to organisers only, in every phase: their messages may name host
+    paths and ground-truth files."""
+    if reason == FailureReason.INFRASTRUCTURE.value:
+        return ("The platform failed to run this submission (not your submission's fault): "
+                "it is retried, and it never counts against your quota.")
     if not phase.hides_cases or reason is None or reason in RUN_LEVEL_REASONS:
         return message
     if reason == FailureReason.OUTPUT_MISSING.value:
@@ -48,9 +53,6 @@ def participant_message(phase: Phase, output_hint: str, reason: str | None,
         return (f"An output was not valid ({output_hint}): it must be readable, on the input "
                 f"image's voxel grid (copy the input's header, do not resample) and hold only "
                 f"the allowed values. {CHECK_HINT}")
-    if reason == FailureReason.INFRASTRUCTURE.value:
-        return ("The platform failed to run this submission: it is retried, and it never "
-                "counts against your quota.")
     return f"The submission failed ({reason}). {CHECK_HINT}"
 
 

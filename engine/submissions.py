@@ -329,16 +329,11 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
             return
     pending = session.scalar(select(func.count()).select_from(JobRow).where(
         JobRow.submission_id == submission.id, JobRow.status.not_in(queue.TERMINAL)))
-    if pending == 0 and _lost_to_the_platform(session, submission):
-        _finish_submission(session, submission, "failed", actor, FailureReason.INFRASTRUCTURE.value,
-                           "the platform could not evaluate every case (an internal error, not "
-                           "caused by your submission); it does not count against your quota")
-        return
     if pending == 0:
         from engine.results import compute_aggregates
 
         lost = session.scalars(select(JobRow).where(
-            JobRow.submission_id == submission.id,
+            JobRow.submission_id == submission.id, JobRow.status == "failed",
             JobRow.reason == FailureReason.INFRASTRUCTURE.value).order_by(JobRow.id)).all()
         if lost:  # cases the platform never evaluated: not the team's failure, nor its quota
             _finish_submission(session, submission, "failed", actor, lost[0].reason, (
@@ -348,13 +343,6 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
         compute_aggregates(session, submission)
         _finish_submission(session, submission, "succeeded", actor, None,
                            "evaluated: see the leaderboard")
-
-
-def _lost_to_the_platform(session: Session, submission: SubmissionRow) -> bool:
-    """A job that ended INFRASTRUCTURE (out of retries) leaves cases unevaluated."""
-    return bool(session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.submission_id == submission.id, JobRow.status == "failed",
-        JobRow.reason == FailureReason.INFRASTRUCTURE.value)))
 
 
 def _set_status(session: Session, submission: SubmissionRow, status: str, actor: str,

@@ -114,11 +114,17 @@ def assert_failed_by_the_platform(session, submission_id: int, job_message: str)
     assert retry_details(session, job.id) == [f"retry: {job_message}"] * (MAX_ATTEMPTS - 1)
     submission = session.get(SubmissionRow, submission_id)
     assert (submission.status, submission.reason) == ("failed", "INFRASTRUCTURE")
-    assert submission.message == ("the first case failed, so the rest were not run: "
+    assert submission.message == ("the smoke case failed, so the rest were not run: "
                                   + job_message)
     assert submission.counts_against_quota is False  # set by the engine, not by a test
     assert session.scalars(select(CaseResultRow).where(
         CaseResultRow.submission_id == submission_id)).all() == []
+    # the team reads that it was not their fault, and nothing of the host (paths, files)
+    view = submission_report(session, submission_id, participant=True)
+    expected = ("The platform failed to run this submission (not your submission's fault): "
+                "it is retried, and it never counts against your quota.")
+    assert view["message"] == expected
+    assert [job["message"] for job in view["jobs"]] == [expected]
 
 
 def tamper(path: Path) -> None:
@@ -149,6 +155,18 @@ def test_a_test_set_failing_verification_is_the_platforms_failure(tmp_path, imag
         assert submit(session, "test-liver", "validation", "t", pinned).id == sub.id + 1
 
 
+def relabel_one_voxel(path):
+    """A valid ground truth that differs from the sealed one (seal decodes every image)."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(path)
+    labels = np.asanyarray(image.dataobj).copy()
+    labels.flat[0] = 1 - labels.flat[0] if labels.flat[0] in (0, 1) else 0
+    path.chmod(0o644)
+    nib.save(nib.Nifti1Image(labels, image.affine, image.header), path)
+
+
 def test_a_test_set_resealed_after_the_phase_was_created_is_refused_by_the_worker(
         tmp_path, images, tars):
     from engine.datasets import seal
@@ -159,7 +177,7 @@ def test_a_test_set_resealed_after_the_phase_was_created_is_refused_by_the_worke
         sub = submit(session, "test-liver", "validation", "t", pin(images["threshold"], tars))
         created_with = session.get(SubmissionRow, sub.id).phase.dataset_version
     dataset = scene.root / "data/validation"
-    tamper(dataset / "ground_truth/case-002/label.nii.gz")
+    relabel_one_voxel(dataset / "ground_truth/case-002/label.nii.gz")
     resealed = seal(dataset).version  # intact again, but not the data the phase was made with
 
     worker_for(scene).run(until_idle=True)
