@@ -242,6 +242,11 @@ def print_environment(env: Mapping) -> None:
           f"Docker {env['docker']}; Python {env['python']}; {libraries}; {threads}")
 
 
+def print_load() -> None:
+    """The load average once the benchmark is done: other work on the machine shows here."""
+    print("\nload average at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
 # -- command line ----------------------------------------------------------------------------
 
 

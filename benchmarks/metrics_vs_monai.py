@@ -1,6 +1,6 @@
 """Épreuve's segmentation metrics against MONAI's on CT-sized masks, one core each and all cores.
 
-    .venv/bin/python benchmarks/metrics_vs_monai.py [--repeats 3] [--warmup 1] [--quick]
+    .venv/bin/python benchmarks/metrics_vs_monai.py [--repeats 5] [--warmup 1] [--quick]
                                                     [--json out.json]
 
 For each volume both compute Dice, HD95, ASSD (symmetric) and NSD (1 mm) of one
@@ -146,7 +146,7 @@ def ours_by_step(pred: np.ndarray, ref: np.ndarray, spacing, repeats: int) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = harness.arguments(__doc__.splitlines()[0], repeats=3, argv=argv)
+    args = harness.arguments(__doc__.splitlines()[0], repeats=5, argv=argv)
     env = harness.environment(docker=False)
     harness.print_environment(env)
     cases = QUICK_CASES if args.quick else CASES
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 harness.print_steps(f"where Épreuve's time goes, {title}", steps)
             results[title] = {**measurement.to_dict(), "difference": difference,
                               "values": values, "steps": steps}
+    harness.print_load()
     harness.write_json(args.json, "metrics_vs_monai", env, results)
 
 

@@ -1,6 +1,6 @@
 """engine.queue's lease-and-complete throughput against a plain SQL loop doing the same work.
 
-    .venv/bin/python benchmarks/queue_throughput.py [--jobs 100] [--repeats 7] [--warmup 1]
+    .venv/bin/python benchmarks/queue_throughput.py [--jobs 300] [--repeats 7] [--warmup 1]
         [--postgres postgresql+psycopg://user@host:port/db] [--quick] [--json out.json]
 
 Each round drains the same number of queued jobs, one at a time, each in the
@@ -212,7 +212,7 @@ def run_backend(name: str, url: str, jobs: int, repeats: int, warmup: int) -> di
 
 def main(argv: list[str] | None = None) -> None:
     def extra(parser):
-        parser.add_argument("--jobs", type=int, default=100)
+        parser.add_argument("--jobs", type=int, default=300)
         parser.add_argument("--postgres", default=os.environ.get("EPREUVE_BENCH_POSTGRES_URL"),
                             help="a PostgreSQL URL; a schema of our own is made and dropped")
 
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         results.update(run_postgres(args.postgres, jobs, args.repeats, args.warmup))
     else:
         print("\nPostgreSQL: skipped (no --postgres URL and no EPREUVE_BENCH_POSTGRES_URL)")
+    harness.print_load()
     harness.write_json(args.json, "queue_throughput", env, results)
 
 

@@ -1,10 +1,13 @@
 """What the hardened sandbox costs per container run, against plain runs with the same network.
 
-    .venv/bin/python benchmarks/sandbox_overhead.py [--repeats 20] [--repeats-work 6]
+    .venv/bin/python benchmarks/sandbox_overhead.py [--repeats 20] [--repeats-work 8]
                                                     [--warmup 1] [--quick] [--json out.json]
 
 Every side runs the same image and command end to end (create, start, wait,
 remove), timed on the host, in rounds whose order rotates (benchmarks/harness.py).
+Workloads: `true`; `sleep 2` (a 2 s run whose length does not depend on how
+busy the CPUs are, so the difference is the sandbox's own cost); a 2 s CPU loop
+(its wall time also measures what else the machine is running).
 The network is the same everywhere it can be: no network, set as
 `HostConfig.NetworkMode=none` plus `Config.NetworkDisabled=true` (what the
 runner sets), for the SDK run and the raw API. The docker CLI has no flag for
@@ -136,12 +139,13 @@ def compare(runner: TimedRunner, command: tuple[str, ...], repeats: int, warmup:
 
 def main(argv: list[str] | None = None) -> None:
     args = harness.arguments(__doc__.splitlines()[0], repeats=20, extra=lambda p: p.add_argument(
-        "--repeats-work", type=int, default=6, help="rounds of the CPU workload (default 6)"),
+        "--repeats-work", type=int, default=8, help="rounds of the 2 s workloads (default 8)"),
         argv=argv)
     work_seconds = 0.2 if args.quick else 2.0
+    work_repeats = 1 if args.quick else args.repeats_work
     workloads = {"trivial (true)": (TRIVIAL, args.repeats),
-                 f"{work_seconds:g} s CPU": (cpu_work(work_seconds),
-                                             1 if args.quick else args.repeats_work)}
+                 f"{work_seconds:g} s sleep": (("sleep", f"{work_seconds:g}"), work_repeats),
+                 f"{work_seconds:g} s CPU": (cpu_work(work_seconds), work_repeats)}
     subprocess.run([str(REPO / "images/base/build.sh")], check=True, capture_output=True)
     env = harness.environment()
     harness.print_environment(env)
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                             "resolve_image and _create_container)", ours_steps)
         results[name] = {**measurement.to_dict(), "raw_api_steps": api_steps,
                          "runner_phases": ours_steps}
+    harness.print_load()
     harness.write_json(args.json, "sandbox_overhead", env, results)
 
 

@@ -1,6 +1,6 @@
 """The engine's end-to-end overhead against a bare loop doing the same runs and scoring.
 
-    .venv/bin/python benchmarks/throughput.py [--submissions 2] [--cases 5] [--repeats 7]
+    .venv/bin/python benchmarks/throughput.py [--submissions 2] [--cases 5] [--repeats 9]
                                               [--warmup 1] [--quick] [--json out.json]
 
 Engine: N submissions (the threshold example, one distinct image each) x M
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--submissions", type=int, default=2)
         parser.add_argument("--cases", type=int, default=5)
 
-    args = harness.arguments(__doc__.splitlines()[0], repeats=7, extra=extra, argv=argv)
+    args = harness.arguments(__doc__.splitlines()[0], repeats=9, extra=extra, argv=argv)
     submissions, cases, size = (1, 2, 32) if args.quick else (args.submissions, args.cases, 64)
     tags = build_images(submissions)
     env = harness.environment()
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nengine overhead (engine / bare - 1), per round: median {overhead.median:+.1%}, "
           f"min - max {overhead.minimum:+.1%} - {overhead.maximum:+.1%}, "
           f"IQR {overhead.q1:+.1%} - {overhead.q3:+.1%}")
+    harness.print_load()
     harness.write_json(args.json, "throughput", env, {title: measurement.to_dict()})
 
 
