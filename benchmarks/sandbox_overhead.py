@@ -45,7 +45,10 @@ where the tool can set it):
   SDK run                    client.containers.run(remove=True), NetworkDisabled=true
   SDK run, NetworkMode only  the same with NetworkDisabled=false: the cost of that setting
   docker run                 docker run --rm --network none (the CLI cannot set
-                             NetworkDisabled, so it is false here)"""
+                             NetworkDisabled, so it is false here)
+  ours, no run cgroup        ours with use_cgroups=False: the container stays in Docker's
+                             own cgroup, as the others' do (accounting then samples the
+                             stats API once a second instead)"""
 
 
 def cpu_work(seconds: float) -> tuple[str, ...]:
@@ -59,8 +62,8 @@ class TimedRunner(DockerRunner):
     PHASES = ("resolve_image", "_provision", "_create_container", "_execute", "_collect",
               "_deprovision")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
         self.steps: dict[str, list[float]] = defaultdict(list)
         for phase in self.PHASES:
             setattr(self, phase, self._timing(phase, getattr(self, phase)))
@@ -75,7 +78,7 @@ class TimedRunner(DockerRunner):
         return timed_method
 
 
-def ours(runner: TimedRunner, command: tuple[str, ...]) -> float:
+def ours(runner: DockerRunner, command: tuple[str, ...]) -> float:
     started = time.perf_counter()
     result = runner.run(RunSpec(image=IMAGE, command=command, timeout_seconds=120))
     elapsed = time.perf_counter() - started
@@ -120,7 +123,8 @@ def raw_api(runner: DockerRunner, command: tuple[str, ...],
     return marks[-1] - marks[0]
 
 
-def compare(runner: TimedRunner, command: tuple[str, ...], repeats: int, warmup: int):
+def compare(runner: TimedRunner, uncgrouped: DockerRunner, command: tuple[str, ...],
+            repeats: int, warmup: int):
     api_steps: dict[str, list[float]] = defaultdict(list)
     runner.steps.clear()
     contenders = {
@@ -129,6 +133,7 @@ def compare(runner: TimedRunner, command: tuple[str, ...], repeats: int, warmup:
         "SDK run": lambda: sdk_run(runner, command, disabled=True),
         "SDK run, NetworkMode only": lambda: sdk_run(runner, command, disabled=False),
         "docker run": lambda: docker_cli(command),
+        "ours, no run cgroup": lambda: ours(uncgrouped, command),
     }
     measurement = harness.measure(contenders, repeats=repeats, warmup=warmup,
                                   log=harness.progress)
@@ -151,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     harness.print_environment(env)
     print(LEGEND)
     runner = TimedRunner()
+    uncgrouped = DockerRunner(use_cgroups=False)
     results = {}
     for name, (command, repeats) in workloads.items():
-        measurement, api_steps, ours_steps = compare(runner, command, repeats, args.warmup)
+        measurement, api_steps, ours_steps = compare(runner, uncgrouped, command, repeats,
+                                                       args.warmup)
         title = f"sandbox overhead, {name}, {IMAGE}"
         harness.print_rounds(measurement, title)
         harness.print_summary(measurement, title)
