@@ -1,0 +1,150 @@
+"""The benchmark harness computes what it claims, and every benchmark runs end to end (--quick).
+
+No timing is asserted: only the arithmetic of the harness on known values, and
+the shape of what each benchmark prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks import harness
+
+
+def counter(values: list[float], calls: list[str], name: str):
+    """A contender that returns the next value of a fixed list and logs that it ran."""
+    remaining = iter(values)
+
+    def run() -> float:
+        calls.append(name)
+        return next(remaining)
+    return run
+
+
+def test_spread_of_an_odd_sample():
+    s = harness.spread([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.n, s.median, s.minimum, s.maximum, s.q1, s.q3) == (5, 3.0, 1.0, 5.0, 2.0, 4.0)
+    assert s.iqr == 2.0
+
+
+def test_spread_of_an_even_sample_uses_inclusive_quartiles():
+    s = harness.spread([4.0, 1.0, 3.0, 2.0])
+    assert (s.median, s.q1, s.q3) == (2.5, 1.75, 3.25)
+
+
+def test_spread_of_one_value_and_of_none():
+    s = harness.spread([7.0])
+    assert (s.median, s.minimum, s.maximum, s.q1, s.q3) == (7.0, 7.0, 7.0, 7.0, 7.0)
+    with pytest.raises(ValueError):
+        harness.spread([])
+
+
+def test_round_order_rotates_who_goes_first():
+    names = ["ours", "a", "b"]
+    assert [harness.round_order(names, i) for i in range(4)] == [
+        ["ours", "a", "b"], ["a", "b", "ours"], ["b", "ours", "a"], ["ours", "a", "b"]]
+    assert [harness.round_order(["x", "y"], i)[0] for i in range(4)] == ["x", "y", "x", "y"]
+
+
+def test_measure_discards_warmup_alternates_and_ratios_per_round():
+    calls: list[str] = []
+    measurement = harness.measure({
+        "ours": counter([100.0, 1.0, 3.0, 2.0], calls, "ours"),
+        "theirs": counter([100.0, 4.0, 4.0, 8.0], calls, "theirs"),
+    }, repeats=3, warmup=1)
+    assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs", "theirs", "ours"]
+    assert measurement.rounds == [{"ours": 1.0, "theirs": 4.0}, {"ours": 3.0, "theirs": 4.0},
+                                  {"ours": 2.0, "theirs": 8.0}]
+    assert measurement.orders == [["theirs", "ours"], ["ours", "theirs"], ["theirs", "ours"]]
+    assert measurement.ratios("theirs") == [0.25, 0.75, 0.25]
+    summary = measurement.summary()
+    assert summary["ratios"]["ours / theirs"]["median"] == 0.25
+    assert summary["ratios"]["ours / theirs"]["maximum"] == 0.75
+    assert summary["times"]["ours"]["median"] == 2.0
+    assert summary["times"]["theirs"]["q3"] == 6.0
+
+
+def test_measure_refuses_no_rounds():
+    with pytest.raises(ValueError):
+        harness.measure({"ours": lambda: 1.0}, repeats=0)
+
+
+def test_quick_flag_means_one_round_without_warmup(tmp_path):
+    args = harness.arguments("x", repeats=9, warmup=2, argv=["--quick", "--json",
+                                                               str(tmp_path / "o.json")])
+    assert (args.repeats, args.warmup, args.quick) == (1, 0, True)
+    assert harness.arguments("x", repeats=9, warmup=2, argv=[]).repeats == 9
+
+
+def test_printed_summary_shows_median_spread_and_ratio(capsys):
+    measurement = harness.Measurement(names=["ours", "theirs"],
+                                      rounds=[{"ours": 2.0, "theirs": 4.0},
+                                              {"ours": 3.0, "theirs": 2.0}],
+                                      orders=[["ours", "theirs"], ["theirs", "ours"]])
+    harness.print_summary(measurement, "t")
+    out = capsys.readouterr().out
+    assert "| ours | 2.500 s | 2.000 s - 3.000 s | 2.250 s - 2.750 s |" in out
+    assert "| ratio ours / theirs | 1.000 | 0.500 - 1.500 | 0.750 - 1.250 |" in out
+
+
+def read_json(path):
+    payload = json.loads(path.read_text())
+    assert set(payload) == {"benchmark", "environment", "results"}
+    assert payload["environment"]["python"]
+    return payload
+
+
+def test_metrics_vs_monai_quick(tmp_path, capsys):
+    from benchmarks import metrics_vs_monai
+
+    affinity = os.sched_getaffinity(0)
+    metrics_vs_monai.main(["--quick", "--json", str(tmp_path / "m.json")])
+    assert os.sched_getaffinity(0) == affinity  # the one-core pinning is undone
+    results = read_json(tmp_path / "m.json")["results"]
+    assert len(results) == 2  # one core and all cores, one volume
+    for result in results.values():
+        assert result["names"] == ["Épreuve", "MONAI"]
+        assert len(result["rounds"]) == 1
+        assert result["difference"] < 1e-6
+    assert "where Épreuve's time goes" in capsys.readouterr().out
+
+
+def test_queue_throughput_quick(tmp_path):
+    from benchmarks import queue_throughput
+
+    argv = ["--quick", "--json", str(tmp_path / "q.json")]
+    url = os.environ.get("EPREUVE_TEST_POSTGRES_URL")
+    if url:
+        argv += ["--postgres", url]
+    queue_throughput.main(argv)
+    results = read_json(tmp_path / "q.json")["results"]
+    assert len(results) == (2 if url else 1)
+    for result in results.values():
+        assert result["names"] == ["engine.queue", "plain SQL"]
+        assert len(result["rounds"]) == 1
+
+
+@pytest.mark.docker
+def test_sandbox_overhead_quick(docker_engine, tmp_path):
+    from benchmarks import sandbox_overhead
+
+    sandbox_overhead.main(["--quick", "--json", str(tmp_path / "s.json")])
+    results = read_json(tmp_path / "s.json")["results"]
+    assert list(results) == ["trivial (true)", "0.2 s sleep", "0.2 s CPU"]
+    for result in results.values():
+        assert result["names"][0] == "ours"
+        assert len(result["rounds"]) == 1
+        assert list(result["raw_api_steps"]) == ["create", "start", "wait", "remove"]
+
+
+@pytest.mark.docker
+def test_throughput_quick(docker_engine, tmp_path):
+    from benchmarks import throughput
+
+    throughput.main(["--quick", "--json", str(tmp_path / "t.json")])
+    (result,) = read_json(tmp_path / "t.json")["results"].values()
+    assert result["names"] == ["engine", "bare loop"]
+    assert len(result["rounds"]) == 1
