@@ -108,11 +108,14 @@ class Bench:
     def bare(self) -> float:
         work = self.fresh("bare")
         api = self.client.api
+        runner = DockerRunner(state_dir=work / "runs")  # reads a USER name as runc does
         started = time.perf_counter()
         for index, tag in enumerate(self.tags):
             subprocess.run(["docker", "save", tag, "-o", str(work / f"bare-{index}.tar")],
                            check=True)  # the same image hand-off as the engine's intake
-            user = effective_user(None, api.inspect_image(tag)["Config"].get("User") or "")
+            attributes = api.inspect_image(tag)
+            user = effective_user(None, attributes["Config"].get("User") or "",
+                                  lambda attributes=attributes: runner.account_files(attributes))
             for case_id in self.dataset.case_ids:
                 inputs = stage(self.dataset, [case_id], work / f"in-{index}-{case_id}")
                 output = work / f"out-{index}-{case_id}"

@@ -81,7 +81,9 @@ def test_challenge_create_refuses_an_unsealed_dataset(tmp_path):
     (tmp_path / "data/validation/manifest.json").unlink()
     refused = Cli(tmp_path)("challenge", "create", "test-liver.yaml", code=1)
     assert refused.stdout == ""
-    assert refused.stderr.startswith("error: phase validation: ")
+    assert refused.stderr.startswith(
+        "error: test-liver.yaml, line 12, phases[0].dataset.path: phase validation: ")
+    assert refused.stderr.endswith("is not sealed: no manifest.json (run `epreuve dataset seal`)\n")
     assert "data/validation" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -162,7 +164,8 @@ def test_submit_refusals_name_the_reason(cli, images):
 def test_check_reports_what_the_platform_would(cli, images):
     good = cli.json("check", images["threshold"], "-c", "test-liver")
     assert (good["ok"], good["phase"], good["reason"]) == (True, "validation", None)
-    assert good["message"] == "every sample case produced a valid output"
+    assert good["message"] == ("every sample case produced a valid output (the smoke case "
+                               "first, as a submission's smoke job runs it)")
     assert list(good["cases"]) == ["case-001"] and good["cases"]["case-001"]["valid"]
     bad = cli.json("check", images["broken"], "-c", "test-liver", "-p", "validation", code=1)
     assert (bad["ok"], bad["reason"]) == (False, "NONZERO_EXIT")

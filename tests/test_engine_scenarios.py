@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from engine.challenges import ChallengeError
 from engine.datasets import load, seal
 from engine.db.models import AggregateRow, CaseResultRow, JobRow, SubmissionRow
 from engine.leaderboard import leaderboard
@@ -66,11 +67,12 @@ def test_a_dataset_version_the_challenge_does_not_expect_is_refused(tmp_path):
     actual = load(tmp_path / "data/validation").version
     edit_challenge(scene, "dataset: {path: data/validation}\n    quota",
                    f"dataset: {{path: data/validation, version: '{'0' * 64}'}}\n    quota")
-    with scene.sessions() as session, pytest.raises(SubmissionRefused) as refused:
+    with scene.sessions() as session, pytest.raises(ChallengeError) as refused:
         register_challenge(session, scene.challenge_file)
     assert str(refused.value) == (
-        f"phase validation: the dataset at {tmp_path / 'data/validation'} is version "
-        f"{actual[:12]}, the challenge expects 000000000000")
+        f"test-liver.yaml, line 12, phases[0].dataset.version: phase validation: the dataset "
+        f"at {tmp_path / 'data/validation'} is version {actual[:12]}, the challenge expects "
+        "000000000000")
 
     edit_challenge(scene, f"version: '{'0' * 64}'", f"version: '{actual}'")
     with scene.sessions() as session:
@@ -167,14 +169,15 @@ def wilcoxon_ranks(values: dict[str, list[float]], larger_is_better: bool) -> di
 
 
 def rerank(scene, scheme: str, aggregate: str) -> list:
-    """The organiser changes the ranking and re-registers the challenge; nothing re-runs."""
+    """The organiser changes the ranking and re-registers the challenge (with --force: the
+    phase has submissions); nothing re-runs."""
     text = scene.challenge_file.read_text()
     block = re.compile(r"ranking:\n(  (scheme|aggregate): .*\n)+")
     assert block.search(text)
     scene.challenge_file.write_text(block.sub(
         f"ranking:\n  scheme: {scheme}\n  aggregate: {aggregate}\n", text, count=1))
     with scene.sessions() as session:
-        register_challenge(session, scene.challenge_file)
+        register_challenge(session, scene.challenge_file, force=True)
         return leaderboard(session, "test-liver", "validation")
 
 
