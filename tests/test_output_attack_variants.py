@@ -178,8 +178,8 @@ phases:
     limits: {memory: 512m, time_per_case: 30s}
 """
 
-# Every case gets a MetaImage whose axes are all zero: before, the scorer's geometry
-# message raised a TypeError on it.
+# Every case gets a MetaImage of the input's shape (synth_dataset, size 16) whose axes are
+# all zero: before, the scorer's geometry message raised a TypeError on it.
 SCRIPT = (
     "import json, os\n"
     "for case in json.load(open('/input/cases.json'))['cases']:\n"
@@ -187,8 +187,8 @@ SCRIPT = (
     "    os.makedirs(folder, exist_ok=True)\n"
     "    with open(folder + '/mask.mha', 'wb') as f:\n"
     "        f.write(b'ObjectType = Image\\nNDims = 3\\nBinaryData = True\\n'\n"
-    "                b'TransformMatrix = 0 0 0 0 0 0 0 0 0\\nDimSize = 2 2 2\\n'\n"
-    "                b'ElementType = MET_UCHAR\\nElementDataFile = LOCAL\\n' + bytes(8))\n"
+    "                b'TransformMatrix = 0 0 0 0 0 0 0 0 0\\nDimSize = 16 16 10\\n'\n"
+    "                b'ElementType = MET_UCHAR\\nElementDataFile = LOCAL\\n' + bytes(2560))\n"
 )
 
 
