@@ -1,0 +1,104 @@
+"""Variants of hostile dataset files: a dataset.json whose name climbs out of the release
+archive's folder or holds terminal escapes, values nested a mile deep or of the wrong type,
+and a manifest edited by hand so that staging or scoring would reach outside the dataset.
+Each is refused with a message naming the field; nothing is sealed, staged or released."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from engine.datasets import DatasetError, load, release, seal, stage
+from engine.synthetic import synth_dataset
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "data"
+    synth_dataset(root, cases=1, size=16, seed=3)
+    return root
+
+
+def _describe(root: Path, **fields) -> None:
+    description = json.loads((root / "dataset.json").read_text())
+    description.update(fields)
+    (root / "dataset.json").write_text(json.dumps(description))
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"name": "../../../escaped"}, "'name' '../../../escaped' must be letters, digits, '.', "
+     "'_', '-' (it names the release archive's folder)"),
+    ({"name": "/abs"}, "'name' '/abs' must be letters, digits"),
+    ({"name": "red\x1b[31m"}, "'name' holds a control character"),
+    ({"name": ["a"]}, "'name' must be text, not list"),
+    ({"citation": "x" * 5000}, "'citation' is longer than 2000 characters"),
+    ({"modality": {"nested": [1, 2]}}, "'modality' must be text, not dict"),
+    ({"labels": {"one": "liver"}}, "'labels' key 'one' must be a label value"),
+    ({"labels": {"1": "\x1b]8;;http://x\x07liver"}}, "'labels' entry '1' holds a control "
+     "character"),
+    ({"classes": ["a", "b"]}, "'classes' must be an object"),
+    ({"extra": 1}, "'extra' is not a dataset.json field"),
+])
+def test_a_hostile_description_is_refused_at_sealing(dataset, fields, expected):
+    _describe(dataset, **fields)
+    with pytest.raises(DatasetError) as refused:
+        seal(dataset)
+    assert f"{dataset / 'dataset.json'}: {expected}" in str(refused.value)
+    assert not (dataset / "manifest.json").exists()
+
+
+def test_a_description_nested_too_deeply_is_a_dataset_error(dataset):
+    (dataset / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match="nested too deeply to be a dataset description"):
+        seal(dataset)
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.chmod(0o644)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda m: m["cases"][0].update(case_id="../../.."), "case "),
+    (lambda m: m["cases"][0]["ground_truth"].update(name="../../../../etc/hostname"),
+     "is no plain name"),
+    (lambda m: m["cases"][0]["inputs"][0].update(name="/etc/hostname"), "is no plain name"),
+    (lambda m: m["files"].append({"path": "inputs/../../outside", "sha256": "0" * 64}),
+     "is no path inside the dataset"),
+    (lambda m: m.update(cases={"not": "a list"}), "no list of cases and files"),
+])
+def test_a_manifest_edited_to_point_outside_is_refused(dataset, edit, expected):
+    seal(dataset)
+    _edit_manifest(dataset, edit)
+    with pytest.raises(DatasetError) as refused:
+        load(dataset)
+    assert "was not written by seal (" in str(refused.value)
+    assert expected in str(refused.value)
+    assert str(refused.value).endswith("): seal the dataset again")
+
+
+def test_staging_a_manifest_case_that_climbs_out_is_refused(dataset, tmp_path):
+    """Before, stage() linked whatever lay at inputs/../../<x> into the container's /input."""
+    seal(dataset)
+    _edit_manifest(dataset, lambda m: m["cases"][0].update(case_id=".."))
+    with pytest.raises(DatasetError):
+        stage(load(dataset), [".."], tmp_path / "staged")
+    assert not (tmp_path / "staged").exists()
+
+
+def test_a_release_never_names_a_folder_outside_its_own(dataset, tmp_path):
+    """A manifest sealed before names were checked, its description edited by hand: the
+    archive's folder falls back to the dataset directory's name."""
+    seal(dataset)
+    _edit_manifest(dataset, lambda m: m["description"].update(name="../../escaped"))
+    archive = release(dataset, tmp_path / "release.tar.gz")
+    with tarfile.open(archive) as tar:
+        tops = {member.name.split("/")[0] for member in tar.getmembers()}
+    version = load(dataset).version
+    assert tops == {f"data-{version[:12]}"}
