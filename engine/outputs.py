@@ -139,12 +139,25 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
         return _invalid(case_id, f"{where} (or its folder) was not a regular file (a link or "
                                  "a special file) and was not collected; write a regular file")
     path = Path(output_root) / case_id / spec.filename
+    # the folder first: a file, link or pipe at /output/<case_id> makes any path below it
+    # fail with its own error (ENOTDIR, ELOOP), each a participant's fault with a message
     try:
-        mode = os.lstat(path).st_mode
         folder_mode = os.lstat(path.parent).st_mode
     except FileNotFoundError:
+        return _missing(case_id, f"{where} was not written (no directory /output/{case_id}/ "
+                                 "either)")
+    except OSError as exc:
+        return _invalid(case_id, f"{where} cannot be reached ({exc.strerror})")
+    if not stat.S_ISDIR(folder_mode):
+        return _invalid(case_id, f"case {case_id}: /output/{case_id} is {_entry_kind(folder_mode)}"
+                                 f", not a folder; write the file /output/{rel}")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return _missing(case_id, f"{where} was not written{_listing(Path(output_root), case_id)}")
-    if not stat.S_ISREG(mode) or not stat.S_ISDIR(folder_mode):
+    except OSError as exc:
+        return _invalid(case_id, f"{where} cannot be reached ({exc.strerror})")
+    if not stat.S_ISREG(mode):
         return _invalid(case_id, f"{where} is not a regular file (links, directories and "
                                  "devices are refused)")
     read_header, read_volume = SEGMENTATION_READERS[_suffix(spec.filename,
@@ -191,6 +204,14 @@ def _check_labels(case_id: str, where: str, array: np.ndarray, allowed: list[int
                                  f"set {sorted(allowed)}")
     return CaseOutput(case_id, None, "valid", mask=array.astype(np.uint8 if max(
         allowed, default=0) < 256 else np.int32))
+
+
+def _entry_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a special file (a pipe, socket or device)"
 
 
 def _listing(root: Path, case_id: str) -> str:

@@ -7,6 +7,7 @@ OUTPUT_INVALID with a message; no reader raises anything but MedioError."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -124,6 +125,21 @@ def _segmentation(root: Path, filename: str, data: bytes):
     (root / "case-001" / filename).write_bytes(data)
     spec = SegmentationOutput(filename=filename, labels=[0, 1])
     return validate_segmentation(root, "case-001", spec, REFERENCE)
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    (lambda path: path.write_bytes(b"not a folder"), "a file"),
+    (lambda path: path.symlink_to("/etc"), "a symbolic link"),
+    (lambda path: os.mkfifo(path), "a special file (a pipe, socket or device)"),
+])
+def test_a_case_folder_that_is_no_folder_is_output_invalid(tmp_path, make, kind):
+    """Before, a file at /output/<case_id> made lstat of the mask raise NotADirectoryError."""
+    make(tmp_path / "case-001")
+    spec = SegmentationOutput(filename="mask.nii.gz", labels=[0, 1])
+    outcome = validate_segmentation(tmp_path, "case-001", spec, REFERENCE)
+    assert (outcome.reason, outcome.message) == (
+        INVALID, f"case case-001: /output/case-001 is {kind}, not a folder; write the file "
+                 "/output/case-001/mask.nii.gz")
 
 
 # -- tables ------------------------------------------------------------------------------
