@@ -177,3 +177,37 @@ def test_a_sparse_file_named_after_a_hidden_case_leaks_nothing(scene, adversaria
                  status(str(sub), "--participant", "--json")):
         assert "OUTPUT_QUOTA" in view
         assert "case-001" not in view and "16x16x10" not in view
+
+
+# -- team names -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("", "a team name cannot be empty"),
+    ("   ", "a team name cannot be empty"),
+    ("x" * 101, "a team name has at most 100 characters"),
+    ("team\x1b[8m", "team name 'team\\x1b[8m' holds a control or invisible character"),
+    ("te\u200bam", "team name 'te\\u200bam' holds a control or invisible character"),
+    ("admin\u202e", "team name 'admin\\u202e' holds a control or invisible character"),
+    (" team", "team name ' team' has surrounding spaces or is not in Unicode NFC form; write "
+              "'team'"),
+    ("e\u0301quipe", "team name 'e\u0301quipe' has surrounding spaces or is not in Unicode "
+                     "NFC form; write '\u00e9quipe'"),
+])
+def test_a_new_team_name_that_hides_or_acts_is_refused(scene, name, problem):
+    from engine.submissions import SubmissionRefused, get_or_create_team
+
+    _, _, sessions = scene
+    with sessions() as session:
+        with pytest.raises(SubmissionRefused) as refused:
+            get_or_create_team(session, name)
+        assert str(refused.value) == problem
+        assert session.scalar(select(TeamRow).where(TeamRow.name == name)) is None
+
+
+def test_a_team_name_with_brackets_is_an_ordinary_name(scene):
+    from engine.submissions import get_or_create_team
+
+    _, _, sessions = scene
+    with sessions() as session:
+        assert get_or_create_team(session, "[bold]Équipe[/bold]").name == "[bold]Équipe[/bold]"
