@@ -60,6 +60,9 @@ DESCRIPTION = "dataset.json"
 MANIFEST_FORMAT = "epreuve-dataset/1"
 LABELS_TABLE = "labels.csv"
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# a classification label is a class a challenge names (challenges.py, output.classes): the
+# same characters, so no formula (=, +, @), control character or space reaches a table
+CLASS_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HASH_CHUNK = 1 << 20
 RELEASE_EXTRAS = ("DATA_CARD.md", "SHA256SUMS")  # written by `release` beside the manifest
 MAX_RELEASE_EXTRA_BYTES = 64 << 20  # one line per file: a larger one is not ours
@@ -363,6 +366,8 @@ def _read_description(root: Path) -> dict:
     path = root / DESCRIPTION
     if not path.exists():
         return {}
+    if not path.is_file():
+        raise DatasetError(f"{path} is not a file: dataset.json is a JSON object")
     if path.stat().st_size > MAX_DESCRIPTION_BYTES:
         raise DatasetError(f"{path} is larger than {MAX_DESCRIPTION_BYTES} bytes")
     try:
@@ -441,14 +446,21 @@ def _read_labels(root: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(handle, strict=True)
             if not reader.fieldnames or not {"case_id", "label"} <= set(reader.fieldnames):
                 raise DatasetError(f"{path} needs the columns case_id,label")
+            if len(set(reader.fieldnames)) != len(reader.fieldnames):
+                raise DatasetError(f"{path}: a column appears twice in {reader.fieldnames[:10]}")
             for line, row in enumerate(reader, start=2):
                 case_id = (row["case_id"] or "").strip()
                 if case_id in labels:
                     raise DatasetError(f"{path} line {line}: duplicate case id {case_id!r}")
-                labels[case_id] = (row["label"] or "").strip()
+                label = (row["label"] or "").strip()
+                if label and not CLASS_LABEL.match(label):
+                    raise DatasetError(f"{path} line {line}: label {label[:40]!r} is not a class "
+                                       "name a challenge can score (letters, digits, '.', '_', "
+                                       "'-', starting with a letter or digit; at most 64)")
+                labels[case_id] = label
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path} is not a UTF-8 CSV table: {exc}") from None
     return labels

@@ -102,3 +102,62 @@ def test_a_release_never_names_a_folder_outside_its_own(dataset, tmp_path):
         tops = {member.name.split("/")[0] for member in tar.getmembers()}
     version = load(dataset).version
     assert tops == {f"data-{version[:12]}"}
+
+
+# -- labels.csv ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def classification(tmp_path) -> Path:
+    root = tmp_path / "cls"
+    synth_dataset(root, cases=2, size=16, seed=3, task="classification")
+    return root
+
+
+def _labels(root: Path, text: bytes) -> Path:
+    path = root / "ground_truth" / "labels.csv"
+    path.chmod(0o644)
+    path.write_bytes(text)
+    return path
+
+
+@pytest.mark.parametrize(("label", "shown"), [
+    (b'=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")\''),
+    (b"+1", "'+1'"),
+    (b"@SUM(A1)", "'@SUM(A1)'"),
+    (b"\x1b[31m1", "'\\x1b[31m1'"),
+    (b"1\x00", "'1\\x00'"),
+    (b"no tumour", "'no tumour'"),
+])
+def test_a_label_no_challenge_class_could_name_is_refused(classification, label, shown):
+    path = _labels(classification, b"case_id,label\ncase-001," + label + b"\ncase-002,1\n")
+    with pytest.raises(DatasetError) as refused:
+        seal(classification)
+    assert str(refused.value) == (
+        f"{path} line 2: label {shown} is not a class name a challenge can score (letters, "
+        "digits, '.', '_', '-', starting with a letter or digit; at most 64)")
+    assert not (classification / "manifest.json").exists()
+
+
+def test_a_quote_never_closed_in_labels_is_named(classification):
+    path = _labels(classification, b'case_id,label\ncase-001,"1\ncase-002,1\n')
+    with pytest.raises(DatasetError) as refused:
+        seal(classification)
+    assert str(refused.value) == f"{path} is not a UTF-8 CSV table: unexpected end of data"
+
+
+def test_a_column_given_twice_in_labels_is_refused(classification):
+    path = _labels(classification, b"case_id,label,case_id\ncase-001,1,x\ncase-002,0,y\n")
+    with pytest.raises(DatasetError) as refused:
+        seal(classification)
+    assert str(refused.value) == (f"{path}: a column appears twice in ['case_id', 'label', "
+                                  "'case_id']")
+
+
+def test_a_dataset_json_that_is_a_folder_is_a_dataset_error(dataset):
+    (dataset / "dataset.json").unlink()
+    (dataset / "dataset.json").mkdir()
+    with pytest.raises(DatasetError) as refused:
+        seal(dataset)
+    assert str(refused.value) == (f"{dataset / 'dataset.json'} is not a file: dataset.json is "
+                                  "a JSON object")
