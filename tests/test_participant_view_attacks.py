@@ -211,3 +211,22 @@ def test_a_team_name_with_brackets_is_an_ordinary_name(scene):
     _, _, sessions = scene
     with sessions() as session:
         assert get_or_create_team(session, "[bold]Équipe[/bold]").name == "[bold]Équipe[/bold]"
+
+
+def test_the_demo_prints_failure_messages_and_logs_as_text(scene):
+    """Before, a log line "[/red]" raised rich's MarkupError in the demo's summary."""
+    import io
+
+    from rich.console import Console
+
+    from engine.demo import _print_failures
+
+    _, _, sessions = scene
+    sub = failed_submission(sessions, "open", "NONZERO_EXIT", "exit [/bold] 1", team="[b]t",
+                            log_tail="first\n[/red] closing tag\n\x1b[2Jcleared\n")
+    out = io.StringIO()
+    with sessions() as session:
+        _print_failures(Console(file=out, width=200), session, {"[b]t": sub})
+    assert out.getvalue().splitlines()[:4] == [
+        f"[b]t (#{sub}): NONZERO_EXIT — exit [/bold] 1", "  log: first",
+        "  log: [/red] closing tag", "  log: \\x1b[2Jcleared"]
