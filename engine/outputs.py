@@ -346,7 +346,7 @@ def _row_values(row: dict, classes: list[str]) -> dict[str, float] | str:
             return f"{name} is {_short(raw)}, not a number"
         if not math.isfinite(value) or not 0.0 <= value <= 1.0:
             return f"{name} is {_short(raw)}; probabilities lie in [0, 1]"
-        values[name] = value
+        values[name] = value + 0.0  # -0 is 0: one spelling in results and reports
     return values
 
 

@@ -162,6 +162,7 @@ def test_plain_decimal_probabilities_are_read(tmp_path, text):
     outcome = validate_probabilities(tmp_path, ["c1"], ProbabilityOutput(filename="p.csv"))
     assert outcome["c1"].valid
     assert outcome["c1"].probabilities == {"probability": float(text)}
+    assert str(outcome["c1"].probabilities["probability"]) == str(abs(float(text)))  # not -0.0
 
 
 def test_a_quote_never_closed_makes_the_table_invalid_not_a_missing_row(tmp_path):
