@@ -161,3 +161,20 @@ def test_a_dataset_json_that_is_a_folder_is_a_dataset_error(dataset):
         seal(dataset)
     assert str(refused.value) == (f"{dataset / 'dataset.json'} is not a file: dataset.json is "
                                   "a JSON object")
+
+
+def test_a_dicom_rescale_past_float32_is_refused_at_sealing(tmp_path):
+    """RescaleSlope 1e308 turned the voxels into infinities, sealed as if they were data."""
+    import pydicom
+
+    root = tmp_path / "dicom"
+    synth_dataset(root, cases=1, size=16, seed=3, image_format="dicom")
+    for path in sorted((root / "inputs" / "case-001").rglob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.RescaleSlope = "1e308"
+        dataset.save_as(path)
+    with pytest.raises(DatasetError) as refused:
+        seal(root)
+    assert str(refused.value).startswith("case 'case-001': inputs/case-001/ct cannot be read: ")
+    assert str(refused.value).endswith("RescaleSlope and RescaleIntercept give voxel values "
+                                       "beyond any finite 32-bit number")

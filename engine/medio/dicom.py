@@ -345,6 +345,9 @@ def read_dicom_series(source: Path | list[Path], *, series_uid: str | None = Non
         integral &= frame.slope.is_integer() and frame.intercept.is_integer()
         planes.append((pixels * frame.slope + frame.intercept).T)  # (rows, cols) -> (i, j)
     array = np.stack(planes, axis=-1)
+    if not (np.abs(array) <= np.finfo(np.float32).max).all():  # NaN fails this too
+        raise MedioError(f"{where}: RescaleSlope and RescaleIntercept give voxel values "
+                         "beyond any finite 32-bit number")
     if integral and array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(
             np.int16).max:
         array = array.astype(np.int16)
