@@ -79,15 +79,16 @@ def checked_geometry(shape, affine, name: str) -> Geometry:
 
 
 def reads_hostile_bytes(reader: _Read) -> _Read:
-    """A reader of untrusted bytes fails with a MedioError and nothing else: whatever the
-    parsing libraries raise on a crafted file (ValueError, OverflowError, RecursionError,
-    their own types) is the file's fault, never the platform's."""
+    """A reader of untrusted bytes fails with a MedioError: whatever the parsing libraries
+    raise on a crafted file (ValueError, OverflowError, RecursionError, their own types) is
+    the file's fault. An OSError is the host's (a failing disk, no descriptors left: opening
+    the file itself is checked in files.py), and a MemoryError the worker's: both pass."""
 
     @functools.wraps(reader)
     def guarded(source, *args, **kwargs):
         try:
             return reader(source, *args, **kwargs)
-        except (MedioError, MemoryError):
+        except (MedioError, MemoryError, OSError):
             raise
         except Exception as exc:
             name = getattr(source, "name", "the image")
