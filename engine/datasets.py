@@ -73,6 +73,8 @@ DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DESCRIPTION_TEXT = {"name": 100, "task": 20, "modality": 64, "license": 200,
                     "citation": 2000, "input": 200, "ground_truth": 200}  # longest allowed
 DESCRIPTION_TABLES = ("labels", "classes")  # value -> meaning
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_MANIFEST_BYTES = 256 << 20  # about a million files
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DICOM_LAYOUT = "a DICOM case is one series in a subfolder: inputs/<case>/<series>/*.dcm"
 # open a dataset file without following a link, and without blocking on a FIFO swapped in
@@ -179,6 +181,10 @@ def _manifest_problem(manifest: dict) -> str | None:
     for entry in files:
         if not isinstance(entry, dict) or not _inside(str(entry.get("path", "")), parts=64):
             return f"file {str(entry)[:80]!r} is no path inside the dataset"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
+                or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"file {entry['path'][:80]!r} has no size and sha256"
     return None
 
 
@@ -781,6 +787,7 @@ def verify_archive(archive: Path) -> VerificationReport:
     unsafe = []
     try:
         with tarfile.open(archive, "r:*") as tar:
+            top = None
             for member in tar:
                 rel = _safe_member_name(member.name)
                 if rel is None or member.issym() or member.islnk() or member.isdev():
@@ -788,8 +795,19 @@ def verify_archive(archive: Path) -> VerificationReport:
                     continue
                 if not member.isfile():
                     continue
+                top = top or Path(member.name).parts[0]
+                if Path(member.name).parts[0] != top:  # two trees: which one is the dataset?
+                    unsafe.append(f"{member.name} (outside the archive's one top folder)")
+                    continue
+                if rel in hashes or rel in extras or (rel == MANIFEST and manifest_bytes):
+                    # extraction keeps the last copy, a reader may take the first: refused
+                    unsafe.append(f"{member.name} (given twice)")
+                    continue
                 handle = tar.extractfile(member)
                 if rel == MANIFEST:
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise DatasetError(f"{archive.name}: its {MANIFEST} is larger than "
+                                           f"{MAX_MANIFEST_BYTES} bytes")
                     manifest_bytes = handle.read()
                 elif rel in RELEASE_EXTRAS:
                     extras[rel] = handle.read(MAX_RELEASE_EXTRA_BYTES + 1)

@@ -178,3 +178,55 @@ def test_a_dicom_rescale_past_float32_is_refused_at_sealing(tmp_path):
     assert str(refused.value).startswith("case 'case-001': inputs/case-001/ct cannot be read: ")
     assert str(refused.value).endswith("RescaleSlope and RescaleIntercept give voxel values "
                                        "beyond any finite 32-bit number")
+
+
+# -- release archives ------------------------------------------------------------------------
+
+
+def _released(dataset: Path, tmp_path: Path) -> tuple[Path, list[tuple[tarfile.TarInfo, bytes]]]:
+    seal(dataset)
+    archive = release(dataset, tmp_path / "release.tar.gz")
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return archive, members
+
+
+def _repack(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    import io
+
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            info = tarfile.TarInfo(info.name) if isinstance(info, tarfile.TarInfo) else info
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_file_given_twice_in_an_archive_is_reported(dataset, tmp_path):
+    """Extraction keeps the last copy; verifying the first would bless a tampered file."""
+    from engine.datasets import verify
+
+    _, members = _released(dataset, tmp_path)
+    image = next((m, d) for m, d in members if m.name.endswith("ct.nii.gz"))
+    tampered = _repack(tmp_path / "twice.tar.gz", [*members, (image[0], b"tampered")])
+    report = verify(tampered)
+    assert not report.ok
+    assert report.added == [f"{image[0].name} (given twice)"]
+
+
+def test_a_second_tree_in_an_archive_is_reported(dataset, tmp_path):
+    from engine.datasets import verify
+
+    _, members = _released(dataset, tmp_path)
+    top = members[0][0].name.split("/")[0]
+    extra = [(tarfile.TarInfo(m.name.replace(top, "other", 1)), d) for m, d in members[:1]]
+    report = verify(_repack(tmp_path / "two.tar.gz", [*members, *extra]))
+    assert not report.ok
+    assert report.added == [f"{extra[0][0].name} (outside the archive's one top folder)"]
+
+
+def test_a_manifest_entry_without_its_hash_is_refused_not_a_key_error(dataset):
+    seal(dataset)
+    _edit_manifest(dataset, lambda m: m["files"][0].pop("sha256"))
+    with pytest.raises(DatasetError, match="has no size and sha256"):
+        load(dataset)
