@@ -87,6 +87,33 @@ def test_the_readers_raise_only_medio_errors_on_a_hostile_header(tmp_path, name)
         read_volume(path)
 
 
+def _with_extension(esize: int) -> bytes:
+    """A valid file with one comment extension (at byte 352), its size field replaced."""
+    image = nib.Nifti1Image(np.zeros(SHAPE, np.uint8), AFFINE, dtype=np.uint8)
+    image.set_sform(AFFINE, code=1)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 20))
+    data = bytearray(image.to_bytes())
+    struct.pack_into("<i", data, 352, esize)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("esize", [2**31 - 1, -16, 4])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_header_extension_claiming_more_than_precedes_the_voxels_is_invalid(
+        tmp_path, esize, suffix):
+    data = _with_extension(esize)
+    outcome = _segmentation(tmp_path, f"mask{suffix}",
+                            gzip.compress(data) if suffix.endswith(".gz") else data)
+    assert outcome.reason == INVALID
+    assert outcome.message.endswith(f"mask{suffix}: a header extension at byte 352 claims "
+                                    f"{esize} bytes; the voxels start at byte 384")
+
+
+def test_a_true_header_extension_is_read(tmp_path):
+    outcome = _segmentation(tmp_path, "mask.nii", _with_extension(32))
+    assert outcome.valid
+
+
 def _metaimage(matrix: str = "1 0 0 0 1 0 0 0 1", spacing: str = "1 1 1") -> bytes:
     header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\n"
               "BinaryDataByteOrderMSB = False\nCompressedData = False\n"

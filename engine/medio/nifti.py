@@ -54,6 +54,7 @@ def read_nifti(path: Path) -> Volume:
         raise MedioError(f"{path.name}: voxel data cannot be read (expected "
                          f"{described.declared_bytes} bytes, the file holds "
                          f"{max(0, len(raw) - offset)})")
+    _check_extensions(raw, header, offset, path.name)
     dtype = header.get_data_dtype()
     array = np.frombuffer(raw, dtype=dtype, count=math.prod(header.get_data_shape()),
                           offset=offset).reshape(header.get_data_shape(), order="F")
@@ -102,6 +103,24 @@ def _header(fd: int, path: Path) -> tuple[nib.Nifti1Header, bool]:
         raise MedioError(f"{name}: vox_offset {offset} lies outside [{size + 4}, "
                          f"{MAX_VOX_OFFSET}]")
     return header, compressed
+
+
+def _check_extensions(raw: bytes, header: nib.Nifti1Header, offset: int, name: str) -> None:
+    """Header extensions are never used, but a chain that claims more bytes than lie
+    before the voxels (or a negative size) is a header that lies: refused, as any reader
+    that follows the chain would misread the file."""
+    size = header.sizeof_hdr
+    if raw[size] == 0:  # extender flag: no extensions
+        return
+    position = size + 4
+    while position + 8 <= offset:
+        esize = struct.unpack(f"{header.endianness}i", raw[position:position + 4])[0]
+        if esize == 0:
+            return  # zero padding up to the voxels
+        if esize < 8 or position + esize > offset:
+            raise MedioError(f"{name}: a header extension at byte {position} claims {esize} "
+                             f"bytes; the voxels start at byte {offset}")
+        position += esize
 
 
 def _header_size(head: bytes, name: str) -> int:
