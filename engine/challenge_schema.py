@@ -29,7 +29,9 @@ anything is registered: every mistake is reported with its field and line, e.g.
 `liver.yaml, line 14, phases[0].limits.memory: '4 gigs' is not a size ...`.
 Sizes are written like `512m`, `4g` (binary units, as Docker reads them);
 durations like `90s`, `10m`, `2h`, `1d`; dates in ISO 8601 (UTC unless a zone is
-given). Dataset paths are relative to the file. Unknown keys are refused.
+given). Dataset paths are relative to the file. Unknown keys are refused, and so are
+YAML anchors, aliases, tags (`!!`) and merge keys (`<<`), and text holding control or
+invisible characters.
 
 Re-registering a challenge whose phases already have submissions lists what would
 change and needs `--force`; the change is recorded in each phase's history.

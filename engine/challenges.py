@@ -147,12 +147,25 @@ def _stored(info: ValidationInfo) -> bool:
 
 
 STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+# Text an organiser types is printed in terminals and pages: no control characters (terminal
+# escapes, NUL, line breaks) and no invisible direction or zero-width marks.
+_HIDDEN_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
+                                r"\u2066-\u2069\ufeff]")
+
+
+def _plain_text(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    texts = value if isinstance(value, list) else [value]
+    for text in texts:
+        if isinstance(text, str) and not _stored(info) and _HIDDEN_CHARACTERS.search(text):
+            raise ValueError(f"{text[:60]!r} holds a control or invisible character")
+    return value
 
 
 class Strict(BaseModel):
     model_config = STRICT
     _units = field_validator("*", mode="before")(_parse_units)
     _range = field_validator("*", mode="after")(_in_range)
+    _text = field_validator("*", mode="after")(_plain_text)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -588,6 +601,13 @@ def load_challenge_file(path: Path) -> tuple[Challenge, Locator]:
         raise ChallengeError(f"{path.name}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ChallengeError(f"{path.name}: not valid YAML: {exc}") from None
+    except ChallengeError:
+        raise
+    except ValueError as exc:  # a constructor's own limit, e.g. an integer of 5,000 digits
+        raise ChallengeError(f"{path.name}: a value cannot be read ({exc})") from None
+    except RecursionError:  # the composer recurses once per level: [[[[...]]]] a mile deep
+        raise ChallengeError(f"{path.name}: nested too deeply to be a challenge file") \
+            from None
     locator = Locator(path.name, node)
     if not isinstance(data, dict):
         raise ChallengeError(f"{path.name}: expected a mapping at the top level")
@@ -609,11 +629,16 @@ def load_challenge_file(path: Path) -> tuple[Challenge, Locator]:
 
 
 def _no_aliases(text: str) -> None:
-    """A few lines of anchors and aliases can expand to gigabytes: refused, by line."""
+    """Plain YAML only. A few lines of anchors and aliases can expand to gigabytes; a tag
+    (`!!python/object`, `!!binary`, `!!set`) makes a value of a type the file does not show:
+    each is refused, by line."""
     for token in yaml.scan(text):
         if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
             raise ChallengeError(f"line {token.start_mark.line + 1}: anchors and aliases "
                                  "(&, *) are not supported in challenge files")
+        if isinstance(token, yaml.TagToken):
+            raise ChallengeError(f"line {token.start_mark.line + 1}: YAML tags (!, !!) are "
+                                 "not supported in challenge files: write the plain value")
 
 
 def _no_duplicate_keys(node: yaml.Node | None) -> None:
@@ -621,6 +646,9 @@ def _no_duplicate_keys(node: yaml.Node | None) -> None:
     if isinstance(node, yaml.MappingNode):
         keys: set = set()
         for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<`: keys that hide one another
+                raise ChallengeError(f"line {key.start_mark.line + 1}: merge keys (<<) are not "
+                                     "supported in challenge files: write each key once")
             if isinstance(key, yaml.ScalarNode) and key.value in keys:
                 raise ChallengeError(f"line {key.start_mark.line + 1}: key {key.value!r} is "
                                      "given twice")

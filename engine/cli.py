@@ -40,7 +40,9 @@ EXIT_NO_ENGINE = 3
 def _error(message: object) -> None:
     """An error line: the message is text (it may quote a file, an image or a log), never
     rich markup."""
-    errors.print(Text.assemble(("error:", "red"), " ", str(message)), soft_wrap=True)
+    from engine.reports import terminal_text
+
+    errors.print(Text.assemble(("error:", "red"), " ", terminal_text(message)), soft_wrap=True)
 
 
 def _size(value: str) -> int:
@@ -135,12 +137,14 @@ def _print_result(result: RunResult) -> None:
     for name, value in rows:
         table.add_row(name, "-" if value is None else str(value))
     console.print(Panel(table, title=f"[{colour}]{title}[/{colour}]", expand=False))
-    console.print(Text(result.message))
+    from engine.reports import terminal_text
+
+    console.print(Text(terminal_text(result.message)))
     for skipped in result.skipped_outputs:
-        console.print(Text.assemble(("not collected:", "yellow"), " ", skipped))
+        console.print(Text.assemble(("not collected:", "yellow"), " ", terminal_text(skipped)))
     if result.log_tail:
         tail = "\n".join(result.log_tail.splitlines()[-20:])
-        console.print(Panel(Text(tail), title="log (last lines)", expand=False))
+        console.print(Panel(Text(terminal_text(tail)), title="log (last lines)", expand=False))
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

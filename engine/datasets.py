@@ -60,10 +60,22 @@ DESCRIPTION = "dataset.json"
 MANIFEST_FORMAT = "epreuve-dataset/1"
 LABELS_TABLE = "labels.csv"
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# a classification label is a class a challenge names (challenges.py, output.classes): the
+# same characters, so no formula (=, +, @), control character or space reaches a table
+CLASS_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HASH_CHUNK = 1 << 20
 RELEASE_EXTRAS = ("DATA_CARD.md", "SHA256SUMS")  # written by `release` beside the manifest
 MAX_RELEASE_EXTRA_BYTES = 64 << 20  # one line per file: a larger one is not ours
 MAX_IMAGE_BYTES = 8 << 30  # a header declaring more is refused before its data is read
+MAX_DESCRIPTION_BYTES = 1 << 20
+MAX_DESCRIPTION_ENTRIES = 1000
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DESCRIPTION_TEXT = {"name": 100, "task": 20, "modality": 64, "license": 200,
+                    "citation": 2000, "input": 200, "ground_truth": 200}  # longest allowed
+DESCRIPTION_TABLES = ("labels", "classes")  # value -> meaning
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_MANIFEST_BYTES = 256 << 20  # about a million files
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DICOM_LAYOUT = "a DICOM case is one series in a subfolder: inputs/<case>/<series>/*.dcm"
 # open a dataset file without following a link, and without blocking on a FIFO swapped in
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -141,11 +153,47 @@ def load(root: Path) -> SealedDataset:
 def _parse_manifest(root: Path, data: bytes) -> SealedDataset:
     try:
         manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DatasetError(f"{root / MANIFEST} is not an Épreuve manifest ({MANIFEST_FORMAT})")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DatasetError(f"{root / MANIFEST} was not written by seal ({problem}): seal the "
+                           "dataset again")
     return SealedDataset(root, hashlib.sha256(data).hexdigest(), manifest)
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """Every name a manifest gives is joined to the dataset's root (staging, scoring, release):
+    each must stay below it, whoever edited the file."""
+    cases, files = manifest.get("cases"), manifest.get("files")
+    if not isinstance(cases, list) or not isinstance(files, list):
+        return "no list of cases and files"
+    for case in cases:
+        if not isinstance(case, dict) or not isinstance(case.get("case_id"), str) \
+                or not CASE_ID.match(case["case_id"]):
+            return f"case {str(case)[:60]!r} has no valid case id"
+        images = [*(case.get("inputs") or []), case.get("ground_truth") or {"name": "x"}]
+        for image in images:
+            if not isinstance(image, dict) or not _inside(str(image.get("name", "")), parts=1):
+                return f"case {case['case_id']!r}: image {str(image)[:60]!r} is no plain name"
+    for entry in files:
+        if not isinstance(entry, dict) or not _inside(str(entry.get("path", "")), parts=64):
+            return f"file {str(entry)[:80]!r} is no path inside the dataset"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
+                or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"file {entry['path'][:80]!r} has no size and sha256"
+    return None
+
+
+def _inside(rel: str, *, parts: int) -> bool:
+    """A relative POSIX path of at most `parts` plain names: no '..', no root, no NUL."""
+    names = rel.split("/")
+    return 0 < len(names) <= parts and all(
+        name not in ("", ".", "..") and "\x00" not in name and "\\" not in name
+        and len(name.encode("utf-8", "surrogateescape")) <= 255 for name in names)
 
 
 # -- the tree, never following a link ----------------------------------------------------
@@ -319,19 +367,72 @@ def _write_manifest(root: Path, text: str) -> None:
 
 
 def _read_description(root: Path) -> dict:
+    """dataset.json, checked whole: it names the release archive's folder and is printed in
+    the data card and the CLI, so each field has a type, a length and no control character."""
     path = root / DESCRIPTION
     if not path.exists():
         return {}
+    if not path.is_file():
+        raise DatasetError(f"{path} is not a file: dataset.json is a JSON object")
+    if path.stat().st_size > MAX_DESCRIPTION_BYTES:
+        raise DatasetError(f"{path} is larger than {MAX_DESCRIPTION_BYTES} bytes")
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DatasetError(f"{path} is nested too deeply to be a dataset description") \
+            from None
     if not isinstance(description, dict):
         raise DatasetError(f"{path} must hold a JSON object (name, task, modality, ...)")
+    problems = [f"{path}: {problem}" for problem in _description_problems(description)]
+    if problems:
+        raise DatasetError("\n".join(problems))
+    return description
+
+
+def _description_problems(description: dict) -> list[str]:
+    problems = []
+    for key, value in description.items():
+        if key in DESCRIPTION_TEXT:
+            problem = _text_problem(value, DESCRIPTION_TEXT[key])
+        elif key in DESCRIPTION_TABLES:
+            problem = _table_problem(value, integer_keys=key == "labels")
+        else:
+            problem = (f"is not a dataset.json field (known: "
+                       f"{', '.join(sorted([*DESCRIPTION_TEXT, *DESCRIPTION_TABLES]))})")
+        if problem:
+            problems.append(f"{key[:40]!r} {problem}")
+    name = description.get("name")
+    if isinstance(name, str) and not _text_problem(name, 100) and not DATASET_NAME.match(name):
+        problems.append(f"'name' {name[:60]!r} must be letters, digits, '.', '_', '-' (it "
+                        "names the release archive's folder)")
     task = description.get("task", "segmentation")
     if task not in ("segmentation", "classification"):
-        raise DatasetError(f"{path}: task must be segmentation or classification, not {task!r}")
-    return description
+        problems.append(f"task must be segmentation or classification, not {str(task)[:40]!r}")
+    return problems
+
+
+def _text_problem(value: object, limit: int) -> str | None:
+    if not isinstance(value, str):
+        return f"must be text, not {type(value).__name__}"
+    if len(value) > limit:
+        return f"is longer than {limit} characters"
+    if _CONTROL.search(value):
+        return "holds a control character (terminal escapes, NUL, line breaks)"
+    return None
+
+
+def _table_problem(value: object, *, integer_keys: bool) -> str | None:
+    if not isinstance(value, dict) or len(value) > MAX_DESCRIPTION_ENTRIES:
+        return f"must be an object of at most {MAX_DESCRIPTION_ENTRIES} entries (value: meaning)"
+    for key, meaning in value.items():
+        if integer_keys and not re.fullmatch(r"[0-9]{1,5}", key):
+            return f"key {key[:40]!r} must be a label value (a whole number)"
+        problem = _text_problem(key, 100) or _text_problem(meaning, 1000)
+        if problem:
+            return f"entry {key[:40]!r} {problem}"
+    return None
 
 
 def _input_case_ids(root: Path) -> list[str]:
@@ -351,14 +452,21 @@ def _read_labels(root: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(handle, strict=True)
             if not reader.fieldnames or not {"case_id", "label"} <= set(reader.fieldnames):
                 raise DatasetError(f"{path} needs the columns case_id,label")
+            if len(set(reader.fieldnames)) != len(reader.fieldnames):
+                raise DatasetError(f"{path}: a column appears twice in {reader.fieldnames[:10]}")
             for line, row in enumerate(reader, start=2):
                 case_id = (row["case_id"] or "").strip()
                 if case_id in labels:
                     raise DatasetError(f"{path} line {line}: duplicate case id {case_id!r}")
-                labels[case_id] = (row["label"] or "").strip()
+                label = (row["label"] or "").strip()
+                if label and not CLASS_LABEL.match(label):
+                    raise DatasetError(f"{path} line {line}: label {label[:40]!r} is not a class "
+                                       "name a challenge can score (letters, digits, '.', '_', "
+                                       "'-', starting with a letter or digit; at most 64)")
+                labels[case_id] = label
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path} is not a UTF-8 CSV table: {exc}") from None
     return labels
@@ -679,6 +787,7 @@ def verify_archive(archive: Path) -> VerificationReport:
     unsafe = []
     try:
         with tarfile.open(archive, "r:*") as tar:
+            top = None
             for member in tar:
                 rel = _safe_member_name(member.name)
                 if rel is None or member.issym() or member.islnk() or member.isdev():
@@ -686,8 +795,19 @@ def verify_archive(archive: Path) -> VerificationReport:
                     continue
                 if not member.isfile():
                     continue
+                top = top or Path(member.name).parts[0]
+                if Path(member.name).parts[0] != top:  # two trees: which one is the dataset?
+                    unsafe.append(f"{member.name} (outside the archive's one top folder)")
+                    continue
+                if rel in hashes or rel in extras or (rel == MANIFEST and manifest_bytes):
+                    # extraction keeps the last copy, a reader may take the first: refused
+                    unsafe.append(f"{member.name} (given twice)")
+                    continue
                 handle = tar.extractfile(member)
                 if rel == MANIFEST:
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise DatasetError(f"{archive.name}: its {MANIFEST} is larger than "
+                                           f"{MAX_MANIFEST_BYTES} bytes")
                     manifest_bytes = handle.read()
                 elif rel in RELEASE_EXTRAS:
                     extras[rel] = handle.read(MAX_RELEASE_EXTRA_BYTES + 1)
@@ -800,7 +920,7 @@ def _link_or_copy(entry: TreeEntry, target: Path) -> None:
 def release(root: Path, archive: Path) -> Path:
     """Package a sealed, intact dataset as open data: a reproducible .tar.gz with a data card."""
     dataset = require_intact(root)
-    top = f"{dataset.description.get('name', root.name)}-{dataset.version[:12]}"
+    top = f"{_release_name(dataset)}-{dataset.version[:12]}"
     card = data_card(dataset).encode()
     sums = checksums(dataset).encode()
     archive.parent.mkdir(parents=True, exist_ok=True)
@@ -813,6 +933,15 @@ def release(root: Path, archive: Path) -> Path:
         _add_file(tar, f"{top}/DATA_CARD.md", card)
         _add_file(tar, f"{top}/SHA256SUMS", sums)
     return archive
+
+
+def _release_name(dataset: SealedDataset) -> str:
+    """The archive's top folder: a plain name even from a manifest sealed before names were
+    checked, so no member can climb out of the folder it is extracted into."""
+    for name in (dataset.description.get("name"), dataset.root.resolve().name):
+        if isinstance(name, str) and DATASET_NAME.match(name):
+            return name
+    return "dataset"
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:

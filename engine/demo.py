@@ -119,17 +119,22 @@ def run_demo(console: Console, repo: Path) -> None:
 
 
 def _print_failures(console: Console, session, submitted: dict[str, int]) -> None:
+    from rich.text import Text
+
     from engine.db.models import SubmissionRow
+    from engine.reports import terminal_text
 
     for team, submission_id in submitted.items():
         submission = session.get(SubmissionRow, submission_id)
         if submission.status == "failed":
-            console.print(f"[red]{team} (#{submission_id}): {submission.reason}[/red] — "
-                          f"{submission.message}")
+            # messages and logs are text, never markup (a log may print "[/red]")
+            console.print(Text.assemble((terminal_text(f"{team} (#{submission_id}): "
+                                                       f"{submission.reason}"), "red"),
+                                        " — ", terminal_text(submission.message or "")))
             last_job = submission.jobs[-1].run_result or {}
             # stdout and stderr reach the log by separate streams: show a few lines
             for line in (last_job.get("log_tail") or "").strip().splitlines()[-3:]:
-                console.print(f"  log: {line}")
+                console.print(Text(terminal_text(f"  log: {line}")))
     console.print("Explore: epreuve status <id>, epreuve leaderboard demo-liver validation, "
                   "epreuve check <image> -c demo-liver")
 

@@ -64,6 +64,10 @@ SEGMENTATION_READERS: dict[str, tuple[Callable[[Path], ImageHeader], Callable[[P
 }
 TABLE_SUFFIXES = (".csv", ".json")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+# A probability written as text: plain ASCII decimal notation, nothing Python's float()
+# would also take (hex floats, '1_0', other scripts' digits, 'nan', 'infinity').
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?",
+                      re.ASCII)
 
 
 def _suffix(filename: str, allowed) -> str | None:
@@ -135,12 +139,25 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
         return _invalid(case_id, f"{where} (or its folder) was not a regular file (a link or "
                                  "a special file) and was not collected; write a regular file")
     path = Path(output_root) / case_id / spec.filename
+    # the folder first: a file, link or pipe at /output/<case_id> makes any path below it
+    # fail with its own error (ENOTDIR, ELOOP), each a participant's fault with a message
     try:
-        mode = os.lstat(path).st_mode
         folder_mode = os.lstat(path.parent).st_mode
     except FileNotFoundError:
+        return _missing(case_id, f"{where} was not written (no directory /output/{case_id}/ "
+                                 "either)")
+    except OSError as exc:
+        return _invalid(case_id, f"{where} cannot be reached ({exc.strerror})")
+    if not stat.S_ISDIR(folder_mode):
+        return _invalid(case_id, f"case {case_id}: /output/{case_id} is {_entry_kind(folder_mode)}"
+                                 f", not a folder; write the file /output/{rel}")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return _missing(case_id, f"{where} was not written{_listing(Path(output_root), case_id)}")
-    if not stat.S_ISREG(mode) or not stat.S_ISDIR(folder_mode):
+    except OSError as exc:
+        return _invalid(case_id, f"{where} cannot be reached ({exc.strerror})")
+    if not stat.S_ISREG(mode):
         return _invalid(case_id, f"{where} is not a regular file (links, directories and "
                                  "devices are refused)")
     read_header, read_volume = SEGMENTATION_READERS[_suffix(spec.filename,
@@ -166,22 +183,35 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
 
 
 def _check_labels(case_id: str, where: str, array: np.ndarray, allowed: list[int]) -> CaseOutput:
-    if array.dtype.kind == "f":
-        if np.isnan(array).any():
-            return _invalid(case_id, f"{where} contains NaN; a label map holds integer labels")
-        if not np.array_equal(array, np.rint(array)):
-            example = array[array != np.rint(array)].flat[0]
-            return _invalid(case_id, f"{where} holds non-integer values such as {example:g}: "
-                                     "threshold probabilities and save the mask as uint8")
-    elif array.dtype.kind not in "iub":
+    if array.dtype.kind not in "iubf":
         return _invalid(case_id, f"{where} has data type {array.dtype}; save the mask as uint8")
+    # Each distinct value compared as a Python number: no cast may wrap (uint64 past int64)
+    # or turn infinity into a label.
     values = np.unique(array)
-    unknown = sorted(set(values.astype(np.int64).tolist()) - set(allowed))
+    if array.dtype.kind == "f":
+        if not np.isfinite(values).all():
+            return _invalid(case_id, f"{where} contains NaN or infinite values; a label map "
+                                     "holds integer labels")
+        fractional = values[values != np.rint(values)]
+        if fractional.size:
+            return _invalid(case_id, f"{where} holds non-integer values such as "
+                                     f"{fractional[0]:g}: threshold probabilities and save the "
+                                     "mask as uint8")
+    known = set(allowed)
+    unknown = [int(v) for v in values.tolist() if int(v) not in known]
     if unknown:
         return _invalid(case_id, f"{where} holds label(s) {unknown[:10]} outside the allowed "
                                  f"set {sorted(allowed)}")
     return CaseOutput(case_id, None, "valid", mask=array.astype(np.uint8 if max(
         allowed, default=0) < 256 else np.int32))
+
+
+def _entry_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a special file (a pipe, socket or device)"
 
 
 def _listing(root: Path, case_id: str) -> str:
@@ -272,7 +302,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _read_csv_table(text: str, spec: ProbabilityOutput) -> dict[str, dict[str, float] | str]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         columns = next(reader, [])
         if len(columns) > MAX_TABLE_COLUMNS:
@@ -282,6 +312,9 @@ def _read_csv_table(text: str, spec: ProbabilityOutput) -> dict[str, dict[str, f
         if missing:
             raise ValueError(f"missing column(s) {missing}; expected "
                              f"case_id,{','.join(spec.classes)}")
+        twice = sorted({c for c in wanted if columns.count(c) > 1})
+        if twice:
+            raise ValueError(f"column(s) {twice} appear more than once in the header")
         index = {name: columns.index(name) for name in wanted}
         rows: dict[str, dict[str, float] | str] = {}
         for line, cells in enumerate(reader, start=2):
@@ -304,7 +337,8 @@ def _row_values(row: dict, classes: list[str]) -> dict[str, float] | str:
     values = {}
     for name in classes:
         raw = row.get(name)
-        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str) or (
+                isinstance(raw, str) and not _DECIMAL.fullmatch(raw.strip(" \t"))):
             return f"{name} is {_short(raw)}, not a number"
         try:
             value = float(raw)
@@ -312,7 +346,7 @@ def _row_values(row: dict, classes: list[str]) -> dict[str, float] | str:
             return f"{name} is {_short(raw)}, not a number"
         if not math.isfinite(value) or not 0.0 <= value <= 1.0:
             return f"{name} is {_short(raw)}; probabilities lie in [0, 1]"
-        values[name] = value
+        values[name] = value + 0.0  # -0 is 0: one spelling in results and reports
     return values
 
 

@@ -8,11 +8,17 @@ run-level message (time, memory, exit code, image) is shown as it is; any other
 becomes a generic message that says what to check (organisers see the full one).
 
 Everything a participant or organiser typed (team names, messages, log tails,
-image references) is printed as plain text, never as rich markup.
+image references) is printed as plain text, never as rich markup, and inert: a
+control character (a terminal escape sequence, a bell, a backspace) or an invisible
+direction mark is shown as its escape (`\x1b`), so a log cannot drive the reader's
+terminal. A phase that hides per-case results shows a run-level failure (time,
+memory, quota, exit) in words built from the phase's limits, never the stored text,
+which can carry names the container chose (a sparse file named after a hidden case).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.console import Console
@@ -33,8 +39,18 @@ from runners.messages import human_bytes
 RUN_LEVEL_REASONS = {FailureReason.TIMEOUT.value, FailureReason.OOM_KILLED.value,
                      FailureReason.OUTPUT_QUOTA.value, FailureReason.NONZERO_EXIT.value,
                      FailureReason.IMAGE_INVALID.value, FailureReason.CANCELLED.value}
+# shown as escapes: C0 controls but line feed and tab, DEL, C1 controls, direction and
+# zero-width marks
+_NOT_INERT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
+                        r"\u2066-\u2069]")
 CHECK_HINT = ("This phase does not show per-case details: run `epreuve check` on the phase's "
               "public sample cases to see the full message.")
+
+
+def terminal_text(text: object) -> str:
+    """`text` as a terminal shows it without acting on it: each control character escaped."""
+    return _NOT_INERT.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                     else f"\\u{ord(m.group()):04x}"), str(text))
 
 
 def participant_message(phase: Phase, output_hint: str, reason: str | None,
@@ -45,8 +61,10 @@ def participant_message(phase: Phase, output_hint: str, reason: str | None,
     if reason == FailureReason.INFRASTRUCTURE.value:
         return ("The platform failed to run this submission (not your submission's fault): "
                 "it is retried, and it never counts against your quota.")
-    if not phase.hides_cases or reason is None or reason in RUN_LEVEL_REASONS:
+    if not phase.hides_cases or reason is None:
         return message
+    if reason in RUN_LEVEL_REASONS:
+        return _run_level_message(phase, reason) or message
     if reason == FailureReason.OUTPUT_MISSING.value:
         return f"An expected output was not written ({output_hint}). {CHECK_HINT}"
     if reason == FailureReason.OUTPUT_INVALID.value:
@@ -54,6 +72,27 @@ def participant_message(phase: Phase, output_hint: str, reason: str | None,
                 f"image's voxel grid (copy the input's header, do not resample) and hold only "
                 f"the allowed values. {CHECK_HINT}")
     return f"The submission failed ({reason}). {CHECK_HINT}"
+
+
+def _run_level_message(phase: Phase, reason: str) -> str | None:
+    """A run-level failure in words from the phase's limits alone. The stored message may
+    quote what the container chose (file names, an exit code): in a hidden phase those could
+    carry a hidden case's id or data out."""
+    limits = phase.limits
+    if reason == FailureReason.TIMEOUT.value:
+        return (f"The run exceeded its time limit ({limits.time_per_case:g} s per case) and was "
+                "stopped. Make inference faster or look for a hang.")
+    if reason == FailureReason.OOM_KILLED.value:
+        return (f"The container ran out of memory (limit {human_bytes(limits.memory)}) and the "
+                "kernel killed it. Reduce memory use; files in /tmp count towards this limit.")
+    if reason == FailureReason.OUTPUT_QUOTA.value:
+        return (f"The container wrote more than its output quota of "
+                f"{human_bytes(limits.output_quota)} to /output (sparse files count at their "
+                "full size, every hard link as a copy). Write only the expected files, "
+                "compressed.")
+    if reason == FailureReason.NONZERO_EXIT.value:
+        return f"The container exited with a non-zero code. {CHECK_HINT}"
+    return None  # the image's own checks and cancellations say nothing about a case
 
 
 def _output_hint(challenge) -> str:
@@ -137,68 +176,74 @@ def _job(job: JobRow, show_logs: bool) -> dict[str, Any]:
     return entry
 
 
+def _plain(text: object) -> str:
+    """For a markup string: escaped brackets, inert controls."""
+    return escape(terminal_text(text))
+
+
 def render(console: Console, report: dict[str, Any]) -> None:
     if "submission" not in report:
         table = Table(title="queue")
         table.add_column("state")
         table.add_column("jobs", justify="right")
         for state, count in sorted(report["jobs"].items()):
-            table.add_row(escape(state), str(count))
+            table.add_row(_plain(state), str(count))
         console.print(table)
         return
     status = report["status"] + (f": {report['reason']}" if report["reason"] else "")
-    console.print(f"[bold]submission {report['submission']}[/bold] ({escape(report['team'])}, "
-                  f"{escape(report['challenge'])}/{escape(report['phase'])}): {escape(status)}")
+    console.print(f"[bold]submission {report['submission']}[/bold] "
+                  f"({_plain(report['team'])}, {_plain(report['challenge'])}/"
+                  f"{_plain(report['phase'])}): {_plain(status)}")
     if report.get("message"):
-        console.print(Text(report["message"]), soft_wrap=True)
+        console.print(Text(terminal_text(report["message"])), soft_wrap=True)
     if "queue" in report:
         eta = report["queue"]["estimated_start_seconds"]
         console.print(f"queued: {report['queue']['jobs_ahead']} job(s) ahead"
                       + (f", starts in about {eta} s" if eta is not None else ""))
     if report.get("prize_note"):
-        console.print(Text(report["prize_note"], style="yellow"))
+        console.print(Text(terminal_text(report["prize_note"]), style="yellow"))
     jobs = Table(title="jobs")
     for column in ("job", "kind", "cases", "status", "reason", "wall", "peak memory"):
         jobs.add_column(column)
     for job in report["jobs"]:
-        jobs.add_row(str(job["job"]), escape(job["kind"]), str(job["cases"]),
-                     escape(job["status"]), escape(job["reason"] or "-"),
+        jobs.add_row(str(job["job"]), _plain(job["kind"]), str(job["cases"]),
+                     _plain(job["status"]), _plain(job["reason"] or "-"),
                      "-" if job["wall_seconds"] is None else f"{job['wall_seconds']:.2f} s",
                      human_bytes(job["peak_memory_bytes"]) if job["peak_memory_bytes"] else "-")
     console.print(jobs)
     for job in report["jobs"]:
         if job.get("log_tail"):
             console.print(Text(f"job {job['job']} log (tail):", style="dim"))
-            console.print(Text(job["log_tail"][-1500:]), soft_wrap=True)
+            console.print(Text(terminal_text(job["log_tail"][-1500:])), soft_wrap=True)
     for case in [c for c in report.get("cases", []) if not c["valid"]][:10]:
-        console.print(Text(f"  {case['case_id']}: {case['reason']}: {case['message']}"),
-                      soft_wrap=True)
+        console.print(Text(terminal_text(f"  {case['case_id']}: {case['reason']}: "
+                                         f"{case['message']}")), soft_wrap=True)
     if report["aggregates"]:
         table = Table(title="aggregates (failed cases at their worst value)")
         for column in ("metric", "mean", "median", "95% CI", "failed"):
             table.add_column(column)
         for metric, s in sorted(report["aggregates"].items()):
             if "mean" in s:
-                table.add_row(escape(metric), f"{s['mean']:.4f}", f"{s['median']:.4f}",
+                table.add_row(_plain(metric), f"{s['mean']:.4f}", f"{s['median']:.4f}",
                               f"{s['ci_low']:.4f} - {s['ci_high']:.4f}", str(s["n_failed"]))
             else:
-                table.add_row(escape(metric), f"{s['value']:.4f}", "-", "-",
+                table.add_row(_plain(metric), f"{s['value']:.4f}", "-", "-",
                               str(s["n_failed"]))
         console.print(table)
 
 
 def render_leaderboard(console: Console, challenge: str, phase: str, entries: list) -> None:
-    table = Table(title=escape(f"{challenge} / {phase}"))
+    table = Table(title=_plain(f"{challenge} / {phase}"))
     table.add_column("rank", justify="right")
     table.add_column("team")
     table.add_column("submission", justify="right")
     keys = list(entries[0].scores) if entries else []
     for key in keys:
-        table.add_column(escape(key), justify="right")
+        table.add_column(_plain(key), justify="right")
     for column in ("failed cases", "runtime / case", "prize"):
         table.add_column(column, justify="right")
     for e in entries:
-        table.add_row(str(e.rank), Text(e.team), str(e.submission_id),
+        table.add_row(str(e.rank), Text(terminal_text(e.team)), str(e.submission_id),
                       *(f"{e.scores[k]:.4f} (#{e.metric_ranks[k]})" for k in keys),
                       str(e.n_failed),
                       "-" if e.runtime_per_case is None else f"{e.runtime_per_case:.2f} s",
@@ -209,18 +254,19 @@ def render_leaderboard(console: Console, challenge: str, phase: str, entries: li
 def render_check(console: Console, report: dict[str, Any]) -> None:
     verdict = Text("would pass", style="green") if report["ok"] else \
         Text(f"would fail: {report.get('reason')}", style="red")
-    console.print(Text.assemble(f"{report['image']} on {report['challenge']}/"
-                                f"{report['phase']}: ", verdict))
-    console.print(Text(report.get("message") or ""), soft_wrap=True)
+    console.print(Text.assemble(terminal_text(f"{report['image']} on {report['challenge']}/"
+                                              f"{report['phase']}: "), verdict))
+    console.print(Text(terminal_text(report.get("message") or "")), soft_wrap=True)
     run = report.get("run")
     if run:
         console.print(f"wall {run['wall_seconds'] or 0:.2f} s, CPU {run['cpu_seconds'] or 0:.2f}"
                       f" s, peak memory {human_bytes(run['peak_memory_bytes'])}")
         if run["log_tail"]:
             console.print(Text("log (tail):", style="dim"))
-            console.print(Text(run["log_tail"][-1500:]), soft_wrap=True)
+            console.print(Text(terminal_text(run["log_tail"][-1500:])), soft_wrap=True)
     for case_id, case in report["cases"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in case["metrics"].items()
                           if isinstance(v, float) and k.startswith(("dice", "hd95")))
-        console.print(Text(f"  {case_id}: {'valid' if case['valid'] else case['reason']} "
-                           f"{shown or case['message']}"))
+        console.print(Text(terminal_text(f"  {case_id}: "
+                                         f"{'valid' if case['valid'] else case['reason']} "
+                                         f"{shown or case['message']}")))

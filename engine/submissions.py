@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -220,9 +221,34 @@ def find_phase(session: Session, challenge_id: str, phase_slug: str) -> tuple[Ph
     return phase_row, phase
 
 
+MAX_TEAM_NAME = 100
+# printed in every leaderboard and status line: no control characters (terminal escapes),
+# no invisible direction or zero-width marks (two names that look the same)
+_HIDDEN_IN_NAMES = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
+                              r"\u2066-\u2069\ufeff]")
+
+
+def team_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a new team's name, or None. One spelling per name: NFC, no
+    surrounding spaces, so that 'é' typed two ways is one team, not two quotas."""
+    if not name.strip():
+        return "a team name cannot be empty"
+    if len(name) > MAX_TEAM_NAME:
+        return f"a team name has at most {MAX_TEAM_NAME} characters"
+    if _HIDDEN_IN_NAMES.search(name):
+        return f"team name {name[:60]!r} holds a control or invisible character"
+    if name != name.strip() or name != unicodedata.normalize("NFC", name):
+        return (f"team name {name[:60]!r} has surrounding spaces or is not in Unicode NFC "
+                f"form; write {unicodedata.normalize('NFC', name.strip())[:60]!r}")
+    return None
+
+
 def get_or_create_team(session: Session, name: str) -> TeamRow:
     team = session.scalar(select(TeamRow).where(TeamRow.name == name))
     if team is None:
+        problem = team_name_problem(name)
+        if problem:
+            raise SubmissionRefused(problem)
         team = TeamRow(name=name)
         session.add(team)
         session.flush()

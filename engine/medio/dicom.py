@@ -30,12 +30,13 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from engine.medio.volume import (
-    Geometry,
     ImageHeader,
     MedioError,
     Volume,
     affine_from_lps,
+    checked_geometry,
     lps_parts,
+    reads_hostile_bytes,
 )
 
 ORIENTATION_TOLERANCE = 1e-4
@@ -304,13 +305,15 @@ def _series(source: Path | list[Path], series_uid: str | None):
     return where, slices, _slice_geometry(frames, where)
 
 
+@reads_hostile_bytes
 def read_dicom_header(source: Path | list[Path], *, series_uid: str | None = None) -> ImageHeader:
-    _, slices, (ordered, direction, spacing, origin) = _series(source, series_uid)
+    where, slices, (ordered, direction, spacing, origin) = _series(source, series_uid)
     first = slices[0][1]
     shape = (ordered[0].columns, ordered[0].rows, len(ordered))
     dtype = np.dtype(np.int16 if first.get("PixelRepresentation", 0) else np.uint16)
-    return ImageHeader(Geometry(shape, affine_from_lps(direction, spacing, origin)), dtype,
-                       "dicom", str(first.get("Modality", "unknown")))
+    return ImageHeader(checked_geometry(shape, affine_from_lps(direction, spacing, origin),
+                                        where), dtype, "dicom",
+                       str(first.get("Modality", "unknown")))
 
 
 def _decode(path: Path, frames: int, rows: int, columns: int, where: str) -> np.ndarray:
@@ -328,6 +331,7 @@ def _decode(path: Path, frames: int, rows: int, columns: int, where: str) -> np.
     return pixels
 
 
+@reads_hostile_bytes
 def read_dicom_series(source: Path | list[Path], *, series_uid: str | None = None) -> Volume:
     where, slices, (ordered, direction, spacing, origin) = _series(source, series_uid)
     frame_counts: dict[Path, int] = defaultdict(int)
@@ -341,6 +345,9 @@ def read_dicom_series(source: Path | list[Path], *, series_uid: str | None = Non
         integral &= frame.slope.is_integer() and frame.intercept.is_integer()
         planes.append((pixels * frame.slope + frame.intercept).T)  # (rows, cols) -> (i, j)
     array = np.stack(planes, axis=-1)
+    if not (np.abs(array) <= np.finfo(np.float32).max).all():  # NaN fails this too
+        raise MedioError(f"{where}: RescaleSlope and RescaleIntercept give voxel values "
+                         "beyond any finite 32-bit number")
     if integral and array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(
             np.int16).max:
         array = array.astype(np.int16)
@@ -348,7 +355,8 @@ def read_dicom_series(source: Path | list[Path], *, series_uid: str | None = Non
         array = array.astype(np.float32)
     first = slices[0][1]
     syntaxes = sorted({str(header.file_meta.TransferSyntaxUID) for _, header in slices})
-    return Volume(array, affine_from_lps(direction, spacing, origin), "dicom",
+    geometry = checked_geometry(array.shape, affine_from_lps(direction, spacing, origin), where)
+    return Volume(array, geometry.affine, "dicom",
                   str(first.get("Modality", "unknown")),
                   {"series_uid": str(first.get("SeriesInstanceUID", "")),
                    "transfer_syntaxes": syntaxes})

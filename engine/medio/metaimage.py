@@ -21,12 +21,13 @@ import SimpleITK as sitk
 
 from engine.medio.files import inflate_at_most, open_regular, read_at_most, read_exactly
 from engine.medio.volume import (
-    Geometry,
     ImageHeader,
     MedioError,
     Volume,
     affine_from_lps,
+    checked_geometry,
     lps_parts,
+    reads_hostile_bytes,
 )
 
 MAX_HEADER_BYTES = 64 << 10
@@ -54,11 +55,13 @@ class _Parsed:
     header_size: int  # detached data: bytes to skip (-1: the data ends the file)
 
 
+@reads_hostile_bytes
 def read_metaimage_header(path: Path) -> ImageHeader:
     with open_regular(path) as fd:
         return _parse(fd, Path(path)).header
 
 
+@reads_hostile_bytes
 def read_metaimage(path: Path) -> Volume:
     path = Path(path)
     with open_regular(path) as fd:
@@ -111,7 +114,8 @@ def _parse(fd: int, path: Path) -> _Parsed:
     origin = _floats(fields, "Offset", name, "0 0 0", 3)
     matrix = np.asarray(_floats(fields, "TransformMatrix", name, "1 0 0 0 1 0 0 0 1", 9))
     direction = matrix.reshape(3, 3).T  # each row of TransformMatrix is one axis
-    header = ImageHeader(Geometry(shape, affine_from_lps(direction, spacing, origin)),
+    header = ImageHeader(checked_geometry(shape, affine_from_lps(direction, spacing, origin),
+                                          name),
                          np.dtype(_ELEMENT_TYPES[element]), "metaimage")
     return _Parsed(header, _data_file(fields, path), data_offset,
                    _flag(fields, "CompressedData", False, name),

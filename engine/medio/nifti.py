@@ -19,13 +19,20 @@ import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
 from engine.medio.files import inflate_at_most, open_regular, read_at_most
-from engine.medio.volume import Geometry, ImageHeader, MedioError, Volume
+from engine.medio.volume import (
+    ImageHeader,
+    MedioError,
+    Volume,
+    checked_geometry,
+    reads_hostile_bytes,
+)
 
 NIFTI1_SIZE, NIFTI2_SIZE = 348, 540
 MAX_VOX_OFFSET = 16 << 20  # header extensions beyond this are not an image's business
 _SINGLE_FILE_MAGIC = {NIFTI1_SIZE: b"n+1\x00", NIFTI2_SIZE: b"n+2\x00"}
 
 
+@reads_hostile_bytes
 def read_nifti_header(path: Path) -> ImageHeader:
     path = Path(path)
     with open_regular(path) as fd:
@@ -33,6 +40,7 @@ def read_nifti_header(path: Path) -> ImageHeader:
     return _describe(header, path.name)
 
 
+@reads_hostile_bytes
 def read_nifti(path: Path) -> Volume:
     path = Path(path)
     with open_regular(path) as fd:
@@ -46,6 +54,7 @@ def read_nifti(path: Path) -> Volume:
         raise MedioError(f"{path.name}: voxel data cannot be read (expected "
                          f"{described.declared_bytes} bytes, the file holds "
                          f"{max(0, len(raw) - offset)})")
+    _check_extensions(raw, header, offset, path.name)
     dtype = header.get_data_dtype()
     array = np.frombuffer(raw, dtype=dtype, count=math.prod(header.get_data_shape()),
                           offset=offset).reshape(header.get_data_shape(), order="F")
@@ -86,12 +95,32 @@ def _header(fd: int, path: Path) -> tuple[nib.Nifti1Header, bool]:
     except Exception as exc:  # nibabel raises many types for broken headers
         raise MedioError(f"{name} is not a readable NIfTI file ({exc})") from None
     offset = header.get_data_offset()
+    if not math.isfinite(offset) or offset != int(offset):
+        raise MedioError(f"{name}: vox_offset {offset} is not a whole number of bytes")
     if offset == 0:  # unset: right after the header and its 4 extension flag bytes
         header.set_data_offset(size + 4)
     elif not size + 4 <= offset <= MAX_VOX_OFFSET:
         raise MedioError(f"{name}: vox_offset {offset} lies outside [{size + 4}, "
                          f"{MAX_VOX_OFFSET}]")
     return header, compressed
+
+
+def _check_extensions(raw: bytes, header: nib.Nifti1Header, offset: int, name: str) -> None:
+    """Header extensions are never used, but a chain that claims more bytes than lie
+    before the voxels (or a negative size) is a header that lies: refused, as any reader
+    that follows the chain would misread the file."""
+    size = header.sizeof_hdr
+    if raw[size] == 0:  # extender flag: no extensions
+        return
+    position = size + 4
+    while position + 8 <= offset:
+        esize = struct.unpack(f"{header.endianness}i", raw[position:position + 4])[0]
+        if esize == 0:
+            return  # zero padding up to the voxels
+        if esize < 8 or position + esize > offset:
+            raise MedioError(f"{name}: a header extension at byte {position} claims {esize} "
+                             f"bytes; the voxels start at byte {offset}")
+        position += esize
 
 
 def _header_size(head: bytes, name: str) -> int:
@@ -116,6 +145,9 @@ def _describe(header: nib.Nifti1Header, name: str) -> ImageHeader:
         affine = np.asarray(header.get_best_affine(), float)
     except Exception as exc:
         raise MedioError(f"{name}: its orientation cannot be read ({exc})") from None
-    if not np.isfinite(affine).all():
-        raise MedioError(f"{name}: its affine holds non-finite numbers")
-    return ImageHeader(Geometry(shape, affine), np.dtype(dtype.newbyteorder("=")), "nifti")
+    try:
+        header.get_slope_inter()
+    except Exception as exc:  # nibabel refuses e.g. a finite slope with a NaN intercept
+        raise MedioError(f"{name}: its intensity scaling cannot be read ({exc})") from None
+    return ImageHeader(checked_geometry(shape, affine, name),
+                       np.dtype(dtype.newbyteorder("=")), "nifti")

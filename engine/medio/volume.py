@@ -9,13 +9,19 @@ Conventions (the same for every format):
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-6, 1e6
+MIN_AXIS_VOLUME = 1e-3  # |det| of the unit axes: below it two axes (nearly) coincide
+_Read = TypeVar("_Read", bound=Callable)
 
 
 class MedioError(ValueError):
@@ -48,6 +54,48 @@ class Geometry:
             "origin": [round(v, 4) for v in self.origin],
             "orientation": self.orientation,
         }
+
+
+def checked_geometry(shape, affine, name: str) -> Geometry:
+    """The grid a header declares, if it is one: three positive dimensions, a finite affine
+    whose axes have a sane length and span the space. Every reader checks through here, so
+    no later comparison or message meets a degenerate grid."""
+    dims = tuple(int(n) for n in shape)
+    if len(dims) != 3 or any(n <= 0 for n in dims):
+        raise MedioError(f"{name}: dimensions {list(dims)} must be three positive numbers")
+    matrix = np.asarray(affine, dtype=float)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise MedioError(f"{name}: its affine (orientation, spacing, origin) holds "
+                         "non-finite numbers")
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    if not ((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)).all():
+        raise MedioError(f"{name}: voxel spacing {[float(f'{s:.4g}') for s in spacing]} mm "
+                         f"lies outside [{MIN_SPACING_MM:g}, {MAX_SPACING_MM:g}]")
+    axes = matrix[:3, :3] / spacing[None, :]
+    if abs(np.linalg.det(axes)) < MIN_AXIS_VOLUME or None in nib.aff2axcodes(matrix):
+        raise MedioError(f"{name}: its orientation is degenerate (two axes point the same "
+                         "way or an axis is zero)")
+    return Geometry(dims, matrix)
+
+
+def reads_hostile_bytes(reader: _Read) -> _Read:
+    """A reader of untrusted bytes fails with a MedioError: whatever the parsing libraries
+    raise on a crafted file (ValueError, OverflowError, RecursionError, their own types) is
+    the file's fault. An OSError is the host's (a failing disk, no descriptors left: opening
+    the file itself is checked in files.py), and a MemoryError the worker's: both pass."""
+
+    @functools.wraps(reader)
+    def guarded(source, *args, **kwargs):
+        try:
+            return reader(source, *args, **kwargs)
+        except (MedioError, MemoryError, OSError):
+            raise
+        except Exception as exc:
+            name = getattr(source, "name", "the image")
+            raise MedioError(f"{name} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
+
+    return guarded  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
