@@ -251,14 +251,20 @@ class SecondDaemon:
         self.socket = root / "docker.sock"
         self.url = f"unix://{self.socket}"
         self.process: subprocess.Popen | None = None
+        # A bridge of its own: with --bridge=none, dockerd deletes the host's docker0, which
+        # would cut every later bridge-networked container of the main daemon.
+        self.bridge = f"epv{uuid.uuid4().hex[:8]}"
 
     def start(self) -> None:
         self._forget_dead_containerd()
+        if not Path(f"/sys/class/net/{self.bridge}").exists():
+            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
         with open(self.root / "dockerd.log", "ab") as log:
             self.process = subprocess.Popen(
                 ["dockerd", "--data-root", str(self.root / "data"), "--exec-root",
                  str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
-                 "-H", self.url, "--bridge=none", "--iptables=false", "--ip6tables=false"],
+                 "-H", self.url, f"--bridge={self.bridge}", "--iptables=false",
+                 "--ip6tables=false", "--ip-masq=false"],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -290,6 +296,7 @@ class SecondDaemon:
     def close(self) -> None:
         self.stop()
         _kill_processes_of(self.root)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
         containerd_pid = self.root / "exec" / "containerd" / "containerd.pid"
         if containerd_pid.exists():  # the containerd this daemon started, if it outlived it
             pid = int(containerd_pid.read_text().strip() or 0)
