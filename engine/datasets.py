@@ -279,14 +279,6 @@ def _hash_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- sealing -----------------------------------------------------------------------------
 
 
