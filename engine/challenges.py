@@ -149,14 +149,14 @@ def _stored(info: ValidationInfo) -> bool:
 STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 # Text an organiser types is printed in terminals and pages: no control characters (terminal
 # escapes, NUL, line breaks) and no invisible direction or zero-width marks.
-_HIDDEN_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
-                                r"\u2066-\u2069\ufeff]")
+HIDDEN_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
+                               r"\u2066-\u2069\ufeff]")
 
 
 def _plain_text(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     texts = value if isinstance(value, list) else [value]
     for text in texts:
-        if isinstance(text, str) and not _stored(info) and _HIDDEN_CHARACTERS.search(text):
+        if isinstance(text, str) and not _stored(info) and HIDDEN_CHARACTERS.search(text):
             raise ValueError(f"{text[:60]!r} holds a control or invisible character")
     return value
 
