@@ -40,6 +40,7 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from runners import messages
 from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed
 from runners.cgroups import (
+    RUN_NAME,
     CgroupUsage,
     RunCgroup,
     leftover_run_cgroups,
@@ -65,7 +66,6 @@ IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
 _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 RUN_OWNER_TAG = "owner"
-RUN_NAME = re.compile(r"epreuve-[0-9a-f]{12}")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
 MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 MAX_VOLUMES = 16
