@@ -60,7 +60,7 @@ from engine.image_streams import (
     peek,
     scan_layer,
 )
-from runners.docker import FORBIDDEN_VOLUME_ROOTS, MAX_VOLUMES  # one volume policy
+from runners.docker import MAX_VOLUMES, cleaned_volume  # one volume policy
 from runners.image_user import (
     ResolvedUser,
     UserUnresolvable,
@@ -489,9 +489,8 @@ def check_volumes(volumes) -> list[str]:
                            f"{MAX_VOLUMES} are allowed")
     cleaned = []
     for path in volumes:
-        clean = posixpath.normpath(path) if path.startswith("/") else ""
-        if clean in ("", "/", "//") or any(
-                clean == root or clean.startswith(root + "/") for root in FORBIDDEN_VOLUME_ROOTS):
+        clean = cleaned_volume(path)
+        if clean is None:
             raise ImageInvalid(f"the image declares VOLUME {path!r}: volumes must be absolute "
                                "paths outside /, /input, /output, /proc, /sys and /dev (each "
                                "becomes a small tmpfs; write results to /output)")

@@ -709,15 +709,25 @@ def image_volumes(image: dict) -> list[str]:
             f"the image declares more than {MAX_VOLUMES} VOLUMEs"))
     cleaned = []
     for path in volumes:
-        clean = posixpath.normpath(path) if str(path).startswith("/") else ""
-        if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
-                                           for root in FORBIDDEN_VOLUME_ROOTS):
+        clean = cleaned_volume(path)
+        if clean is None:
             raise ImageRejected(messages.image_cannot_start(
                 f"VOLUME {path!r} is not allowed: volumes must be absolute paths outside /, "
                 "/input, /output, /proc, /sys and /dev"))
         if clean not in SANDBOX_MOUNTS:
             cleaned.append(clean)
     return cleaned
+
+
+def cleaned_volume(path: str) -> str | None:
+    """A VOLUME path as Docker cleans it; None for one the sandbox cannot cover with a tmpfs
+    (relative, /, or a path the sandbox mounts itself or a kernel file system). The one
+    volume policy: image intake applies it too."""
+    clean = posixpath.normpath(path) if str(path).startswith("/") else ""
+    if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
+                                       for root in FORBIDDEN_VOLUME_ROOTS):
+        return None
+    return clean
 
 
 def effective_user(requested: str | None, image_user: str,
