@@ -60,7 +60,11 @@ from engine.image_streams import (
     peek,
     scan_layer,
 )
-from runners.docker import MAX_VOLUMES, cleaned_volume  # one volume policy
+from runners.docker import (  # one volume policy, one name per architecture
+    ARCH_ALIASES,
+    MAX_VOLUMES,
+    cleaned_volume,
+)
 from runners.image_user import (
     ResolvedUser,
     UserUnresolvable,
@@ -79,7 +83,6 @@ CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 CONTROL_FILES = ("manifest.json", "repositories", "index.json", "oci-layout")
 PROTECTED_TAGS = ("epreuve/base:3.11",)  # checked after every load, named or not
-ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
 
 

@@ -47,7 +47,13 @@ from runners.cgroups import (
     make_run_cgroup,
     remove_cgroup_tree,
 )
-from runners.image_user import MAX_ID, UserUnresolvable, numeric_pair, resolve_user
+from runners.image_user import (
+    MAX_ACCOUNT_FILE,
+    MAX_ID,
+    UserUnresolvable,
+    numeric_pair,
+    resolve_user,
+)
 from runners.logs import LogTail
 from runners.output_area import OutputArea, unmount
 
@@ -67,7 +73,6 @@ _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 RUN_OWNER_TAG = "owner"
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
-MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 MAX_VOLUMES = 16
 # A VOLUME becomes a tmpfs; these paths are the sandbox's own or the kernel's.
 FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
