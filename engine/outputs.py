@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -104,9 +104,6 @@ class ProbabilityOutput(BaseModel):
     @classmethod
     def _table_format(cls, value: str) -> str:
         return _plain_filename(value, TABLE_SUFFIXES, "a CSV or JSON table")
-
-
-OutputSpec = Annotated[SegmentationOutput | ProbabilityOutput, Field(discriminator="kind")]
 
 
 @dataclass
