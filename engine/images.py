@@ -47,6 +47,7 @@ import docker
 import docker.errors
 
 from engine.image_streams import (
+    CHUNK,
     DELETED,
     UNREADABLE,
     BoundedTarInfo,
@@ -79,7 +80,6 @@ MAX_ARCHIVE_MEMBERS = 10_000
 MAX_LAYER_MEMBERS = 2_000_000  # entries of one layer
 MAX_CONTROL_JSON = 1 << 20  # manifest.json, repositories, index.json, oci-layout
 MAX_CONFIG_JSON = 8 << 20
-CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 CONTROL_FILES = ("manifest.json", "repositories", "index.json", "oci-layout")
 PROTECTED_TAGS = ("epreuve/base:3.11",)  # checked after every load, named or not
