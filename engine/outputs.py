@@ -179,6 +179,31 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
     return _check_labels(case_id, where, array, spec.labels)
 
 
+def untrusted_case(case_id: str, validate, *args, **kwargs) -> CaseOutput:
+    """`validate(*args, **kwargs)` for one case; a validator crashing on hostile output bytes
+    is the output's fault (OUTPUT_INVALID), never a traceback: for the workers and `check`."""
+    try:
+        return validate(*args, **kwargs)
+    except Exception as exc:
+        return _unreadable(case_id, exc)
+
+
+def untrusted_table(case_ids: list[str], validate, *args,
+                    **kwargs) -> dict[str, CaseOutput]:
+    """`validate(*args, **kwargs)` for a table of all cases; a crash is each case's
+    OUTPUT_INVALID: the table's bytes are the participant's, so is the failure."""
+    try:
+        return validate(*args, **kwargs)
+    except Exception as exc:
+        return {case_id: _unreadable(case_id, exc) for case_id in case_ids}
+
+
+def _unreadable(case_id: str, exc: BaseException) -> CaseOutput:
+    return CaseOutput(case_id, FailureReason.OUTPUT_INVALID,
+                      f"case {case_id}: the output could not be read ({type(exc).__name__}); "
+                      "write the file the challenge asks for, in its format")
+
+
 def _check_labels(case_id: str, where: str, array: np.ndarray, allowed: list[int]) -> CaseOutput:
     if array.dtype.kind not in "iubf":
         return _invalid(case_id, f"{where} has data type {array.dtype}; save the mask as uint8")
