@@ -61,6 +61,7 @@ from engine.image_streams import (
     peek,
     scan_layer,
 )
+from engine.scoring.evaluation_image import EvaluationImageUnusable
 from runners.docker import (  # one volume policy, one name per architecture
     ARCH_ALIASES,
     MAX_VOLUMES,
@@ -647,3 +648,27 @@ def save_image(reference: str, destination: Path, client: docker.DockerClient,
             if progress:
                 progress(written, total)
     return destination
+
+
+def pin_evaluation_image(reference: str, client: docker.DockerClient | None = None) -> str:
+    """The id of the organisers' image on this node, checked like a participant's config
+    (architecture, something to run, not root by name or number, VOLUMEs)."""
+    client = client or docker.DockerClient(
+        base_url=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+    try:
+        attributes = client.api.inspect_image(reference)
+    except docker.errors.ImageNotFound:
+        raise EvaluationImageUnusable(
+            f"the evaluation image {reference!r} is not on this node: load it (docker load) "
+            "before creating the challenge; it is pinned by id when the challenge is created"
+        ) from None
+    except docker.errors.DockerException as exc:
+        raise EvaluationImageUnusable(f"the evaluation image {reference!r} cannot be "
+                                      f"inspected: {exc}") from None
+    try:
+        check_config({"architecture": attributes.get("Architecture"),
+                      "os": attributes.get("Os") or "linux",
+                      "config": attributes.get("Config") or {}}, node_architecture())
+    except ImageInvalid as exc:
+        raise EvaluationImageUnusable(f"the evaluation image {reference!r}: {exc}") from None
+    return attributes["Id"]

@@ -106,7 +106,8 @@ def register_challenge(session: Session, path: Path, actor: str = "cli", *,
 def _with_pinned_evaluation_image(challenge: Challenge, locator: Locator) -> Challenge:
     """The organisers' evaluation image is pinned to its id now: the workers run that id,
     never the tag (a value typed into the file is replaced)."""
-    from engine.scoring.evaluation_image import EvaluationImageUnusable, pin_evaluation_image
+    from engine.images import pin_evaluation_image
+    from engine.scoring.evaluation_image import EvaluationImageUnusable
 
     image_id = None
     if challenge.metrics.evaluation_image:
