@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.datasets import CLASS_LABEL  # one spelling of a class: here and in labels.csv
 from engine.outputs import (
     SEGMENTATION_READERS,
     TABLE_SUFFIXES,
@@ -49,7 +50,6 @@ MAX_FILE_BYTES = 1 << 20
 # output files the engine reads back (.mhd is left out: its header names a second file)
 SEGMENTATION_EXTENSIONS = tuple(SEGMENTATION_READERS)  # one allow-list: the readers'
 PROBABILITY_EXTENSIONS = TABLE_SUFFIXES
-_CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GIB, TIB = 1 << 30, 1 << 40
 
 
@@ -149,14 +149,14 @@ def _stored(info: ValidationInfo) -> bool:
 STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 # Text an organiser types is printed in terminals and pages: no control characters (terminal
 # escapes, NUL, line breaks) and no invisible direction or zero-width marks.
-_HIDDEN_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
-                                r"\u2066-\u2069\ufeff]")
+HIDDEN_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
+                               r"\u2066-\u2069\ufeff]")
 
 
 def _plain_text(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     texts = value if isinstance(value, list) else [value]
     for text in texts:
-        if isinstance(text, str) and not _stored(info) and _HIDDEN_CHARACTERS.search(text):
+        if isinstance(text, str) and not _stored(info) and HIDDEN_CHARACTERS.search(text):
             raise ValueError(f"{text[:60]!r} holds a control or invisible character")
     return value
 
@@ -209,7 +209,7 @@ class ProbabilitySpec(ProbabilityOutput):
     @classmethod
     def _classes(cls, classes: list[str]) -> list[str]:
         for name in classes:
-            if not _CLASS_NAME.match(name) or name == "case_id":
+            if not CLASS_LABEL.match(name) or name == "case_id":
                 raise ValueError(f"class {name!r}: use letters, digits, '.', '_', '-' (not "
                                  "case_id)")
         if len(set(classes)) != len(classes):

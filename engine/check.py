@@ -21,7 +21,13 @@ from engine.config import Settings
 from engine.datasets import stage, unstage
 from engine.images import ImageInvalid, check_config, node_architecture
 from engine.medio import read_header
-from engine.outputs import ProbabilityOutput, validate_probabilities, validate_segmentation
+from engine.outputs import (
+    ProbabilityOutput,
+    untrusted_case,
+    untrusted_table,
+    validate_probabilities,
+    validate_segmentation,
+)
 from engine.results import flatten
 from engine.scoring.cases import CasePair, LesionSettings, score_cases
 from engine.scoring.segmentation import SegmentationSettings
@@ -116,15 +122,17 @@ def _stage_of(smoke: bool, batch: list[str]) -> str:
 
 def _validate_and_score(challenge, dataset, case_ids, output, skipped) -> dict[str, dict]:
     if isinstance(challenge.output, ProbabilityOutput):
-        outcomes = validate_probabilities(output, case_ids, challenge.output)
+        outcomes = untrusted_table(case_ids, validate_probabilities, output, case_ids,
+                                   challenge.output)
         return {c: {"valid": o.valid, "reason": o.reason and o.reason.value,
                     "message": o.message, "metrics": o.probabilities or {}}
                 for c, o in outcomes.items()}
     cases, pairs = {}, []
     for case_id in case_ids:
         reference = dataset.ground_truth_path(case_id)
-        outcome = validate_segmentation(output, case_id, challenge.output,
-                                        read_header(reference).geometry, skipped=skipped)
+        outcome = untrusted_case(case_id, validate_segmentation, output, case_id,
+                                 challenge.output, read_header(reference).geometry,
+                                 skipped=skipped)
         cases[case_id] = {"valid": outcome.valid, "reason": outcome.reason and
                           outcome.reason.value, "message": outcome.message, "metrics": {}}
         if outcome.valid:

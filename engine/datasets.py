@@ -279,14 +279,6 @@ def _hash_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- sealing -----------------------------------------------------------------------------
 
 
@@ -690,9 +682,15 @@ def verify(source: Path, *, cache: VerificationCache | None = None,
     """Compare a dataset directory, a released archive, or an extracted release with its
     manifest. Content only: a file's link count is not checked, since staging hard-links
     inputs into a job's directory while the job runs."""
-    source = Path(source)
+    return _verify(Path(source), cache, full)[0]
+
+
+def _verify(source: Path, cache: VerificationCache | None,
+            full: bool) -> tuple[VerificationReport, SealedDataset | None]:
+    """The report, and the dataset whose manifest it was checked against (None for an
+    archive): a caller that goes on to use the dataset does not parse the manifest again."""
     if source.is_file() and source.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return verify_archive(source)
+        return verify_archive(source), None
     dataset = load(source)
     expected = dataset.files()
     remembered = cache.read(source, dataset.version) if cache else {}
@@ -730,7 +728,7 @@ def verify(source: Path, *, cache: VerificationCache | None = None,
     if cache is not None and report.ok:
         full_at = time.time() if full else remembered.get("full_at", time.time())
         cache.write(source, dataset.version, fingerprints, full_at)
-    return report
+    return report, dataset
 
 
 def _read_entry(entry: TreeEntry) -> bytes:
@@ -834,11 +832,11 @@ def verify_archive(archive: Path) -> VerificationReport:
 
 def require_intact(root: Path, cache: VerificationCache | None = None) -> SealedDataset:
     """The dataset, or a DatasetError naming every file that no longer matches its seal."""
-    report = verify(root, cache=cache)
+    report, dataset = _verify(Path(root), cache, False)
     if not report.ok:
         raise DatasetError(f"dataset {root} no longer matches its seal "
                            f"({report.version[:12]}):\n  " + "\n  ".join(report.lines()))
-    return load(root)
+    return dataset if dataset is not None else load(root)
 
 
 # -- staging -----------------------------------------------------------------------------

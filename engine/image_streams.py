@@ -22,9 +22,10 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 
+from runners.image_user import MAX_ACCOUNT_FILE  # the runner reads them to the same bound
+
 CHUNK = 1 << 20
 MAX_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header; real ones are a few hundred bytes
-MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group
 ACCOUNT_FILES = ("etc/passwd", "etc/group")
 DELETED, UNREADABLE = "deleted", "unreadable"  # states of an account file besides its bytes
 MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",

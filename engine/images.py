@@ -47,6 +47,7 @@ import docker
 import docker.errors
 
 from engine.image_streams import (
+    CHUNK,
     DELETED,
     UNREADABLE,
     BoundedTarInfo,
@@ -60,7 +61,12 @@ from engine.image_streams import (
     peek,
     scan_layer,
 )
-from runners.docker import FORBIDDEN_VOLUME_ROOTS, MAX_VOLUMES  # one volume policy
+from engine.scoring.evaluation_image import EvaluationImageUnusable
+from runners.docker import (  # one volume policy, one name per architecture
+    ARCH_ALIASES,
+    MAX_VOLUMES,
+    cleaned_volume,
+)
 from runners.image_user import (
     ResolvedUser,
     UserUnresolvable,
@@ -75,11 +81,9 @@ MAX_ARCHIVE_MEMBERS = 10_000
 MAX_LAYER_MEMBERS = 2_000_000  # entries of one layer
 MAX_CONTROL_JSON = 1 << 20  # manifest.json, repositories, index.json, oci-layout
 MAX_CONFIG_JSON = 8 << 20
-CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 CONTROL_FILES = ("manifest.json", "repositories", "index.json", "oci-layout")
 PROTECTED_TAGS = ("epreuve/base:3.11",)  # checked after every load, named or not
-ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
 
 
@@ -489,9 +493,8 @@ def check_volumes(volumes) -> list[str]:
                            f"{MAX_VOLUMES} are allowed")
     cleaned = []
     for path in volumes:
-        clean = posixpath.normpath(path) if path.startswith("/") else ""
-        if clean in ("", "/", "//") or any(
-                clean == root or clean.startswith(root + "/") for root in FORBIDDEN_VOLUME_ROOTS):
+        clean = cleaned_volume(path)
+        if clean is None:
             raise ImageInvalid(f"the image declares VOLUME {path!r}: volumes must be absolute "
                                "paths outside /, /input, /output, /proc, /sys and /dev (each "
                                "becomes a small tmpfs; write results to /output)")
@@ -645,3 +648,27 @@ def save_image(reference: str, destination: Path, client: docker.DockerClient,
             if progress:
                 progress(written, total)
     return destination
+
+
+def pin_evaluation_image(reference: str, client: docker.DockerClient | None = None) -> str:
+    """The id of the organisers' image on this node, checked like a participant's config
+    (architecture, something to run, not root by name or number, VOLUMEs)."""
+    client = client or docker.DockerClient(
+        base_url=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+    try:
+        attributes = client.api.inspect_image(reference)
+    except docker.errors.ImageNotFound:
+        raise EvaluationImageUnusable(
+            f"the evaluation image {reference!r} is not on this node: load it (docker load) "
+            "before creating the challenge; it is pinned by id when the challenge is created"
+        ) from None
+    except docker.errors.DockerException as exc:
+        raise EvaluationImageUnusable(f"the evaluation image {reference!r} cannot be "
+                                      f"inspected: {exc}") from None
+    try:
+        check_config({"architecture": attributes.get("Architecture"),
+                      "os": attributes.get("Os") or "linux",
+                      "config": attributes.get("Config") or {}}, node_architecture())
+    except ImageInvalid as exc:
+        raise EvaluationImageUnusable(f"the evaluation image {reference!r}: {exc}") from None
+    return attributes["Id"]

@@ -33,7 +33,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -104,9 +104,6 @@ class ProbabilityOutput(BaseModel):
     @classmethod
     def _table_format(cls, value: str) -> str:
         return _plain_filename(value, TABLE_SUFFIXES, "a CSV or JSON table")
-
-
-OutputSpec = Annotated[SegmentationOutput | ProbabilityOutput, Field(discriminator="kind")]
 
 
 @dataclass
@@ -180,6 +177,31 @@ def validate_segmentation(output_root: Path, case_id: str, spec: SegmentationOut
     except MedioError as exc:
         return _invalid(case_id, f"{where} cannot be read: {exc}")
     return _check_labels(case_id, where, array, spec.labels)
+
+
+def untrusted_case(case_id: str, validate, *args, **kwargs) -> CaseOutput:
+    """`validate(*args, **kwargs)` for one case; a validator crashing on hostile output bytes
+    is the output's fault (OUTPUT_INVALID), never a traceback: for the workers and `check`."""
+    try:
+        return validate(*args, **kwargs)
+    except Exception as exc:
+        return _unreadable(case_id, exc)
+
+
+def untrusted_table(case_ids: list[str], validate, *args,
+                    **kwargs) -> dict[str, CaseOutput]:
+    """`validate(*args, **kwargs)` for a table of all cases; a crash is each case's
+    OUTPUT_INVALID: the table's bytes are the participant's, so is the failure."""
+    try:
+        return validate(*args, **kwargs)
+    except Exception as exc:
+        return {case_id: _unreadable(case_id, exc) for case_id in case_ids}
+
+
+def _unreadable(case_id: str, exc: BaseException) -> CaseOutput:
+    return CaseOutput(case_id, FailureReason.OUTPUT_INVALID,
+                      f"case {case_id}: the output could not be read ({type(exc).__name__}); "
+                      "write the file the challenge asks for, in its format")
 
 
 def _check_labels(case_id: str, where: str, array: np.ndarray, allowed: list[int]) -> CaseOutput:

@@ -26,7 +26,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Challenge, ChallengeError, Locator, Phase, load_challenge_file
+from engine.challenges import (
+    HIDDEN_CHARACTERS,
+    Challenge,
+    ChallengeError,
+    Locator,
+    Phase,
+    load_challenge_file,
+)
 from engine.datasets import DatasetError, SealedDataset, load, require_intact
 from engine.db.models import (
     ChallengeRow,
@@ -99,7 +106,8 @@ def register_challenge(session: Session, path: Path, actor: str = "cli", *,
 def _with_pinned_evaluation_image(challenge: Challenge, locator: Locator) -> Challenge:
     """The organisers' evaluation image is pinned to its id now: the workers run that id,
     never the tag (a value typed into the file is replaced)."""
-    from engine.scoring.evaluation_image import EvaluationImageUnusable, pin_evaluation_image
+    from engine.images import pin_evaluation_image
+    from engine.scoring.evaluation_image import EvaluationImageUnusable
 
     image_id = None
     if challenge.metrics.evaluation_image:
@@ -222,10 +230,6 @@ def find_phase(session: Session, challenge_id: str, phase_slug: str) -> tuple[Ph
 
 
 MAX_TEAM_NAME = 100
-# printed in every leaderboard and status line: no control characters (terminal escapes),
-# no invisible direction or zero-width marks (two names that look the same)
-_HIDDEN_IN_NAMES = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
-                              r"\u2066-\u2069\ufeff]")
 
 
 def team_name_problem(name: str) -> str | None:
@@ -235,7 +239,9 @@ def team_name_problem(name: str) -> str | None:
         return "a team name cannot be empty"
     if len(name) > MAX_TEAM_NAME:
         return f"a team name has at most {MAX_TEAM_NAME} characters"
-    if _HIDDEN_IN_NAMES.search(name):
+    # printed in every leaderboard and status line; invisible marks would let two names
+    # look the same
+    if HIDDEN_CHARACTERS.search(name):
         return f"team name {name[:60]!r} holds a control or invisible character"
     if name != name.strip() or name != unicodedata.normalize("NFC", name):
         return (f"team name {name[:60]!r} has surrounding spaces or is not in Unicode NFC "

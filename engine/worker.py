@@ -42,9 +42,10 @@ from engine.datasets import DatasetError, SealedDataset, VerificationCache, stag
 from engine.db.models import CaseResultRow, ImageRow, JobRow, utcnow
 from engine.medio import read_header
 from engine.outputs import (
-    CaseOutput,
     ProbabilityOutput,
     SegmentationOutput,
+    untrusted_case,
+    untrusted_table,
     validate_probabilities,
     validate_segmentation,
 )
@@ -337,8 +338,8 @@ class Worker:
         for case_id in case_ids:
             reference = dataset.ground_truth_path(case_id)
             geometry = read_header(reference).geometry  # ground truth: ours, errors are ours
-            outcome = _validate_untrusted(case_id, validate_segmentation, output_dir, case_id,
-                                          spec, geometry, skipped=skipped)
+            outcome = untrusted_case(case_id, validate_segmentation, output_dir, case_id,
+                                     spec, geometry, skipped=skipped)
             if not outcome.valid:
                 reason, message = fallback or (outcome.reason.value, outcome.message)
                 scored[case_id] = ScoredCase(case_id, False, reason, message,
@@ -389,10 +390,7 @@ class Worker:
 
     def _score_probabilities(self, spec: ProbabilityOutput, case_ids: list[str],
                              output_dir: Path) -> list[ScoredCase]:
-        try:
-            outcomes = validate_probabilities(output_dir, case_ids, spec)
-        except Exception as exc:  # the table's bytes are the participant's: so is the failure
-            outcomes = {c: _unreadable(c, exc) for c in case_ids}
+        outcomes = untrusted_table(case_ids, validate_probabilities, output_dir, case_ids, spec)
         table = output_dir / spec.filename
         digest = {spec.filename: _sha256(table)} if table.is_file() else {}
         return [ScoredCase(c, o.valid, None if o.valid else o.reason.value, o.message,
@@ -428,20 +426,6 @@ def messages_platform(stage: str) -> str:
     return (f"The platform failed while {stage} (an internal error, not caused by your "
             "submission). The job is retried automatically and never counts against your "
             "quota.")
-
-
-def _validate_untrusted(case_id: str, validate, *args, **kwargs) -> CaseOutput:
-    """A validator crashing on hostile output bytes is the output's fault, not ours."""
-    try:
-        return validate(*args, **kwargs)
-    except Exception as exc:
-        return _unreadable(case_id, exc)
-
-
-def _unreadable(case_id: str, exc: BaseException) -> CaseOutput:
-    return CaseOutput(case_id, FailureReason.OUTPUT_INVALID,
-                      f"case {case_id}: the output could not be read ({type(exc).__name__}); "
-                      "write the file the challenge asks for, in its format")
 
 
 def claim_work_dir(root: Path, owner: str) -> Path:

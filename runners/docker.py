@@ -40,13 +40,20 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from runners import messages
 from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed
 from runners.cgroups import (
+    RUN_NAME,
     CgroupUsage,
     RunCgroup,
     leftover_run_cgroups,
     make_run_cgroup,
     remove_cgroup_tree,
 )
-from runners.image_user import MAX_ID, UserUnresolvable, numeric_pair, resolve_user
+from runners.image_user import (
+    MAX_ACCOUNT_FILE,
+    MAX_ID,
+    UserUnresolvable,
+    numeric_pair,
+    resolve_user,
+)
 from runners.logs import LogTail
 from runners.output_area import OutputArea, unmount
 
@@ -65,9 +72,7 @@ IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
 _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 RUN_OWNER_TAG = "owner"
-RUN_NAME = re.compile(r"epreuve-[0-9a-f]{12}")
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
-MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 MAX_VOLUMES = 16
 # A VOLUME becomes a tmpfs; these paths are the sandbox's own or the kernel's.
 FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
@@ -709,15 +714,25 @@ def image_volumes(image: dict) -> list[str]:
             f"the image declares more than {MAX_VOLUMES} VOLUMEs"))
     cleaned = []
     for path in volumes:
-        clean = posixpath.normpath(path) if str(path).startswith("/") else ""
-        if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
-                                           for root in FORBIDDEN_VOLUME_ROOTS):
+        clean = cleaned_volume(path)
+        if clean is None:
             raise ImageRejected(messages.image_cannot_start(
                 f"VOLUME {path!r} is not allowed: volumes must be absolute paths outside /, "
                 "/input, /output, /proc, /sys and /dev"))
         if clean not in SANDBOX_MOUNTS:
             cleaned.append(clean)
     return cleaned
+
+
+def cleaned_volume(path: str) -> str | None:
+    """A VOLUME path as Docker cleans it; None for one the sandbox cannot cover with a tmpfs
+    (relative, /, or a path the sandbox mounts itself or a kernel file system). The one
+    volume policy: image intake applies it too."""
+    clean = posixpath.normpath(path) if str(path).startswith("/") else ""
+    if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
+                                       for root in FORBIDDEN_VOLUME_ROOTS):
+        return None
+    return clean
 
 
 def effective_user(requested: str | None, image_user: str,

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 MAX_ID = 2**31 - 1  # runc's range for a numeric uid or gid
+MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 GO_INT = re.compile(r"[+-]?[0-9]+")
 INT64_MAX = 2**63 - 1
 

@@ -32,7 +32,6 @@ from runners.messages import human_bytes
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 BLOCK = 4096  # what one file or directory costs at least on the host's disk
 MAX_OUTPUT_ENTRIES = 100_000  # files and directories
-MAX_OUTPUT_FILES = MAX_OUTPUT_ENTRIES
 MAX_DEPTH = 32  # directory levels below /output
 MAX_PATH_BYTES = 1024  # of a path below /output: far below PATH_MAX wherever it is copied
 COPY_CHUNK = 1 << 20
@@ -140,7 +139,7 @@ class TmpfsOutputArea(OutputArea):
         path.mkdir(parents=True, exist_ok=False)
         # One spare page: usage above the quota then proves a write was cut short.
         size = _round_up(quota_bytes, PAGE) + PAGE
-        inodes = MAX_OUTPUT_FILES + 1000
+        inodes = MAX_OUTPUT_ENTRIES + 1000
         options = f"size={size},nr_inodes={inodes},mode=0777,nosuid,nodev,noexec"
         proc = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", options, "epreuve-output", str(path)],

@@ -47,10 +47,6 @@ def open_regular(path: Path, *, dir_fd: int | None = None) -> Iterator[int]:
         os.close(fd)
 
 
-def file_size(fd: int) -> int:
-    return os.fstat(fd).st_size
-
-
 def read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
     """Up to `limit` bytes from `offset` (fewer at the end of the file)."""
     parts, wanted = [], limit

@@ -12,10 +12,10 @@ and must write `/output/metrics.json`:
     {"cases": {"<case_id>": {"<metric>": <finite number>, ...}, ...},
      "aggregates": {"<name>": <finite number>, ...}}        (aggregates optional)
 
-The image is pinned by id when the challenge is created (`pin_evaluation_image`,
-stored with the challenge) and the workers run that id, never the tag: a tag
-moved later, by anyone, changes nothing. An id absent from a node is the
-platform's failure (INFRASTRUCTURE), never the team's.
+The image is pinned by id when the challenge is created (`pin_evaluation_image`, in
+engine/images.py: scoring runs no Docker client of its own), stored with the challenge,
+and the workers run that id, never the tag: a tag moved later, by anyone, changes nothing.
+An id absent from a node is the platform's failure (INFRASTRUCTURE), never the team's.
 
 Anything else is refused with a typed reason: a missing file is OUTPUT_MISSING,
 malformed JSON or a schema violation OUTPUT_INVALID, naming what is wrong. A
@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import docker
-import docker.errors
 from pydantic import BaseModel, ValidationError, field_validator
 
 from engine.datasets import SealedDataset, stage_tree, unstage
-from engine.images import ImageInvalid, check_config, node_architecture
 from runners.base import FailureReason, Runner, RunResult, RunSpec
 
 MAX_METRICS_BYTES = 32 << 20
@@ -48,30 +44,6 @@ IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
 class EvaluationImageUnusable(ValueError):
     """The evaluation image cannot be pinned or run; the message says why."""
-
-
-def pin_evaluation_image(reference: str, client: docker.DockerClient | None = None) -> str:
-    """The id of the organisers' image on this node, checked like a participant's config
-    (architecture, something to run, not root by name or number, VOLUMEs)."""
-    client = client or docker.DockerClient(
-        base_url=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
-    try:
-        attributes = client.api.inspect_image(reference)
-    except docker.errors.ImageNotFound:
-        raise EvaluationImageUnusable(
-            f"the evaluation image {reference!r} is not on this node: load it (docker load) "
-            "before creating the challenge; it is pinned by id when the challenge is created"
-        ) from None
-    except docker.errors.DockerException as exc:
-        raise EvaluationImageUnusable(f"the evaluation image {reference!r} cannot be "
-                                      f"inspected: {exc}") from None
-    try:
-        check_config({"architecture": attributes.get("Architecture"),
-                      "os": attributes.get("Os") or "linux",
-                      "config": attributes.get("Config") or {}}, node_architecture())
-    except ImageInvalid as exc:
-        raise EvaluationImageUnusable(f"the evaluation image {reference!r}: {exc}") from None
-    return attributes["Id"]
 
 
 def pinned_evaluation_image(image_id: str | None, reference: str) -> str:
