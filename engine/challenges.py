@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from engine.datasets import CLASS_LABEL  # one spelling of a class: here and in labels.csv
+from engine.errors import EpreuveError
 from engine.outputs import (
     SEGMENTATION_READERS,
     TABLE_SUFFIXES,
@@ -53,7 +54,7 @@ PROBABILITY_EXTENSIONS = TABLE_SUFFIXES
 GIB, TIB = 1 << 30, 1 << 40
 
 
-class ChallengeError(ValueError):
+class ChallengeError(EpreuveError, ValueError):
     """The challenge file is not valid; the message names each field and its line."""
 
 

@@ -13,13 +13,33 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
+from engine.errors import EXIT_NO_ENGINE
 from engine.units import parse_size
 from runners.base import RunResult, RunSpec
 from runners.messages import human_bytes
 
+
+class _ExpectedFailures(TyperGroup):
+    """The one place where an expected failure becomes an error line and an exit code
+    (engine/errors.py): a user never sees a traceback for one."""
+
+    def invoke(self, ctx):
+        from engine.errors import exit_code, expected
+
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not expected(exc):
+                raise
+            _error(exc)
+            raise typer.Exit(exit_code(exc)) from None
+
+
 app = typer.Typer(help="Épreuve: evaluate containerised algorithms on sealed medical-imaging "
-                       "test sets.", no_args_is_help=True, pretty_exceptions_show_locals=False)
+                       "test sets.", no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  cls=_ExpectedFailures)
 sandbox_app = typer.Typer(help="Run one image in exactly the sandbox the workers use.",
                           no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
@@ -34,7 +54,6 @@ console = Console()
 errors = Console(stderr=True)
 
 EXIT_FAILED_RUN = 1
-EXIT_NO_ENGINE = 3
 
 
 def _error(message: object) -> None:

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import UID
 
+from engine.errors import EpreuveError
 from engine.medio import MedioError, geometry_differences, is_image, read_header, read_volume
 from engine.medio.dicom import transfer_syntax_name
 
@@ -82,7 +83,7 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DEFAULT_FULL_EVERY_SECONDS = 24 * 3600
 
 
-class DatasetError(ValueError):
+class DatasetError(EpreuveError, ValueError):
     """The dataset cannot be sealed, verified or staged as it is; the message says why."""
 
 

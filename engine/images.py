@@ -46,6 +46,7 @@ from pathlib import Path, PurePosixPath
 import docker
 import docker.errors
 
+from engine.errors import EpreuveError
 from engine.image_streams import (
     CHUNK,
     DELETED,
@@ -87,7 +88,7 @@ PROTECTED_TAGS = ("epreuve/base:3.11",)  # checked after every load, named or no
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
 
 
-class ImageInvalid(ValueError):
+class ImageInvalid(EpreuveError, ValueError):
     """The image cannot be accepted; the message says why and what to do."""
 
 

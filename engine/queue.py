@@ -26,6 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
+from engine.errors import Conflict
 from runners.base import FailureReason
 from runners.docker import owner_alive
 
@@ -105,7 +106,7 @@ def transition(session: Session, job: JobRow, to_state: str, actor: str,
     session.refresh(job)
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(Conflict, RuntimeError):
     """The job was swept (lease expired) or cancelled while this worker held it."""
 
 

@@ -44,6 +44,7 @@ from engine.db.models import (
     TeamRow,
     utcnow,
 )
+from engine.errors import Conflict
 from engine.images import PinnedImage
 from runners.base import FailureReason
 
@@ -57,7 +58,7 @@ OPEN_SOURCE_LICENSES = {
 SOURCE_URL = re.compile(r"^https?://[^\s/$.?#].[^\s]*$")
 
 
-class SubmissionRefused(ValueError):
+class SubmissionRefused(Conflict, ValueError):
     """Not accepted (closed phase, quota, unknown challenge); the message says why."""
 
 

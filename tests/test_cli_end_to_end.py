@@ -174,3 +174,25 @@ def test_check_reports_what_the_platform_would(cli, images):
     assert human.startswith(f"{images['broken']} on test-liver/validation: would fail: "
                             "NONZERO_EXIT\n")
     assert cli.json("status") == {"jobs": {}, "running": []}  # a dry run queues nothing
+
+
+def test_expected_failures_are_an_error_line_and_an_exit_code(cli, images, tmp_path):
+    """Every expected failure goes through the one error family (engine/errors.py): a line
+    the user can act on and its exit code, never a traceback."""
+    nope = cli("check", images["threshold"], "-c", "test-liver", "-p", "nope", code=1)
+    assert nope.stdout == ""
+    assert nope.stderr == ("error: challenge test-liver has no phase 'nope' (phases: "
+                           "validation, final, closed)\n")
+    unknown = cli("check", images["threshold"], "-c", "no-such-challenge", code=1)
+    assert unknown.stderr == "error: no challenge 'no-such-challenge'\n"
+
+    sample = tmp_path / "data/validation/inputs/case-001"
+    image = next(sample.iterdir())
+    image.chmod(0o644)
+    image.write_bytes(image.read_bytes()[:-1])  # the sealed test set tampered with
+    tampered = cli("check", images["threshold"], "-c", "test-liver", code=1)
+    assert tampered.stdout == ""
+    assert tampered.stderr.startswith(f"error: dataset {tmp_path / 'data/validation'} no "
+                                      "longer matches its seal")
+    assert f"changed: inputs/case-001/{image.name}" in tampered.stderr
+    assert "Traceback" not in nope.stderr + unknown.stderr + tampered.stderr

@@ -18,13 +18,15 @@ from typing import TypeVar
 import nibabel as nib
 import numpy as np
 
+from engine.errors import EpreuveError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MIN_SPACING_MM, MAX_SPACING_MM = 1e-6, 1e6
 MIN_AXIS_VOLUME = 1e-3  # |det| of the unit axes: below it two axes (nearly) coincide
 _Read = TypeVar("_Read", bound=Callable)
 
 
-class MedioError(ValueError):
+class MedioError(EpreuveError, ValueError):
     """A file that cannot be read as a medical image; the message says which and why."""
 
 

@@ -36,13 +36,14 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError, field_validator
 
 from engine.datasets import SealedDataset, stage_tree, unstage
+from engine.errors import EpreuveError
 from runners.base import FailureReason, Runner, RunResult, RunSpec
 
 MAX_METRICS_BYTES = 32 << 20
 IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-class EvaluationImageUnusable(ValueError):
+class EvaluationImageUnusable(EpreuveError, ValueError):
     """The evaluation image cannot be pinned or run; the message says why."""
 
 
