@@ -72,6 +72,8 @@ MAX_VOLUMES = 16
 # A VOLUME becomes a tmpfs; these paths are the sandbox's own or the kernel's.
 FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
 SANDBOX_MOUNTS = ("/tmp",)  # already a tmpfs: an image VOLUME there is covered by it
+NO_HEALTHCHECK = {"Test": ["NONE"]}  # an image's HEALTHCHECK would exec its own commands
+ACCOUNT_FILES_RUN = "account-files"  # a container that is never started: no run, no path
 
 
 class DockerUnavailable(RuntimeError):
@@ -300,7 +302,7 @@ class DockerRunner:
         container that is created, never started, and removed at once."""
         container = self.api.create_container(
             image=image["Id"], entrypoint=["/nonexistent"], command=[], network_disabled=True,
-            labels={LABEL_MANAGED: "true", LABEL_OWNER: self.owner},
+            labels=self._labels({}, ACCOUNT_FILES_RUN), healthcheck=NO_HEALTHCHECK,
             host_config=self.api.create_host_config(
                 network_mode="none", read_only=True,
                 tmpfs={path: "rw,nosuid,nodev,size=1m" for path in image_volumes(image)}))
@@ -336,8 +338,7 @@ class DockerRunner:
             cgroup_parent=run.cgroup.parent if run.cgroup else None,
             volumes=image_volumes(run.image),
         ))
-        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_OWNER: self.owner,
-                  LABEL_RUN: run.name}
+        labels = self._labels(spec.labels, run.name)
         try:
             container = self.api.create_container(
                 image=run.image["Id"],  # by id: create never pulls, and the tag cannot move
@@ -349,11 +350,18 @@ class DockerRunner:
                 hostname="epreuve",
                 network_disabled=True,
                 stop_signal="SIGTERM",
+                healthcheck=NO_HEALTHCHECK,  # only our command runs in the sandbox
                 host_config=host_config,
             )
         except docker.errors.APIError as exc:
             raise _classify_api_error(exc) from exc
         return container["Id"]
+
+    def _labels(self, requested: dict[str, str], run_name: str) -> dict[str, str]:
+        """Every label the reaper reads, set by us: Docker adds the image's LABELs to the
+        container's, so a key we left unset would be the participant's to choose."""
+        return {**requested, LABEL_MANAGED: "true", LABEL_OWNER: self.owner,
+                LABEL_RUN: run_name}
 
     # -- execute -------------------------------------------------------------------------
 

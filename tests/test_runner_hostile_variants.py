@@ -1,0 +1,103 @@
+"""Variants of the hostile-participant attacks on the sandbox runner: real images, real runs.
+
+- what a container writes to its logs is shown, never replayed: control and escape
+  sequences (a terminal's screen, title, cursor) and invalid UTF-8 reach organisers and
+  participants as visible text, never as bytes their terminal would obey;
+- an image's HEALTHCHECK never runs inside the sandbox: only the engine's command runs;
+- an image's LABELs can never name another run to the reaper.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from runners.base import RunSpec
+from runners.docker import LABEL_RUN, DockerRunner, owner_token
+from runners.logs import LogTail
+
+pytestmark = pytest.mark.docker
+
+
+def image_from(base: str, tag: str, *lines: str) -> str:
+    """A test image: `base` plus the given Dockerfile lines, built offline."""
+    dockerfile = "\n".join([f"FROM {base}", *lines]) + "\n"
+    subprocess.run(["docker", "build", "--network", "none", "-q", "-t", tag, "-"],
+                   input=dockerfile, text=True, check=True, capture_output=True)
+    return tag
+
+
+def python(code: str) -> tuple[str, ...]:
+    return ("python3", "-c", code)
+
+
+# -- logs -----------------------------------------------------------------------------------
+
+
+HOSTILE_LOG = (b"clear\x1b[2J title\x1b]0;pwned\x07 nul\x00 c1\xc2\x9b31m bidi\xe2\x80\xae"
+               b" bad\xff\xfe crlf\r\n tab\tend\n")
+SHOWN_LOG = ("clear\\x1b[2J title\\x1b]0;pwned\\x07 nul\\x00 c1\\x9b31m bidi\\u202e"
+             " bad\ufffd\ufffd crlf\n tab\tend\n")
+
+
+def test_log_escape_sequences_and_invalid_utf8_are_shown_never_replayed(runner, adversarial):
+    code = f"import sys; sys.stdout.buffer.write({HOSTILE_LOG!r})"
+    result = runner.run(RunSpec(image=adversarial["probe"], command=python(code),
+                                timeout_seconds=60))
+    assert result.succeeded, result.message
+    assert result.log_tail == SHOWN_LOG
+
+
+def test_a_log_cut_at_the_cap_is_still_clean():
+    tail = LogTail(cap_bytes=8)
+    tail.feed(b"\x1b[2J" * 4 + b"\xc3\xa9")  # the cap cuts an escape sequence
+    assert tail.text() == "2J\\x1b[2J\u00e9"
+
+
+# -- what runs in the sandbox --------------------------------------------------------------
+
+
+def test_an_image_healthcheck_never_runs_in_the_sandbox(runner, adversarial, tmp_path):
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-healthcheck:latest",
+                       'HEALTHCHECK --interval=10ms --start-period=1ms '
+                       'CMD ["python3", "-c", "open(\'/output/healthcheck-ran\', \'w\')"]')
+    code = ("import os, time\n"
+            "for _ in range(40):\n"
+            "    if os.path.exists('/output/healthcheck-ran'): break\n"
+            "    time.sleep(0.05)\n"
+            "print('healthcheck ran' if os.path.exists('/output/healthcheck-ran') "
+            "else 'only our command ran')\n")
+    result = runner.run(RunSpec(image=image, command=python(code), timeout_seconds=60,
+                                output_dir=tmp_path / "out"))
+    assert result.succeeded, result.message
+    assert result.log_tail == "only our command ran\n"
+    assert not (tmp_path / "out" / "healthcheck-ran").exists()
+
+
+# -- labels ---------------------------------------------------------------------------------
+
+
+def test_an_image_label_cannot_name_another_run_to_the_reaper(adversarial, tmp_path,
+                                                               monkeypatch):
+    victim_run = f"epreuve-{uuid.uuid4().hex[:12]}"
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-run-label:latest",
+                       f"LABEL {LABEL_RUN}={victim_run} org.epreuve.managed=true")
+    runner = DockerRunner(state_dir=tmp_path / "runs", reap_orphans=False)
+    victim = runner.state_dir / victim_run  # another worker's run, in progress
+    (victim / "output").mkdir(parents=True)
+    (victim / "owner").write_text(owner_token(os.getppid()))  # a live process: not ours
+    (victim / "output" / "mask.nii.gz").write_bytes(b"half written")
+
+    # This process dies between creating the container that reads a user's account files
+    # and removing it: the container stays, labelled by the image.
+    monkeypatch.setattr(runner, "_remove_container", lambda cid: False)
+    runner.account_files(runner.resolve_image(image))
+    monkeypatch.undo()
+    left = runner.api.containers(all=True, filters={"label": f"org.epreuve.owner={runner.owner}"})
+    assert len(left) == 1
+
+    assert runner.reap_orphans() == [left[0]["Id"]]
+    assert (victim / "output" / "mask.nii.gz").read_bytes() == b"half written"
