@@ -13,9 +13,11 @@ size of its layers (counted while they are decompressed, against the phase's
   string Layers, each a layer of the archive; a config object whose diff ids
   are the layers' own digests; malformed JSON is refused with the reason;
 - the config: this node's architecture, an ENTRYPOINT or CMD, VOLUMEs at
-  plain absolute paths, and a USER that is not root BY NUMBER: resolved to
-  uid:gid through the image's own /etc/passwd and /etc/group (read from its
-  layers, whiteouts applied), as runc would (`00`, `+0`, `toor` are root).
+  plain absolute paths, a WorkingDir and an Env the runtime can start (an
+  absolute WORKDIR outside the sandbox's mounts, no empty name, no NUL), and a
+  USER that is not root BY NUMBER: resolved to uid:gid through the image's own
+  /etc/passwd and /etc/group (read from its layers, whiteouts applied), as runc
+  would (`00`, `+0`, `toor` are root).
 
 While it is read, intake writes its own copy of the archive: the same layers
 and config, a manifest.json of our own without RepoTags, and no `repositories`,
@@ -60,7 +62,11 @@ from engine.image_streams import (
     peek,
     scan_layer,
 )
-from runners.docker import FORBIDDEN_VOLUME_ROOTS, MAX_VOLUMES  # one volume policy
+from runners.docker import (  # one policy for what an image may ask of the sandbox
+    FORBIDDEN_VOLUME_ROOTS,
+    MAX_VOLUMES,
+    image_settings_problem,
+)
 from runners.image_user import (
     ResolvedUser,
     UserUnresolvable,
@@ -466,6 +472,9 @@ def check_config(config: dict, node_arch: str) -> None:
         raise ImageInvalid("the image has no ENTRYPOINT or CMD: the platform would not know "
                            "what to run")
     check_volumes(settings.get("Volumes"))
+    problem = image_settings_problem(settings)
+    if problem is not None:
+        raise ImageInvalid(problem)
 
 
 def _settings(config: dict) -> dict:

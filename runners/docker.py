@@ -60,7 +60,10 @@ OOM_PEAK_FRACTION = 0.9  # exit 137 with a peak this close to the limit is an OO
 # Start failures caused by the image rather than by the platform.
 IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
                       "unable to find user", "permission denied", "exec format error",
-                      "no command specified", "not a directory")
+                      "no command specified", "not a directory",
+                      # runc setting up the image's working directory and environment
+                      "cwd must be", "error during container init: mkdir ",
+                      "error during container init: chdir ", "environment variable")
 # The runs in flight in this process, whichever runner started them: they share the owner label.
 _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
@@ -295,6 +298,9 @@ class DockerRunner:
         if not command and not (config.get("Entrypoint") or config.get("Cmd")):
             raise ImageRejected(messages.image_without_command())
         image_volumes(image)  # refused here, before anything is created
+        problem = image_settings_problem(config)
+        if problem is not None:
+            raise ImageRejected(messages.image_cannot_start(problem))
         return image
 
     def account_files(self, image: dict) -> tuple[str | None, str | None]:
@@ -726,6 +732,41 @@ def image_volumes(image: dict) -> list[str]:
         if clean not in SANDBOX_MOUNTS:
             cleaned.append(clean)
     return cleaned
+
+
+def image_settings_problem(config: dict) -> str | None:
+    """What in an image's WorkingDir or Env the runtime would refuse at start, or None.
+    Refused before the run, so that an image cannot pass its own failure to start for the
+    platform's (INFRASTRUCTURE is retried and never counted against the team)."""
+    return _working_dir_problem(config.get("WorkingDir")) or _env_problem(config.get("Env"))
+
+
+def _working_dir_problem(working_dir: Any) -> str | None:
+    if working_dir in (None, ""):
+        return None
+    if not isinstance(working_dir, str) or "\0" in working_dir:
+        return "the image's WorkingDir is not a path"
+    if not working_dir.startswith("/"):
+        return f"the image's WorkingDir {working_dir!r} is not an absolute path"
+    clean = posixpath.normpath(working_dir)
+    for root in FORBIDDEN_VOLUME_ROOTS:  # mounted by the sandbox or the kernel: read-only
+        if clean.startswith(root + "/"):
+            return (f"the image's WorkingDir {working_dir!r} lies inside {root}, which the "
+                    "sandbox mounts itself: use a directory of the image, e.g. WORKDIR /app")
+    return None
+
+
+def _env_problem(env: Any) -> str | None:
+    if env is None:
+        return None
+    if not isinstance(env, list) or not all(isinstance(item, str) for item in env):
+        return "the image's Env is not a list of strings"
+    for item in env:
+        name = item.partition("=")[0]
+        if not name or "\0" in item:
+            return (f"the image's environment variable {item[:80]!r} has an empty name or a "
+                    "NUL character")
+    return None
 
 
 def effective_user(requested: str | None, image_user: str,

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from runners.base import RunSpec
+from runners.base import FailureReason, RunSpec
 from runners.docker import LABEL_RUN, DockerRunner, owner_token
 from runners.logs import LogTail
 
@@ -101,3 +101,51 @@ def test_an_image_label_cannot_name_another_run_to_the_reaper(adversarial, tmp_p
 
     assert runner.reap_orphans() == [left[0]["Id"]]
     assert (victim / "output" / "mask.nii.gz").read_bytes() == b"half written"
+
+
+# -- an image cannot pass its own failure to start for the platform's -----------------------
+
+UNSTARTABLE = {
+    "relative WorkingDir": ({"WorkingDir": "relative/dir"}, "not an absolute path"),
+    "WorkingDir in /input": ({"WorkingDir": "/input/sub"}, "lies inside /input"),
+    "WorkingDir into /input by ..": ({"WorkingDir": "/tmp/../input/x"}, "lies inside /input"),
+    "WorkingDir in /sys": ({"WorkingDir": "/sys/made-up"}, "lies inside /sys"),
+    "Env with NUL": ({"Env": ["A=b\u0000c"]}, "NUL character"),
+    "Env with an empty name": ({"Env": ["=x"]}, "empty name"),
+}
+
+
+def loaded_directly(tmp_path, settings: dict) -> str:
+    """A crafted image put on the node without intake (an organiser's, or one pinned before
+    a check existed): the runner must refuse it on its own."""
+    from tests.test_image_intake_attacks import GROUP, PASSWD, archive, config_for, layer
+
+    layers = [layer({"etc/passwd": PASSWD, "etc/group": GROUP})]
+    config = config_for(layers, "1000:1000", **settings)
+    path = archive(tmp_path / "image.tar", layers=layers, config=config,
+                   manifest=[{"Config": "config.json", "RepoTags": None,
+                              "Layers": ["0/layer.tar"]}])
+    out = subprocess.run(["docker", "load", "-q", "-i", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return out.strip().rpartition(" ")[2]  # "Loaded image ID: sha256:..."
+
+
+@pytest.mark.parametrize("settings,message", UNSTARTABLE.values(), ids=UNSTARTABLE.keys())
+def test_an_unstartable_config_is_the_images_fault_not_the_platforms(runner, tmp_path,
+                                                                     settings, message):
+    image_id = loaded_directly(tmp_path, settings)
+    try:
+        result = runner.run(RunSpec(image=image_id, timeout_seconds=60))
+    finally:
+        subprocess.run(["docker", "rmi", image_id], capture_output=True)
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert message in result.message
+
+
+def test_a_working_dir_reaching_input_through_a_link_is_the_images_fault(runner, adversarial):
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-workdir-link:latest",
+                       "USER root", "RUN ln -s /input/sub /opt/work", "USER 10001",
+                       "WORKDIR /opt/work")
+    result = runner.run(RunSpec(image=image, timeout_seconds=60))
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert "mkdir /opt/work: file exists" in result.message
