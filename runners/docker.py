@@ -47,7 +47,7 @@ from runners.cgroups import (
     remove_cgroup_tree,
 )
 from runners.image_user import MAX_ID, UserUnresolvable, numeric_pair, resolve_user
-from runners.logs import LogTail
+from runners.logs import LogTail, shown
 from runners.output_area import OutputArea, unmount
 
 LABEL_MANAGED = "org.epreuve.managed"
@@ -261,7 +261,7 @@ class DockerRunner:
     def _platform_failure(self, run: _Run, exc: BaseException, image_id: str | None) -> RunResult:
         return failed(FailureReason.INFRASTRUCTURE, messages.infrastructure(exc),
                       image_id=image_id, log_tail=run.logs.text() if run.logs else "",
-                      detail="".join(traceback.format_exception(exc)))
+                      detail=shown("".join(traceback.format_exception(exc))))
 
     # -- provision -----------------------------------------------------------------------
 

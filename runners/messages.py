@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 
 from runners.base import FailureReason, RunSpec
+from runners.logs import shown
 
 EXIT_HINTS = {
     126: "the command is not executable",
@@ -82,7 +83,8 @@ def image_without_command() -> str:
 
 
 def image_cannot_start(detail: str) -> str:
-    return (f"The container could not be started from this image: {detail}. Check the "
+    # the daemon's words echo the image's own strings (its WorkingDir, Env): shown, not replayed
+    return (f"The container could not be started from this image: {shown(detail)}. Check the "
             "ENTRYPOINT/CMD and USER of the image: do they exist inside it?")
 
 

@@ -149,3 +149,15 @@ def test_a_working_dir_reaching_input_through_a_link_is_the_images_fault(runner,
     result = runner.run(RunSpec(image=image, timeout_seconds=60))
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
     assert "mkdir /opt/work: file exists" in result.message
+
+
+def test_the_daemons_words_about_an_image_are_shown_never_replayed(runner, adversarial):
+    """runc's refusal echoes the image's WorkingDir: its escape sequence must not reach a
+    terminal (or a database, for a NUL) as it is."""
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-workdir-escape:latest",
+                       "USER root", 'RUN ln -s /input/sub "/opt/w$(printf "\\033")[2J"',
+                       "USER 10001", 'WORKDIR "/opt/w\x1b[2J"')
+    result = runner.run(RunSpec(image=image, timeout_seconds=60))
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert "mkdir /opt/w\\x1b[2J: file exists" in result.message
+    assert "\x1b" not in result.message
