@@ -39,6 +39,14 @@ class BoundExceeded(StreamRefused):
     """A size or count bound was reached: the whole image is refused."""
 
 
+def is_sparse(member: tarfile.TarInfo) -> bool:
+    """A sparse entry (GNU `S`, or PAX `GNU.sparse.*`) is written out whole when extracted:
+    its few bytes in the stream stand for as many as its header claims (terabytes), so
+    no size counted on the stream would bound it. `docker save` never writes one."""
+    return member.issparse() or any(key.startswith("GNU.sparse.")
+                                    for key in member.pax_headers)
+
+
 class Budget:
     """Decompressed bytes allowed for one image, shared by all its layers."""
 
@@ -227,16 +235,25 @@ def scan_layer(raw, budget: Budget, max_members: int) -> LayerScan:
     reader = Decompressed(raw, kind, budget)
     try:
         with tarfile.open(fileobj=reader, mode="r|", tarinfo=BoundedTarInfo) as tar:
-            for member in iterate(tar, max_members, "a layer"):
-                _note_account_change(scan, member, tar)
+            scan.error = _scan_members(scan, tar, max_members)
         reader.drain()
     except BoundExceeded:
         raise
     except (tarfile.TarError, StreamRefused) as exc:
-        scan.error = f"not a readable layer ({exc})"
+        scan.error = scan.error or f"not a readable layer ({exc})"
         _drain_quietly(reader)
     scan.size, scan.diff_id = reader.count, "sha256:" + reader.digest.hexdigest()
     return scan
+
+
+def _scan_members(scan: LayerScan, tar: tarfile.TarFile, max_members: int) -> str | None:
+    """Note each entry's effect on the account files; the reason to refuse the layer, if any."""
+    for member in iterate(tar, max_members, "a layer"):
+        if is_sparse(member):
+            return (f"refused: it holds the sparse file {member.name!r}, which would be written "
+                    "out whole (add files with `docker build`)")
+        _note_account_change(scan, member, tar)
+    return None
 
 
 def _drain_quietly(reader: Decompressed) -> None:

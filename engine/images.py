@@ -6,7 +6,8 @@ member (read only when it is smaller than its bound), and the decompressed
 size of its layers (counted while they are decompressed, against the phase's
 `image_size`). The tar's sha256 is computed on the way. What intake checks:
 
-- paths: no absolute path, no `..`, no device, no hard link, symbolic links only
+- paths: no absolute path, no `..`, no device, no hard link, no sparse file (in
+  the archive or a layer: it is written out at the size its header claims), symbolic links only
   inside the archive and never as a directory of another entry, no name twice
   (`./manifest.json` is `manifest.json`); manifest.json a regular file;
 - shapes: manifest.json a list of one image, with a string Config and a list of
@@ -57,6 +58,7 @@ from engine.image_streams import (
     StreamRefused,
     clean_name,
     decompressed,
+    is_sparse,
     iterate,
     merge_account_files,
     peek,
@@ -288,6 +290,9 @@ def _checked_member(member: tarfile.TarInfo, seen: dict[str, str]) -> str:
         if member.isdir():
             return "."
         raise ImageInvalid(f"the archive contains an entry without a name: {member.name!r}")
+    if is_sparse(member):  # expanded when copied and loaded: the archive's size bounds nothing
+        raise ImageInvalid(f"the archive contains the sparse file {member.name!r}: create the "
+                           "archive with `docker save`")
     if name in seen:
         raise ImageInvalid(f"the archive contains {name!r} twice: Docker would use one "
                            "copy and intake another")

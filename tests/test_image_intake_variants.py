@@ -1,5 +1,9 @@
 """Variants of the hostile-archive attacks on image intake: each is refused with its reason.
 
+A sparse entry stands for as many bytes as its header claims, and is written out whole
+when it is copied or loaded: a few KiB of archive would fill the node's disk, past every
+bound counted on the stream. Sparse entries are refused, in the archive and in a layer.
+
 An image config the runtime would refuse at start (a WorkingDir it cannot enter, an Env
 it cannot set) is refused at intake, so that it never reaches a run where its failure to
 start would pass for the platform's.
@@ -7,10 +11,22 @@ start would pass for the platform's.
 
 from __future__ import annotations
 
+import io
+import tarfile
+
+import docker
 import pytest
 
-from engine.images import ImageInvalid, inspect_tar
-from tests.test_image_intake_attacks import GROUP, PASSWD, archive, config_for, layer
+from engine.images import ImageInvalid, inspect_tar, pin_tar
+from tests.test_image_intake_attacks import (
+    GROUP,
+    PASSWD,
+    archive,
+    config_for,
+    entry,
+    layer,
+    tar_bytes,
+)
 from tests.test_runner_hostile_variants import UNSTARTABLE
 
 
@@ -30,3 +46,48 @@ def test_ordinary_working_dirs_are_accepted(tmp_path, working_dir):
                    config=config_for(layers, "algo", WorkingDir=working_dir,
                                      Env=["PATH=/usr/bin", "EMPTY=", "NOVALUE"]))
     assert inspect_tar(path).user.spec == "1000:1000"
+
+
+# -- sparse entries ---------------------------------------------------------------------------
+
+CLAIMED = 256 << 20  # what the entry expands to; its stream holds 1 KiB
+
+
+def sparse_entry(name: str, realsize: int = CLAIMED):
+    """A PAX 1.0 sparse file (what GNU tar writes with --sparse): one 512-byte data block
+    at offset 0, then a hole up to `realsize`."""
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.name": name, "GNU.sparse.realsize": str(realsize)}
+    data = b"1\n0\n512\n".ljust(512, b"\0") + b"x" * 512  # the map, then the data
+    info.size, info.mode = len(data), 0o644
+    return info, data
+
+
+def test_a_sparse_file_in_a_layer_is_refused_before_the_daemon_expands_it(tmp_path):
+    layers = [tar_bytes([entry("etc", kind=tarfile.DIRTYPE), entry("etc/passwd", PASSWD),
+                         entry("etc/group", GROUP), sparse_entry("big")])]
+    path = archive(tmp_path / "image.tar", layers=layers, config=config_for(layers, "algo"))
+    client = docker.from_env()
+    images_before = {image.id for image in client.images.list(all=True)}
+    with pytest.raises(ImageInvalid, match=r"sparse file 'big'"):
+        pin_tar(path, client, max_image_bytes=16 << 20, work_dir=tmp_path)
+    assert {image.id for image in client.images.list(all=True)} <= images_before
+
+
+def test_a_sparse_member_of_the_archive_is_refused_before_it_is_copied(tmp_path):
+    with tarfile.open(archive(tmp_path / "base.tar")) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    path = archive(tmp_path / "image.tar", members=[*members, sparse_entry("pad.bin")])
+    copy = tmp_path / "copy.tar"
+    with pytest.raises(ImageInvalid, match=r"sparse file 'pad\.bin'"):
+        inspect_tar(path, max_bytes=1 << 20, copy_to=copy)
+    assert copy.stat().st_size < 1 << 20
+
+
+def test_the_sparse_entry_of_these_tests_does_expand():
+    """The attack is real: Python's reader (like Go's, which the daemon uses) expands it."""
+    buffer = io.BytesIO(tar_bytes([sparse_entry("big")]))
+    with tarfile.open(fileobj=buffer, mode="r|") as tar:
+        member = tar.next()
+        assert (member.size, len(buffer.getvalue())) == (CLAIMED, 10240)
