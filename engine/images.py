@@ -54,6 +54,7 @@ from engine.image_streams import (
     UNREADABLE,
     BoundedTarInfo,
     Budget,
+    EntryBudget,
     LayerScan,
     StreamRefused,
     clean_name,
@@ -80,7 +81,7 @@ from runners.image_user import (
 DEFAULT_MAX_TAR_BYTES = 20 << 30
 DEFAULT_MAX_IMAGE_BYTES = 20 << 30  # decompressed layers; a phase may set `image_size`
 MAX_ARCHIVE_MEMBERS = 10_000
-MAX_LAYER_MEMBERS = 2_000_000  # entries of one layer
+MAX_IMAGE_ENTRIES = 2_000_000  # of all the layers together: files, directories, links
 MAX_CONTROL_JSON = 1 << 20  # manifest.json, repositories, index.json, oci-layout
 MAX_CONFIG_JSON = 8 << 20
 CHUNK = 1 << 20
@@ -261,6 +262,7 @@ def _read_archive(reader, writer: _CopyWriter, budget: Budget, max_bytes: int):
     blobs: dict[str, _Blob] = {}
     links: dict[str, str] = {}  # clean name -> clean target
     outer = decompressed(reader, Budget(max_bytes, "the archive"))  # docker load takes those
+    entries = EntryBudget(MAX_IMAGE_ENTRIES, "the image's layers")
     with tarfile.open(fileobj=outer, mode="r|", tarinfo=BoundedTarInfo) as tar:
         for member in iterate(tar, MAX_ARCHIVE_MEMBERS, "the image archive"):
             name = _checked_member(member, members)
@@ -269,7 +271,7 @@ def _read_archive(reader, writer: _CopyWriter, budget: Budget, max_bytes: int):
                 control[name] = _read_control(tar, member, name)
             elif member.isreg():
                 members[name] = "file"
-                blobs[name] = _copy_blob(tar, member, name, writer, budget)
+                blobs[name] = _copy_blob(tar, member, name, writer, budget, entries)
             elif member.isdir():
                 members[name] = "dir"
                 writer.header(name, tarfile.DIRTYPE)
@@ -322,13 +324,14 @@ def _read_control(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> b
     return tar.extractfile(member).read(MAX_CONTROL_JSON + 1)
 
 
-def _copy_blob(tar, member, name, writer: _CopyWriter, budget: Budget) -> _Blob:
+def _copy_blob(tar, member, name, writer: _CopyWriter, budget: Budget,
+               entries: EntryBudget) -> _Blob:
     offset = writer.header(name, tarfile.REGTYPE, member.size)
     tee = _Tee(tar.extractfile(member), writer)
     head, stream = peek(tee, 512)
     blob = _Blob(offset, member.size)
     if not head.lstrip().startswith((b"{", b"[")):  # JSON is a config, anything else a layer
-        blob.layer = scan_layer(stream, budget, MAX_LAYER_MEMBERS)
+        blob.layer = scan_layer(stream, budget, entries)
     tee.drain()
     writer.pad()
     return blob

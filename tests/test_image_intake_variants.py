@@ -91,3 +91,21 @@ def test_the_sparse_entry_of_these_tests_does_expand():
     with tarfile.open(fileobj=buffer, mode="r|") as tar:
         member = tar.next()
         assert (member.size, len(buffer.getvalue())) == (CLAIMED, 10240)
+
+
+# -- entries: inodes on the daemon's disk ---------------------------------------------------
+
+
+def test_the_entries_of_all_layers_together_are_bounded(tmp_path, monkeypatch):
+    """Each entry is an inode on the daemon's disk whatever its size: a bound per layer
+    would let an image of many layers, each just under it, exhaust the disk's inodes."""
+    import engine.images
+
+    monkeypatch.setattr(engine.images, "MAX_IMAGE_ENTRIES", 8, raising=False)
+    accounts = layer({"etc/passwd": PASSWD, "etc/group": GROUP})  # 3 entries
+    empties = [layer({f"etc/empty-{n}-{i}": b"" for i in range(3)}) for n in range(2)]  # 4 each
+    path = archive(tmp_path / "image.tar", layers=[accounts, *empties])
+    with pytest.raises(ImageInvalid, match="the image's layers hold more than 8 entries"):
+        inspect_tar(path)
+    path = archive(tmp_path / "fits.tar", layers=[accounts, empties[0]])  # 7 entries
+    assert inspect_tar(path).user.spec == "1000:1000"
