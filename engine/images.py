@@ -68,6 +68,7 @@ from engine.image_streams import (
 from runners.docker import (  # one policy for what an image may ask of the sandbox
     FORBIDDEN_VOLUME_ROOTS,
     MAX_VOLUMES,
+    clean_path,
     image_settings_problem,
 )
 from runners.image_user import (
@@ -506,7 +507,7 @@ def check_volumes(volumes) -> list[str]:
                            f"{MAX_VOLUMES} are allowed")
     cleaned = []
     for path in volumes:
-        clean = posixpath.normpath(path) if path.startswith("/") else ""
+        clean = clean_path(path) if isinstance(path, str) and path.startswith("/") else ""
         if clean in ("", "/", "//") or any(
                 clean == root or clean.startswith(root + "/") for root in FORBIDDEN_VOLUME_ROOTS):
             raise ImageInvalid(f"the image declares VOLUME {path!r}: volumes must be absolute "

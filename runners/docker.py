@@ -714,6 +714,12 @@ def _peak_at_limit(exit_code: int | None, peak: int | None, limit: int) -> bool:
     return exit_code == 137 and peak is not None and peak >= OOM_PEAK_FRACTION * limit
 
 
+def clean_path(path: str) -> str:
+    """An absolute path as Docker cleans it (Go's filepath.Clean): POSIX's normpath keeps a
+    leading `//`, Docker does not, so `//data` would be another path to us than to it."""
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
 def image_volumes(image: dict) -> list[str]:
     """The image's VOLUMEs, cleaned as Docker cleans them; a path the sandbox mounts itself
     (/input, /output) or a kernel file system is refused."""
@@ -723,7 +729,7 @@ def image_volumes(image: dict) -> list[str]:
             f"the image declares more than {MAX_VOLUMES} VOLUMEs"))
     cleaned = []
     for path in volumes:
-        clean = posixpath.normpath(path) if str(path).startswith("/") else ""
+        clean = clean_path(path) if str(path).startswith("/") else ""
         if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
                                            for root in FORBIDDEN_VOLUME_ROOTS):
             raise ImageRejected(messages.image_cannot_start(
@@ -748,7 +754,7 @@ def _working_dir_problem(working_dir: Any) -> str | None:
         return "the image's WorkingDir is not a path"
     if not working_dir.startswith("/"):
         return f"the image's WorkingDir {working_dir!r} is not an absolute path"
-    clean = posixpath.normpath(working_dir)
+    clean = clean_path(working_dir)
     for root in FORBIDDEN_VOLUME_ROOTS:  # mounted by the sandbox or the kernel: read-only
         if clean.startswith(root + "/"):
             return (f"the image's WorkingDir {working_dir!r} lies inside {root}, which the "

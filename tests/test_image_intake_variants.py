@@ -109,3 +109,13 @@ def test_the_entries_of_all_layers_together_are_bounded(tmp_path, monkeypatch):
         inspect_tar(path)
     path = archive(tmp_path / "fits.tar", layers=[accounts, empties[0]])  # 7 entries
     assert inspect_tar(path).user.spec == "1000:1000"
+
+
+@pytest.mark.parametrize("volume", ["//input", "//input/x", "//output/x", "//proc/x", "//dev"])
+def test_a_volume_reaching_a_sandbox_mount_by_double_slash_is_refused_at_intake(tmp_path,
+                                                                                volume):
+    layers = [layer({"etc/passwd": PASSWD, "etc/group": GROUP})]
+    path = archive(tmp_path / "image.tar", layers=layers,
+                   config=config_for(layers, "algo", Volumes={volume: {}}))
+    with pytest.raises(ImageInvalid, match=f"the image declares VOLUME '{volume}'"):
+        inspect_tar(path)

@@ -161,3 +161,30 @@ def test_the_daemons_words_about_an_image_are_shown_never_replayed(runner, adver
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
     assert "mkdir /opt/w\\x1b[2J: file exists" in result.message
     assert "\x1b" not in result.message
+
+
+# -- VOLUMEs: a path Docker cleans otherwise than we do --------------------------------------
+
+
+def test_a_volume_with_a_leading_double_slash_is_only_a_tmpfs(runner, adversarial):
+    """Docker cleans `//data` to `/data` (Go), POSIX's normpath keeps it: a tmpfs keyed on
+    `//data` would leave Docker's anonymous volume, a directory on its own disk, mounted."""
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-volume-slashes:latest",
+                       'VOLUME ["//data", "/tmp//x", "/opt/./v/"]')
+    code = ("for line in open('/proc/mounts'):\n"
+            "    device, target, kind = line.split()[:3]\n"
+            "    if target in ('/data', '/tmp/x', '/opt/v'): print(device, target, kind)\n")
+    result = runner.run(RunSpec(image=image, command=python(code), timeout_seconds=60))
+    assert result.succeeded, result.message
+    assert sorted(result.log_tail.splitlines()) == [
+        "tmpfs /data tmpfs", "tmpfs /opt/v tmpfs", "tmpfs /tmp/x tmpfs"]
+
+
+@pytest.mark.parametrize("volume", ["//input", "//input/x", "//output/x", "//proc/x", "//dev"])
+def test_a_volume_reaching_a_sandbox_mount_by_double_slash_is_refused(runner, adversarial,
+                                                                      volume):
+    tag = f"epreuve-test/attack1-volume-{volume.strip('/').replace('/', '-')}:latest"
+    image = image_from(adversarial["probe"], tag, f'VOLUME ["{volume}"]')
+    result = runner.run(RunSpec(image=image, timeout_seconds=60))
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert f"VOLUME {volume!r} is not allowed" in result.message
