@@ -13,8 +13,10 @@ left behind by a crashed process are removed the next time a runner starts.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -77,6 +79,7 @@ FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
 SANDBOX_MOUNTS = ("/tmp",)  # already a tmpfs: an image VOLUME there is covered by it
 NO_HEALTHCHECK = {"Test": ["NONE"]}  # an image's HEALTHCHECK would exec its own commands
 ACCOUNT_FILES_RUN = "account-files"  # a container that is never started: no run, no path
+GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the mode of Docker's path stat
 
 
 class DockerUnavailable(RuntimeError):
@@ -269,6 +272,7 @@ class DockerRunner:
         run.image = self.resolve_image(run.spec.image, run.spec.command)
         run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "",
                                   lambda: self.account_files(run.image))
+        self.check_volume_paths(run.image)
         run.directory.mkdir(mode=0o700)
         (run.directory / RUN_OWNER_TAG).write_text(self.owner)  # for a reap without container
         run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
@@ -304,8 +308,31 @@ class DockerRunner:
         return image
 
     def account_files(self, image: dict) -> tuple[str | None, str | None]:
-        """The image's own /etc/passwd and /etc/group (None where absent), read from a
-        container that is created, never started, and removed at once."""
+        """The image's own /etc/passwd and /etc/group (None where absent)."""
+        with self._unstarted(image) as cid:
+            return (self._read_account_file(cid, "/etc/passwd"),
+                    self._read_account_file(cid, "/etc/group"))
+
+    def check_volume_paths(self, image: dict) -> None:
+        """Refuse a VOLUME reached through a symbolic link of the image: Docker would mount
+        its tmpfs where the link points (/proc/self/fd, /output), never where we checked."""
+        volumes = image_volumes(image)
+        if not volumes:
+            return
+        with self._unstarted(image) as cid:
+            for volume in volumes:
+                for prefix in _prefixes(volume):
+                    stat = self._path_stat(cid, prefix)
+                    if stat is None:
+                        break  # absent: Docker makes it a directory
+                    if stat.get("linkTarget") or int(stat.get("mode") or 0) & GO_MODE_SYMLINK:
+                        raise ImageRejected(messages.image_cannot_start(
+                            f"VOLUME {volume!r} is not allowed: {prefix} is a symbolic link "
+                            "in the image; declare volumes at directories of the image"))
+
+    @contextlib.contextmanager
+    def _unstarted(self, image: dict):
+        """A container of `image`, created, never started, removed at once: to read it."""
         container = self.api.create_container(
             image=image["Id"], entrypoint=["/nonexistent"], command=[], network_disabled=True,
             labels=self._labels({}, ACCOUNT_FILES_RUN), healthcheck=NO_HEALTHCHECK,
@@ -313,10 +340,19 @@ class DockerRunner:
                 network_mode="none", read_only=True,
                 tmpfs={path: "rw,nosuid,nodev,size=1m" for path in image_volumes(image)}))
         try:
-            return (self._read_account_file(container["Id"], "/etc/passwd"),
-                    self._read_account_file(container["Id"], "/etc/group"))
+            yield container["Id"]
         finally:
             self._remove_container(container["Id"])
+
+    def _path_stat(self, cid: str, path: str) -> dict | None:
+        """Docker's stat of `path` in the container, the last component not followed."""
+        response = self.api.head(self.api._url("/containers/{0}/archive", cid),
+                                 params={"path": path})
+        if response.status_code == 404:
+            return None
+        self.api._raise_for_status(response)
+        header = response.headers.get("X-Docker-Container-Path-Stat") or ""
+        return json.loads(base64.b64decode(header)) if header else None
 
     def _read_account_file(self, cid: str, path: str) -> str | None:
         try:
@@ -712,6 +748,12 @@ def decide_reason(*, stop_reason: FailureReason | None, over_quota: bool, exit_c
 def _peak_at_limit(exit_code: int | None, peak: int | None, limit: int) -> bool:
     # State.OOMKilled misses kills of child processes on cgroup v2: the peak does not.
     return exit_code == 137 and peak is not None and peak >= OOM_PEAK_FRACTION * limit
+
+
+def _prefixes(path: str) -> list[str]:
+    """`/a/b/c` -> `/a`, `/a/b`, `/a/b/c`."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:end]) for end in range(1, len(parts) + 1)]
 
 
 def clean_path(path: str) -> str:

@@ -188,3 +188,26 @@ def test_a_volume_reaching_a_sandbox_mount_by_double_slash_is_refused(runner, ad
     result = runner.run(RunSpec(image=image, timeout_seconds=60))
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
     assert f"VOLUME {volume!r} is not allowed" in result.message
+
+
+LINKED_VOLUMES = {  # link made in the image, VOLUME declared, the link refused
+    "to /proc/self/fd": ("/proc/self/fd", "/vol", "/vol", "/vol"),
+    "to /output": ("/output", "/vol", "/vol", "/vol"),
+    "to /input": ("/input", "/vol", "/vol", "/vol"),
+    "through a linked parent": ("/proc/self", "/vol", "/vol/fd", "/vol"),
+}
+
+
+@pytest.mark.parametrize("target,link,volume,refused", LINKED_VOLUMES.values(),
+                         ids=LINKED_VOLUMES.keys())
+def test_a_volume_reached_through_a_link_of_the_image_is_refused(runner, adversarial, target,
+                                                                 link, volume, refused):
+    """Docker mounts a VOLUME's tmpfs where the image's link points: over /output, /input,
+    or into /proc, where runc then fails to start (which would pass for the platform's
+    fault). The path we checked is not the one mounted: refused."""
+    tag = f"epreuve-test/attack1-linked-volume-{target.strip('/').replace('/', '-')}:latest"
+    image = image_from(adversarial["probe"], tag, "USER root", f"RUN ln -s {target} {link}",
+                       "USER 10001", f"VOLUME {volume}")
+    result = runner.run(RunSpec(image=image, timeout_seconds=60))
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert f"VOLUME {volume!r} is not allowed: {refused} is a symbolic link" in result.message
