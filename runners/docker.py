@@ -80,6 +80,9 @@ SANDBOX_MOUNTS = ("/tmp",)  # already a tmpfs: an image VOLUME there is covered 
 NO_HEALTHCHECK = {"Test": ["NONE"]}  # an image's HEALTHCHECK would exec its own commands
 ACCOUNT_FILES_RUN = "account-files"  # a container that is never started: no run, no path
 GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the mode of Docker's path stat
+# What the sandbox and Docker mount in every container (/dev is a fresh tmpfs: not the image's)
+SANDBOX_DESTINATIONS = ("/input", "/output", "/tmp", "/etc/hosts", "/etc/hostname",
+                        "/etc/resolv.conf")
 
 
 class DockerUnavailable(RuntimeError):
@@ -272,7 +275,7 @@ class DockerRunner:
         run.image = self.resolve_image(run.spec.image, run.spec.command)
         run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "",
                                   lambda: self.account_files(run.image))
-        self.check_volume_paths(run.image)
+        self.check_mount_paths(run.image)
         run.directory.mkdir(mode=0o700)
         (run.directory / RUN_OWNER_TAG).write_text(self.owner)  # for a reap without container
         run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
@@ -313,22 +316,21 @@ class DockerRunner:
             return (self._read_account_file(cid, "/etc/passwd"),
                     self._read_account_file(cid, "/etc/group"))
 
-    def check_volume_paths(self, image: dict) -> None:
-        """Refuse a VOLUME reached through a symbolic link of the image: Docker would mount
-        its tmpfs where the link points (/proc/self/fd, /output), never where we checked."""
-        volumes = image_volumes(image)
-        if not volumes:
-            return
+    def check_mount_paths(self, image: dict) -> None:
+        """Refuse an image in which a path the sandbox mounts (/input, /output, /tmp, the
+        files Docker provides, each VOLUME) is reached through a symbolic link: Docker would
+        mount where the link points (over /output, into /proc, where runc then refuses to
+        start, which would pass for the platform's fault), never where we checked."""
         with self._unstarted(image) as cid:
-            for volume in volumes:
-                for prefix in _prefixes(volume):
+            for destination in [*SANDBOX_DESTINATIONS, *image_volumes(image)]:
+                for prefix in _prefixes(destination):
                     stat = self._path_stat(cid, prefix)
                     if stat is None:
-                        break  # absent: Docker makes it a directory
+                        break  # absent: Docker makes it
                     if stat.get("linkTarget") or int(stat.get("mode") or 0) & GO_MODE_SYMLINK:
                         raise ImageRejected(messages.image_cannot_start(
-                            f"VOLUME {volume!r} is not allowed: {prefix} is a symbolic link "
-                            "in the image; declare volumes at directories of the image"))
+                            f"{prefix} is a symbolic link in the image, where the sandbox "
+                            f"mounts {destination}: make it a directory (or remove it)"))
 
     @contextlib.contextmanager
     def _unstarted(self, image: dict):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import uuid
 
@@ -210,4 +211,27 @@ def test_a_volume_reached_through_a_link_of_the_image_is_refused(runner, adversa
                        "USER 10001", f"VOLUME {volume}")
     result = runner.run(RunSpec(image=image, timeout_seconds=60))
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
-    assert f"VOLUME {volume!r} is not allowed: {refused} is a symbolic link" in result.message
+    assert (f"{refused} is a symbolic link in the image, where the sandbox mounts {volume}"
+            in result.message)
+
+
+SANDBOX_LINKS = {  # a path the sandbox mounts, made a link in the image
+    "/tmp into /proc": "rm -rf /tmp && ln -s /proc/self/fd /tmp",
+    "/tmp onto /output": "rm -rf /tmp && ln -s /output /tmp",
+    "/output into /proc": "ln -s /proc/self/fd /output",
+    "/input into /proc": "ln -s /proc/self/fd /input",
+    "/input onto /output": "ln -s /output /input",
+}
+
+
+@pytest.mark.parametrize("name", SANDBOX_LINKS)
+def test_a_sandbox_mount_reached_through_a_link_of_the_image_is_refused(runner, adversarial,
+                                                                        name):
+    command = SANDBOX_LINKS[name]
+    path = command.split()[-1]
+    tag = f"epreuve-test/attack1-linked-{'-'.join(re.findall('[a-z]+', name))}:latest"
+    image = image_from(adversarial["probe"], tag, "USER root", f"RUN {command}", "USER 10001")
+    result = runner.run(RunSpec(image=image, timeout_seconds=60))
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert (f"{path} is a symbolic link in the image, where the sandbox mounts {path}"
+            in result.message)
