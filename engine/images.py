@@ -570,12 +570,13 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
                 raise ImageInvalid("the Docker Engine did not load the image the archive "
                                    "describes: create the archive with `docker save`")
             _check_tags_unmoved(client, tags_before, image_id)
+            attributes = client.api.inspect_image(image_id)
+            _check_read_alike(inspection.config, attributes)
         except ImageInvalid:
             if loaded:  # refused: nothing of it stays on the node
                 with contextlib.suppress(docker.errors.APIError):
                     client.api.remove_image(image_id)
             raise
-        attributes = client.api.inspect_image(image_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return PinnedImage(
@@ -587,6 +588,25 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
         user=inspection.user.spec,
         size_bytes=int(attributes.get("Size") or 0),
     )
+
+
+SETTINGS_DECIDED = ("User", "WorkingDir", "Env", "Entrypoint", "Cmd", "Volumes")
+
+
+def _check_read_alike(config: dict, attributes: dict) -> None:
+    """What intake decided on is what the Docker Engine read. Go matches JSON keys to
+    fields regardless of case (`user`, even `Volumeſ`, set User and Volumes) and the last
+    one wins: a config read one way here and another way there is refused."""
+    settings, theirs = _settings(config), attributes.get("Config") or {}
+    differing = [key for key in SETTINGS_DECIDED
+                 if (settings.get(key) or None) != (theirs.get(key) or None)]
+    if (attributes.get("Architecture"), attributes.get("Os") or "linux") != (
+            config.get("architecture"), config.get("os") or "linux"):
+        differing.append("architecture/os")
+    if differing:
+        raise ImageInvalid(f"the image config reads differently to the Docker Engine "
+                           f"({', '.join(differing)}): a key is repeated or spelled in "
+                           "another case; create the image with `docker build`")
 
 
 def _present(client: docker.DockerClient, image_id: str) -> bool:

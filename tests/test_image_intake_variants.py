@@ -119,3 +119,28 @@ def test_a_volume_reaching_a_sandbox_mount_by_double_slash_is_refused_at_intake(
                    config=config_for(layers, "algo", Volumes={volume: {}}))
     with pytest.raises(ImageInvalid, match=f"the image declares VOLUME '{volume}'"):
         inspect_tar(path)
+
+
+# -- a config read one way by intake and another by the Docker Engine ---------------------
+
+READ_OTHERWISE = {  # Go matches keys to fields regardless of case (Unicode folding), last wins
+    "user in lower case": ({"user": "0:0"}, "User"),
+    "volumes in lower case": ({"volumes": {"/input/x": {}}}, "Volumes"),
+    "Volumes with a long s": ({"Volume\u017f": {"/input/y": {}}}, "Volumes"),
+    "workingdir in lower case": ({"workingdir": "relative"}, "WorkingDir"),
+    "ENTRYPOINT in upper case": ({"ENTRYPOINT": ["/bin/other"]}, "Entrypoint"),
+}
+
+
+@pytest.mark.parametrize("extra,field", READ_OTHERWISE.values(), ids=READ_OTHERWISE.keys())
+def test_a_config_the_engine_reads_otherwise_is_refused_and_not_kept(tmp_path, extra, field):
+    layers = [layer({"etc/passwd": PASSWD, "etc/group": GROUP})]
+    config = config_for(layers, "algo")
+    config["config"].update(extra)
+    path = archive(tmp_path / "image.tar", layers=layers, config=config)
+    image_id = inspect_tar(path).image_id  # intake alone sees nothing wrong
+    client = docker.from_env()
+    with pytest.raises(ImageInvalid, match=rf"reads differently to the Docker Engine \({field}\)"):
+        pin_tar(path, client, work_dir=tmp_path)
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.api.inspect_image(image_id)
