@@ -232,6 +232,7 @@ class DockerRunner:
         self.use_cgroups = use_cgroups
         self.owner = owner_token()
         self._leftovers = False  # a container we could not remove: retry before the next run
+        self._mounts_checked: set[str] = set()  # image ids whose mount paths are no links
         if reap_orphans:
             self.reap_orphans()
 
@@ -320,7 +321,10 @@ class DockerRunner:
         """Refuse an image in which a path the sandbox mounts (/input, /output, /tmp, the
         files Docker provides, each VOLUME) is reached through a symbolic link: Docker would
         mount where the link points (over /output, into /proc, where runc then refuses to
-        start, which would pass for the platform's fault), never where we checked."""
+        start, which would pass for the platform's fault), never where we checked.
+        An image's content never changes under its id: each id is checked once."""
+        if image["Id"] in self._mounts_checked:
+            return
         with self._unstarted(image) as cid:
             for destination in [*SANDBOX_DESTINATIONS, *image_volumes(image)]:
                 for prefix in _prefixes(destination):
@@ -331,6 +335,7 @@ class DockerRunner:
                         raise ImageRejected(messages.image_cannot_start(
                             f"{prefix} is a symbolic link in the image, where the sandbox "
                             f"mounts {destination}: make it a directory (or remove it)"))
+        self._mounts_checked.add(image["Id"])
 
     @contextlib.contextmanager
     def _unstarted(self, image: dict):
