@@ -235,3 +235,20 @@ def test_a_sandbox_mount_reached_through_a_link_of_the_image_is_refused(runner, 
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
     assert (f"{path} is a symbolic link in the image, where the sandbox mounts {path}"
             in result.message)
+
+
+# -- limits that would round to "no limit" -------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("cpus", 1e-10, "at least 0.01"),  # NanoCpus 0: Docker's "no CPU limit"
+    ("cpus", 0.001, "at least 0.01"),
+    ("pids_limit", 0.5, "whole number"),
+    ("memory_bytes", 2.5e9, "whole number"),
+    ("output_quota_bytes", 1e3, "whole number"),
+])
+def test_a_limit_that_would_round_to_no_limit_is_refused(field, value, message):
+    from runners.base import InvalidRunSpec
+
+    with pytest.raises(InvalidRunSpec, match=f"RunSpec.{field} must be .*{message}"):
+        RunSpec(image="any", **{field: value})
