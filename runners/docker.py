@@ -55,6 +55,7 @@ from runners.output_area import OutputArea, unmount
 LABEL_MANAGED = "org.epreuve.managed"
 LABEL_OWNER = "org.epreuve.owner"
 LABEL_RUN = "org.epreuve.run"
+RESERVED_LABELS = (LABEL_MANAGED, LABEL_OWNER, LABEL_RUN)  # what the reaper reads
 REMAPPED_USER = "65534:65534"  # nobody:nogroup, for images whose user is root
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 WAIT_SLACK_SECONDS = 30.0
@@ -793,7 +794,22 @@ def image_settings_problem(config: dict) -> str | None:
     """What in an image's WorkingDir or Env the runtime would refuse at start, or None.
     Refused before the run, so that an image cannot pass its own failure to start for the
     platform's (INFRASTRUCTURE is retried and never counted against the team)."""
-    return _working_dir_problem(config.get("WorkingDir")) or _env_problem(config.get("Env"))
+    return (_working_dir_problem(config.get("WorkingDir")) or _env_problem(config.get("Env"))
+            or _labels_problem(config.get("Labels")))
+
+
+def _labels_problem(labels: Any) -> str | None:
+    """Docker copies an image's LABELs onto every container made from it, by anyone: one
+    naming an owner and a run would send the reaper after containers and run directories
+    that are not the image's."""
+    if labels is None:
+        return None
+    if not isinstance(labels, dict):
+        return "the image's Labels is not an object"
+    reserved = sorted(set(labels) & set(RESERVED_LABELS))
+    if reserved:
+        return f"the image sets the labels {reserved}, which are the platform's own"
+    return None
 
 
 def _working_dir_problem(working_dir: Any) -> str | None:

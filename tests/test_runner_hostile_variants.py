@@ -95,13 +95,25 @@ def test_an_image_label_cannot_name_another_run_to_the_reaper(adversarial, tmp_p
     # This process dies between creating the container that reads a user's account files
     # and removing it: the container stays, labelled by the image.
     monkeypatch.setattr(runner, "_remove_container", lambda cid: False)
-    runner.account_files(runner.resolve_image(image))
+    runner.account_files(runner.api.inspect_image(image))  # as on the node, even if refused
     monkeypatch.undo()
     left = runner.api.containers(all=True, filters={"label": f"org.epreuve.owner={runner.owner}"})
     assert len(left) == 1
 
     assert runner.reap_orphans() == [left[0]["Id"]]
     assert (victim / "output" / "mask.nii.gz").read_bytes() == b"half written"
+
+
+def test_an_image_claiming_the_reapers_labels_is_refused(runner, adversarial):
+    """Docker copies an image's labels onto any container made from it (an operator's
+    `docker run` too): a dead owner and a run name would send the reaper after them."""
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-reaper-labels:latest",
+                       "LABEL org.epreuve.managed=true org.epreuve.owner=gone:4194305:1 "
+                       "org.epreuve.run=epreuve-000000000000")
+    result = runner.run(RunSpec(image=image, timeout_seconds=60))
+    assert result.reason is FailureReason.IMAGE_INVALID, result.detail
+    assert ("the image sets the labels ['org.epreuve.managed', 'org.epreuve.owner', "
+            "'org.epreuve.run'], which are the platform's own") in result.message
 
 
 # -- an image cannot pass its own failure to start for the platform's -----------------------
@@ -113,6 +125,8 @@ UNSTARTABLE = {
     "WorkingDir in /sys": ({"WorkingDir": "/sys/made-up"}, "lies inside /sys"),
     "Env with NUL": ({"Env": ["A=b\u0000c"]}, "NUL character"),
     "Env with an empty name": ({"Env": ["=x"]}, "empty name"),
+    "the reaper's labels": ({"Labels": {"org.epreuve.owner": "gone:4194305:1"}},
+                            "platform's own"),
 }
 
 
