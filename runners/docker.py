@@ -107,7 +107,9 @@ class RunStuck(RuntimeError):
 
 
 FINISHED_STATES = ("exited", "dead")
-OUTSIDE_ACTIONS = ("kill", "destroy", "pause")  # none of them comes from the container itself
+# None of them comes from the container itself, nor from the engine during a run: each is
+# someone else changing the run (stopping it, its limits, its processes, its files).
+OUTSIDE_ACTIONS = ("kill", "destroy", "pause", "update", "exec_create", "extract-to-dir")
 DIE_EVENT_WAIT_SECONDS = 5.0  # the daemon reports `die` right after the exit it follows
 
 
@@ -187,7 +189,7 @@ class _EventWatcher(threading.Thread):
             self.died.set()
 
     def _observe(self, event: dict) -> None:
-        action = event.get("Action") or event.get("status") or ""
+        action = (event.get("Action") or event.get("status") or "").split(":")[0].strip()
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         ours = self.execution.stopping.is_set()
         if action in OUTSIDE_ACTIONS and not ours and self.execution.outside_stop is None:

@@ -266,3 +266,45 @@ def test_a_limit_that_would_round_to_no_limit_is_refused(field, value, message):
 
     with pytest.raises(InvalidRunSpec, match=f"RunSpec.{field} must be .*{message}"):
         RunSpec(image="any", **{field: value})
+
+
+# -- a run changed from outside the engine -------------------------------------------------
+
+
+@pytest.mark.parametrize("how,action", [("update", "update"), ("exec", "exec_create"),
+                                        ("copy", "extract-to-dir")])
+def test_a_run_changed_from_outside_is_the_platforms_fault(runner, adversarial, tmp_path, how,
+                                                           action):
+    """Limits lowered, a process started or a file put into /output by someone else while it
+    ran: what the run measured is not the team's alone."""
+    import io
+    import tarfile
+
+    import docker
+
+    from tests.test_runner_faults import (
+        gated_spec,
+        release,
+        run_in_background,
+        running_container,
+    )
+
+    spec = gated_spec(adversarial["probe"], tmp_path, "exit 0", timeout_seconds=120)
+    thread, box = run_in_background(runner, spec)
+    cid = running_container(runner, spec)["Id"]
+    operator = docker.APIClient(base_url=runner.base_url)
+    if how == "update":
+        operator.update_container(cid, cpu_shares=512)
+    elif how == "exec":
+        operator.exec_start(operator.exec_create(cid, ["true"])["Id"])
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            info = tarfile.TarInfo("mask.nii.gz")
+            tar.addfile(info, io.BytesIO(b""))
+        operator.put_archive(cid, "/output", buffer.getvalue())
+    release(spec)
+    thread.join(120)
+    result = box["result"]
+    assert result.reason is FailureReason.INFRASTRUCTURE, result.message
+    assert f"the daemon reported `{action}" in result.detail
