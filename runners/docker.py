@@ -72,6 +72,7 @@ _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 RUN_OWNER_TAG = "owner"
 RUN_NAME = re.compile(r"epreuve-[0-9a-f]{12}")
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")  # what intake pins and the workers run
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
 MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 MAX_VOLUMES = 16
@@ -92,6 +93,11 @@ class DockerUnavailable(RuntimeError):
 
 class ImageRejected(Exception):
     """The image cannot be run as it is; the message tells the participant why."""
+
+
+class ImageAbsent(RuntimeError):
+    """An image asked for by its id is not on this node: the platform pinned it, so it
+    promised it (removed by an operator, or a node that never had it), not the team."""
 
 
 class DaemonLost(RuntimeError):
@@ -265,6 +271,8 @@ class DockerRunner:
             return self._collect(run, execution)
         except ImageRejected as exc:
             return failed(FailureReason.IMAGE_INVALID, str(exc), image_id=run.image.get("Id"))
+        except ImageAbsent as exc:
+            return failed(FailureReason.INFRASTRUCTURE, messages.image_absent(), detail=str(exc))
         except Exception as exc:  # the daemon, the host, a bug of ours: never the team's fault
             return self._platform_failure(run, exc, image_id)
 
@@ -296,12 +304,13 @@ class DockerRunner:
         """The image's attributes, from this node only: a missing image is refused, not pulled."""
         try:
             image = self.api.inspect_image(reference)
-        except docker.errors.ImageNotFound:
-            raise ImageRejected(messages.image_missing(reference)) from None
         except docker.errors.APIError as exc:
-            if exc.status_code in (400, 404):
-                raise ImageRejected(messages.image_missing(reference)) from None
-            raise
+            if not isinstance(exc, docker.errors.ImageNotFound) and exc.status_code not in (
+                    400, 404):
+                raise
+            if IMAGE_ID.fullmatch(reference):
+                raise ImageAbsent(f"the pinned image {reference} is not on this node") from None
+            raise ImageRejected(messages.image_missing(reference)) from None
         arch = image.get("Architecture")
         if self.node_arch and arch and arch != self.node_arch:
             raise ImageRejected(messages.image_wrong_arch(arch, self.node_arch))

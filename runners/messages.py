@@ -72,6 +72,12 @@ def image_missing(reference: str) -> str:
             "images. Submit it as a `docker save` tar, or load it with `docker load` first.")
 
 
+def image_absent() -> str:
+    return ("The image, accepted and pinned by the platform, is not present on the node that "
+            "ran this job. This is not caused by your submission; the run is retried "
+            "automatically.")
+
+
 def image_wrong_arch(image_arch: str, node_arch: str) -> str:
     return (f"The image is built for {image_arch}, but this node runs {node_arch}. "
             f"Rebuild it for linux/{node_arch} (docker buildx build --platform linux/{node_arch}).")

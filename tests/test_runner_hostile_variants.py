@@ -308,3 +308,21 @@ def test_a_run_changed_from_outside_is_the_platforms_fault(runner, adversarial, 
     result = box["result"]
     assert result.reason is FailureReason.INFRASTRUCTURE, result.message
     assert f"the daemon reported `{action}" in result.detail
+
+
+# -- a pinned image missing from the node ---------------------------------------------------
+
+
+def test_a_pinned_image_absent_from_the_node_is_the_platforms_fault(runner):
+    """Intake pinned the id, so the platform promised it: a node without it (pruned, or one
+    that never had it) is never the team's failure."""
+    result = runner.run(RunSpec(image="sha256:" + "0" * 64, timeout_seconds=60))
+    assert result.reason is FailureReason.INFRASTRUCTURE
+    assert "not caused by your submission" in result.message
+    assert f"the pinned image sha256:{'0' * 64} is not on this node" in result.detail
+
+
+def test_a_name_absent_from_the_node_stays_the_images_problem(runner):
+    result = runner.run(RunSpec(image="epreuve-test/attack1-never-built:latest"))
+    assert result.reason is FailureReason.IMAGE_INVALID
+    assert "never pulls" in result.message
