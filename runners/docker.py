@@ -85,6 +85,9 @@ GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the mode of Docker's path stat
 # What the sandbox and Docker mount in every container (/dev is a fresh tmpfs: not the image's)
 SANDBOX_DESTINATIONS = ("/input", "/output", "/tmp", "/etc/hosts", "/etc/hostname",
                         "/etc/resolv.conf")
+SANDBOX_ROOTS = ("/input", "/output", "/tmp")
+KERNEL_ROOTS = ("/proc", "/sys", "/dev")
+MAX_LINK_HOPS = 40  # as the kernel
 
 
 class DockerUnavailable(RuntimeError):
@@ -330,24 +333,40 @@ class DockerRunner:
                     self._read_account_file(cid, "/etc/group"))
 
     def check_mount_paths(self, image: dict) -> None:
-        """Refuse an image in which a path the sandbox mounts (/input, /output, /tmp, the
-        files Docker provides, each VOLUME) is reached through a symbolic link: Docker would
-        mount where the link points (over /output, into /proc, where runc then refuses to
-        start, which would pass for the platform's fault), never where we checked.
-        An image's content never changes under its id: each id is checked once."""
+        """Refuse an image whose links lead a path the sandbox mounts (/input, /output, /tmp,
+        the files Docker provides, each VOLUME) somewhere else that matters: Docker mounts
+        where the links lead, so over /output, over /, or into /proc, where runc then refuses
+        to start (which would pass for the platform's fault). A link to an ordinary place
+        (/etc/resolv.conf to /run/...) is left alone. An image's content never changes
+        under its id: each id is checked once."""
         if image["Id"] in self._mounts_checked:
             return
         with self._unstarted(image) as cid:
             for destination in [*SANDBOX_DESTINATIONS, *image_volumes(image)]:
-                for prefix in _prefixes(destination):
-                    stat = self._path_stat(cid, prefix)
-                    if stat is None:
-                        break  # absent: Docker makes it
-                    if stat.get("linkTarget") or int(stat.get("mode") or 0) & GO_MODE_SYMLINK:
-                        raise ImageRejected(messages.image_cannot_start(
-                            f"{prefix} is a symbolic link in the image, where the sandbox "
-                            f"mounts {destination}: make it a directory (or remove it)"))
+                landing = self._resolved(cid, destination)
+                if _lands_badly(destination, landing):
+                    raise ImageRejected(messages.image_cannot_start(
+                        f"the image's symbolic links lead {destination}, which the sandbox "
+                        f"mounts, to {landing}: make {destination} a directory of the "
+                        "image (or remove it)"))
         self._mounts_checked.add(image["Id"])
+
+    def _resolved(self, cid: str, path: str) -> str:
+        """`path` with the image's links followed, as Docker follows them to mount there.
+        Docker's stat gives a link's target already resolved in the container's root."""
+        for _ in range(MAX_LINK_HOPS):
+            for prefix in _prefixes(path):
+                stat = self._path_stat(cid, prefix)
+                if stat is None:
+                    return path  # absent from here on: Docker makes it
+                if stat.get("linkTarget") or int(stat.get("mode") or 0) & GO_MODE_SYMLINK:
+                    target = clean_path(stat.get("linkTarget") or "/")
+                    path = clean_path(target + path[len(prefix):])
+                    break
+            else:
+                return path
+        raise ImageRejected(messages.image_cannot_start(
+            f"the image's symbolic links lead {path} through more than {MAX_LINK_HOPS} links"))
 
     @contextlib.contextmanager
     def _unstarted(self, image: dict):
@@ -767,6 +786,17 @@ def decide_reason(*, stop_reason: FailureReason | None, over_quota: bool, exit_c
 def _peak_at_limit(exit_code: int | None, peak: int | None, limit: int) -> bool:
     # State.OOMKilled misses kills of child processes on cgroup v2: the peak does not.
     return exit_code == 137 and peak is not None and peak >= OOM_PEAK_FRACTION * limit
+
+
+def _lands_badly(destination: str, landing: str) -> bool:
+    """A mount at `landing` in place of `destination`: over the root, into a kernel file
+    system, or over another of the sandbox's own mounts."""
+    def within(path: str, roots: tuple[str, ...]) -> bool:
+        return any(path == root or path.startswith(root + "/") for root in roots)
+
+    if landing == destination:
+        return False
+    return landing == "/" or within(landing, KERNEL_ROOTS) or within(landing, SANDBOX_ROOTS)
 
 
 def _prefixes(path: str) -> list[str]:

@@ -205,50 +205,64 @@ def test_a_volume_reaching_a_sandbox_mount_by_double_slash_is_refused(runner, ad
     assert f"VOLUME {volume!r} is not allowed" in result.message
 
 
-LINKED_VOLUMES = {  # link made in the image, VOLUME declared, the link refused
-    "to /proc/self/fd": ("/proc/self/fd", "/vol", "/vol", "/vol"),
-    "to /output": ("/output", "/vol", "/vol", "/vol"),
-    "to /input": ("/input", "/vol", "/vol", "/vol"),
-    "through a linked parent": ("/proc/self", "/vol", "/vol/fd", "/vol"),
+LINKED_VOLUMES = {  # link made in the image, VOLUME declared, where the mount would land
+    "to /proc/self/fd": ("/proc/self/fd", "/vol", "/vol", "/proc/self/fd"),
+    "to /output": ("/output", "/vol", "/vol", "/output"),
+    "to /input": ("/input", "/vol", "/vol", "/input"),
+    "through a linked parent": ("/proc/self", "/vol", "/vol/fd", "/proc/self/fd"),
+    "to the root": ("/", "/vol", "/vol", "/"),
 }
 
 
-@pytest.mark.parametrize("target,link,volume,refused", LINKED_VOLUMES.values(),
+@pytest.mark.parametrize("target,link,volume,landing", LINKED_VOLUMES.values(),
                          ids=LINKED_VOLUMES.keys())
 def test_a_volume_reached_through_a_link_of_the_image_is_refused(runner, adversarial, target,
-                                                                 link, volume, refused):
+                                                                 link, volume, landing):
     """Docker mounts a VOLUME's tmpfs where the image's link points: over /output, /input,
     or into /proc, where runc then fails to start (which would pass for the platform's
     fault). The path we checked is not the one mounted: refused."""
-    tag = f"epreuve-test/attack1-linked-volume-{target.strip('/').replace('/', '-')}:latest"
+    tag = f"epreuve-test/attack1-linked-volume-{target.strip('/').replace('/', '-')}x:latest"
     image = image_from(adversarial["probe"], tag, "USER root", f"RUN ln -s {target} {link}",
                        "USER 10001", f"VOLUME {volume}")
     result = runner.run(RunSpec(image=image, timeout_seconds=60))
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
-    assert (f"{refused} is a symbolic link in the image, where the sandbox mounts {volume}"
+    assert (f"the image's symbolic links lead {volume}, which the sandbox mounts, to {landing}"
             in result.message)
 
 
-SANDBOX_LINKS = {  # a path the sandbox mounts, made a link in the image
-    "/tmp into /proc": "rm -rf /tmp && ln -s /proc/self/fd /tmp",
-    "/tmp onto /output": "rm -rf /tmp && ln -s /output /tmp",
-    "/output into /proc": "ln -s /proc/self/fd /output",
-    "/input into /proc": "ln -s /proc/self/fd /input",
-    "/input onto /output": "ln -s /output /input",
+SANDBOX_LINKS = {  # a path the sandbox mounts, made a link in the image: where it lands
+    "/tmp into /proc": ("rm -rf /tmp && ln -s /proc/self/fd /tmp", "/tmp", "/proc/self/fd"),
+    "/tmp onto /output": ("rm -rf /tmp && ln -s /output /tmp", "/tmp", "/output"),
+    "/output into /proc": ("ln -s /proc/self/fd /output", "/output", "/proc/self/fd"),
+    "/input into /proc": ("ln -s /proc/self/fd /input", "/input", "/proc/self/fd"),
+    "/input onto /output": ("ln -s /output /input", "/input", "/output"),
+    "/input by a chain": ("ln -s /opt/hop /input && ln -s /sys/kernel /opt/hop", "/input",
+                          "/sys/kernel"),
+    "/input by a relative link": ("ln -s ../../proc/self /input", "/input", "/proc/self"),
 }
 
 
 @pytest.mark.parametrize("name", SANDBOX_LINKS)
 def test_a_sandbox_mount_reached_through_a_link_of_the_image_is_refused(runner, adversarial,
                                                                         name):
-    command = SANDBOX_LINKS[name]
-    path = command.split()[-1]
+    command, path, landing = SANDBOX_LINKS[name]
     tag = f"epreuve-test/attack1-linked-{'-'.join(re.findall('[a-z]+', name))}:latest"
     image = image_from(adversarial["probe"], tag, "USER root", f"RUN {command}", "USER 10001")
     result = runner.run(RunSpec(image=image, timeout_seconds=60))
     assert result.reason is FailureReason.IMAGE_INVALID, result.detail
-    assert (f"{path} is a symbolic link in the image, where the sandbox mounts {path}"
+    assert (f"the image's symbolic links lead {path}, which the sandbox mounts, to {landing}"
             in result.message)
+
+
+def test_a_link_to_an_ordinary_place_is_left_alone(runner, adversarial):
+    """systemd images link /etc/resolv.conf into /run: Docker mounts there, harmlessly."""
+    image = image_from(adversarial["probe"], "epreuve-test/attack1-ordinary-links:latest",
+                       "USER root", "RUN mkdir -p /srv/data /run/x && ln -s /srv/data /vol "
+                       "&& rm -rf /tmp && ln -s /var/tmp /tmp", "USER 10001", "VOLUME /vol")
+    result = runner.run(RunSpec(image=image, command=python("print('ran')"),
+                                timeout_seconds=60))
+    assert result.succeeded, result.message
+    assert result.log_tail == "ran\n"
 
 
 # -- limits that would round to "no limit" -------------------------------------------------
