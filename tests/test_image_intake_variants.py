@@ -18,6 +18,7 @@ import docker
 import pytest
 
 from engine.images import ImageInvalid, inspect_tar, pin_tar
+from runners.image_user import resolve_user
 from tests.test_image_intake_attacks import (
     GROUP,
     PASSWD,
@@ -144,3 +145,14 @@ def test_a_config_the_engine_reads_otherwise_is_refused_and_not_kept(tmp_path, e
         pin_tar(path, client, work_dir=tmp_path)
     with pytest.raises(docker.errors.ImageNotFound):
         client.api.inspect_image(image_id)
+
+
+# -- /etc/passwd read as runc reads it -----------------------------------------------------
+
+
+@pytest.mark.parametrize("separator", ["\v", "\f", "\x1c", "\x1e", "\x85", "\u2028"])
+def test_passwd_lines_end_at_newline_only_as_runc_reads_them(separator):
+    """runc (Go's scanner) ends lines at \\n only: `x<sep>algo:...` is one line, for the user
+    `x<sep>algo`; the `algo` runc finds is the next line's."""
+    passwd = f"x{separator}algo:x:1000:1000::/:/bin/sh\nalgo:x:2000:2000::/:/bin/sh\n"
+    assert resolve_user("algo", passwd, "").spec == "2000:2000"
