@@ -6,6 +6,7 @@
   never inflated into memory or onto the daemon's disk.
 - `BoundedTarInfo` refuses long-name and pax headers larger than a few KiB
   before Python's tarfile reads them into memory.
+- `EntryBudget` bounds the entries of all the layers together (inodes on disk).
 - `scan_layer` walks one layer as a stream: its decompressed size, its diff id
   (sha256 of the decompressed tar), and what it does to /etc/passwd and
   /etc/group (contents, whiteouts, links), so that USER is resolved from the
@@ -40,6 +41,14 @@ class BoundExceeded(StreamRefused):
     """A size or count bound was reached: the whole image is refused."""
 
 
+def is_sparse(member: tarfile.TarInfo) -> bool:
+    """A sparse entry (GNU `S`, or PAX `GNU.sparse.*`) is written out whole when extracted:
+    its few bytes in the stream stand for as many as its header claims (terabytes), so
+    no size counted on the stream would bound it. `docker save` never writes one."""
+    return member.issparse() or any(key.startswith("GNU.sparse.")
+                                    for key in member.pax_headers)
+
+
 class Budget:
     """Decompressed bytes allowed for one image, shared by all its layers."""
 
@@ -52,6 +61,21 @@ class Budget:
             raise BoundExceeded(f"{self.what} decompress to more than the {_size(self.limit)} "
                                 f"allowed (measured at least {self.used} bytes before "
                                 "stopping): slim the image")
+
+
+class EntryBudget:
+    """Entries allowed for one image, all its layers together: each becomes a file, a
+    directory or a link on the daemon's disk (an inode), whatever its size, so a bound
+    per layer would let many layers exhaust the disk's inodes."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what, self.used = limit, what, 0
+
+    def spend(self) -> None:
+        self.used += 1
+        if self.used > self.limit:
+            raise BoundExceeded(f"{self.what} hold more than {self.limit} entries (files, "
+                                "directories, links): slim the image")
 
 
 def _size(count: int) -> str:
@@ -217,7 +241,7 @@ class LayerScan:
     account: dict[str, bytes | str] = field(default_factory=dict)  # path -> bytes or state
 
 
-def scan_layer(raw, budget: Budget, max_members: int) -> LayerScan:
+def scan_layer(raw, budget: Budget, entries: EntryBudget) -> LayerScan:
     """Read a layer blob to its end; bounds raise StreamRefused, a malformed tar is noted."""
     scan = LayerScan()
     head, raw = peek(raw, 6)
@@ -228,16 +252,26 @@ def scan_layer(raw, budget: Budget, max_members: int) -> LayerScan:
     reader = Decompressed(raw, kind, budget)
     try:
         with tarfile.open(fileobj=reader, mode="r|", tarinfo=BoundedTarInfo) as tar:
-            for member in iterate(tar, max_members, "a layer"):
-                _note_account_change(scan, member, tar)
+            scan.error = _scan_members(scan, tar, entries)
         reader.drain()
     except BoundExceeded:
         raise
     except (tarfile.TarError, StreamRefused) as exc:
-        scan.error = f"not a readable layer ({exc})"
+        scan.error = scan.error or f"not a readable layer ({exc})"
         _drain_quietly(reader)
     scan.size, scan.diff_id = reader.count, "sha256:" + reader.digest.hexdigest()
     return scan
+
+
+def _scan_members(scan: LayerScan, tar: tarfile.TarFile, entries: EntryBudget) -> str | None:
+    """Note each entry's effect on the account files; the reason to refuse the layer, if any."""
+    for member in iterate(tar, entries.limit, "a layer"):
+        entries.spend()
+        if is_sparse(member):
+            return (f"refused: it holds the sparse file {member.name!r}, which would be written "
+                    "out whole (add files with `docker build`)")
+        _note_account_change(scan, member, tar)
+    return None
 
 
 def _drain_quietly(reader: Decompressed) -> None:

@@ -6,16 +6,19 @@ member (read only when it is smaller than its bound), and the decompressed
 size of its layers (counted while they are decompressed, against the phase's
 `image_size`). The tar's sha256 is computed on the way. What intake checks:
 
-- paths: no absolute path, no `..`, no device, no hard link, symbolic links only
+- paths: no absolute path, no `..`, no device, no hard link, no sparse file (in
+  the archive or a layer: it is written out at the size its header claims), symbolic links only
   inside the archive and never as a directory of another entry, no name twice
   (`./manifest.json` is `manifest.json`); manifest.json a regular file;
 - shapes: manifest.json a list of one image, with a string Config and a list of
   string Layers, each a layer of the archive; a config object whose diff ids
   are the layers' own digests; malformed JSON is refused with the reason;
 - the config: this node's architecture, an ENTRYPOINT or CMD, VOLUMEs at
-  plain absolute paths, and a USER that is not root BY NUMBER: resolved to
-  uid:gid through the image's own /etc/passwd and /etc/group (read from its
-  layers, whiteouts applied), as runc would (`00`, `+0`, `toor` are root).
+  plain absolute paths, a WorkingDir and an Env the runtime can start (an
+  absolute WORKDIR outside the sandbox's mounts, no empty name, no NUL), and a
+  USER that is not root BY NUMBER: resolved to uid:gid through the image's own
+  /etc/passwd and /etc/group (read from its layers, whiteouts applied), as runc
+  would (`00`, `+0`, `toor` are root).
 
 While it is read, intake writes its own copy of the archive: the same layers
 and config, a manifest.json of our own without RepoTags, and no `repositories`,
@@ -53,10 +56,12 @@ from engine.image_streams import (
     UNREADABLE,
     BoundedTarInfo,
     Budget,
+    EntryBudget,
     LayerScan,
     StreamRefused,
     clean_name,
     decompressed,
+    is_sparse,
     iterate,
     merge_account_files,
     peek,
@@ -67,6 +72,7 @@ from runners.docker import (  # one volume policy, one name per architecture
     ARCH_ALIASES,
     MAX_VOLUMES,
     cleaned_volume,
+    image_settings_problem,
 )
 from runners.image_user import (
     ResolvedUser,
@@ -79,7 +85,7 @@ from runners.image_user import (
 DEFAULT_MAX_TAR_BYTES = 20 << 30
 DEFAULT_MAX_IMAGE_BYTES = 20 << 30  # decompressed layers; a phase may set `image_size`
 MAX_ARCHIVE_MEMBERS = 10_000
-MAX_LAYER_MEMBERS = 2_000_000  # entries of one layer
+MAX_IMAGE_ENTRIES = 2_000_000  # of all the layers together: files, directories, links
 MAX_CONTROL_JSON = 1 << 20  # manifest.json, repositories, index.json, oci-layout
 MAX_CONFIG_JSON = 8 << 20
 BLOCK = tarfile.BLOCKSIZE
@@ -258,6 +264,7 @@ def _read_archive(reader, writer: _CopyWriter, budget: Budget, max_bytes: int):
     blobs: dict[str, _Blob] = {}
     links: dict[str, str] = {}  # clean name -> clean target
     outer = decompressed(reader, Budget(max_bytes, "the archive"))  # docker load takes those
+    entries = EntryBudget(MAX_IMAGE_ENTRIES, "the image's layers")
     with tarfile.open(fileobj=outer, mode="r|", tarinfo=BoundedTarInfo) as tar:
         for member in iterate(tar, MAX_ARCHIVE_MEMBERS, "the image archive"):
             name = _checked_member(member, members)
@@ -266,7 +273,7 @@ def _read_archive(reader, writer: _CopyWriter, budget: Budget, max_bytes: int):
                 control[name] = _read_control(tar, member, name)
             elif member.isreg():
                 members[name] = "file"
-                blobs[name] = _copy_blob(tar, member, name, writer, budget)
+                blobs[name] = _copy_blob(tar, member, name, writer, budget, entries)
             elif member.isdir():
                 members[name] = "dir"
                 writer.header(name, tarfile.DIRTYPE)
@@ -287,6 +294,9 @@ def _checked_member(member: tarfile.TarInfo, seen: dict[str, str]) -> str:
         if member.isdir():
             return "."
         raise ImageInvalid(f"the archive contains an entry without a name: {member.name!r}")
+    if is_sparse(member):  # expanded when copied and loaded: the archive's size bounds nothing
+        raise ImageInvalid(f"the archive contains the sparse file {member.name!r}: create the "
+                           "archive with `docker save`")
     if name in seen:
         raise ImageInvalid(f"the archive contains {name!r} twice: Docker would use one "
                            "copy and intake another")
@@ -316,13 +326,14 @@ def _read_control(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> b
     return tar.extractfile(member).read(MAX_CONTROL_JSON + 1)
 
 
-def _copy_blob(tar, member, name, writer: _CopyWriter, budget: Budget) -> _Blob:
+def _copy_blob(tar, member, name, writer: _CopyWriter, budget: Budget,
+               entries: EntryBudget) -> _Blob:
     offset = writer.header(name, tarfile.REGTYPE, member.size)
     tee = _Tee(tar.extractfile(member), writer)
     head, stream = peek(tee, 512)
     blob = _Blob(offset, member.size)
     if not head.lstrip().startswith((b"{", b"[")):  # JSON is a config, anything else a layer
-        blob.layer = scan_layer(stream, budget, MAX_LAYER_MEMBERS)
+        blob.layer = scan_layer(stream, budget, entries)
     tee.drain()
     writer.pad()
     return blob
@@ -471,6 +482,9 @@ def check_config(config: dict, node_arch: str) -> None:
         raise ImageInvalid("the image has no ENTRYPOINT or CMD: the platform would not know "
                            "what to run")
     check_volumes(settings.get("Volumes"))
+    problem = image_settings_problem(settings)
+    if problem is not None:
+        raise ImageInvalid(problem)
 
 
 def _settings(config: dict) -> dict:
@@ -556,12 +570,13 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
                 raise ImageInvalid("the Docker Engine did not load the image the archive "
                                    "describes: create the archive with `docker save`")
             _check_tags_unmoved(client, tags_before, image_id)
+            attributes = client.api.inspect_image(image_id)
+            _check_read_alike(inspection.config, attributes)
         except ImageInvalid:
             if loaded:  # refused: nothing of it stays on the node
                 with contextlib.suppress(docker.errors.APIError):
                     client.api.remove_image(image_id)
             raise
-        attributes = client.api.inspect_image(image_id)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return PinnedImage(
@@ -573,6 +588,25 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
         user=inspection.user.spec,
         size_bytes=int(attributes.get("Size") or 0),
     )
+
+
+SETTINGS_DECIDED = ("User", "WorkingDir", "Env", "Entrypoint", "Cmd", "Volumes")
+
+
+def _check_read_alike(config: dict, attributes: dict) -> None:
+    """What intake decided on is what the Docker Engine read. Go matches JSON keys to
+    fields regardless of case (`user`, even `Volumeſ`, set User and Volumes) and the last
+    one wins: a config read one way here and another way there is refused."""
+    settings, theirs = _settings(config), attributes.get("Config") or {}
+    differing = [key for key in SETTINGS_DECIDED
+                 if (settings.get(key) or None) != (theirs.get(key) or None)]
+    if (attributes.get("Architecture"), attributes.get("Os") or "linux") != (
+            config.get("architecture"), config.get("os") or "linux"):
+        differing.append("architecture/os")
+    if differing:
+        raise ImageInvalid(f"the image config reads differently to the Docker Engine "
+                           f"({', '.join(differing)}): a key is repeated or spelled in "
+                           "another case; create the image with `docker build`")
 
 
 def _present(client: docker.DockerClient, image_id: str) -> bool:

@@ -21,6 +21,10 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0  # a week: anything longer is a typo, not a limit
 MAX_STOP_GRACE_SECONDS = 3600.0
+MIN_CPUS = 0.01  # Docker's least quota; below it NanoCpus rounds to 0, which means no limit
+# Counts and sizes are whole numbers: a fraction would be rounded somewhere, 0 being "none"
+WHOLE_NUMBERS = ("output_quota_bytes", "tmp_size_bytes", "memory_bytes", "pids_limit",
+                 "shm_size_bytes", "nofile", "log_cap_bytes")
 
 
 class InvalidRunSpec(ValueError):
@@ -91,6 +95,13 @@ class RunSpec:
             if not _finite_number(value) or not value > 0:
                 raise InvalidRunSpec(f"RunSpec.{name} must be a positive finite number, "
                                      f"got {value!r}")
+        for name in WHOLE_NUMBERS:
+            if not isinstance(positive[name], numbers.Integral):
+                raise InvalidRunSpec(f"RunSpec.{name} must be a whole number, got "
+                                     f"{positive[name]!r}")
+        if self.cpus < MIN_CPUS:
+            raise InvalidRunSpec(f"RunSpec.cpus must be at least {MIN_CPUS} (Docker's least "
+                                 f"quota; less would mean no limit at all), got {self.cpus!r}")
         if self.timeout_seconds > MAX_TIMEOUT_SECONDS:
             raise InvalidRunSpec(f"RunSpec.timeout_seconds must be at most "
                                  f"{MAX_TIMEOUT_SECONDS:g} s (7 days), got "

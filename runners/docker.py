@@ -13,8 +13,10 @@ left behind by a crashed process are removed the next time a runner starts.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -54,12 +56,13 @@ from runners.image_user import (
     numeric_pair,
     resolve_user,
 )
-from runners.logs import LogTail
+from runners.logs import LogTail, shown
 from runners.output_area import OutputArea, unmount
 
 LABEL_MANAGED = "org.epreuve.managed"
 LABEL_OWNER = "org.epreuve.owner"
 LABEL_RUN = "org.epreuve.run"
+RESERVED_LABELS = (LABEL_MANAGED, LABEL_OWNER, LABEL_RUN)  # what the reaper reads
 REMAPPED_USER = "65534:65534"  # nobody:nogroup, for images whose user is root
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 WAIT_SLACK_SECONDS = 30.0
@@ -67,16 +70,29 @@ OOM_PEAK_FRACTION = 0.9  # exit 137 with a peak this close to the limit is an OO
 # Start failures caused by the image rather than by the platform.
 IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
                       "unable to find user", "permission denied", "exec format error",
-                      "no command specified", "not a directory")
+                      "no command specified", "not a directory",
+                      # runc setting up the image's working directory and environment
+                      "cwd must be", "error during container init: mkdir ",
+                      "error during container init: chdir ", "environment variable")
 # The runs in flight in this process, whichever runner started them: they share the owner label.
 _ACTIVE_RUNS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 RUN_OWNER_TAG = "owner"
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")  # what intake pins and the workers run
 ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}
 MAX_VOLUMES = 16
 # A VOLUME becomes a tmpfs; these paths are the sandbox's own or the kernel's.
 FORBIDDEN_VOLUME_ROOTS = ("/input", "/output", "/proc", "/sys", "/dev")
 SANDBOX_MOUNTS = ("/tmp",)  # already a tmpfs: an image VOLUME there is covered by it
+NO_HEALTHCHECK = {"Test": ["NONE"]}  # an image's HEALTHCHECK would exec its own commands
+ACCOUNT_FILES_RUN = "account-files"  # a container that is never started: no run, no path
+GO_MODE_SYMLINK = 1 << 27  # os.ModeSymlink in the mode of Docker's path stat
+# What the sandbox and Docker mount in every container (/dev is a fresh tmpfs: not the image's)
+SANDBOX_DESTINATIONS = ("/input", "/output", "/tmp", "/etc/hosts", "/etc/hostname",
+                        "/etc/resolv.conf")
+SANDBOX_ROOTS = ("/input", "/output", "/tmp")
+KERNEL_ROOTS = ("/proc", "/sys", "/dev")
+MAX_LINK_HOPS = 40  # as the kernel
 
 
 class DockerUnavailable(RuntimeError):
@@ -85,6 +101,11 @@ class DockerUnavailable(RuntimeError):
 
 class ImageRejected(Exception):
     """The image cannot be run as it is; the message tells the participant why."""
+
+
+class ImageAbsent(RuntimeError):
+    """An image asked for by its id is not on this node: the platform pinned it, so it
+    promised it (removed by an operator, or a node that never had it), not the team."""
 
 
 class DaemonLost(RuntimeError):
@@ -100,7 +121,9 @@ class RunStuck(RuntimeError):
 
 
 FINISHED_STATES = ("exited", "dead")
-OUTSIDE_ACTIONS = ("kill", "destroy", "pause")  # none of them comes from the container itself
+# None of them comes from the container itself, nor from the engine during a run: each is
+# someone else changing the run (stopping it, its limits, its processes, its files).
+OUTSIDE_ACTIONS = ("kill", "destroy", "pause", "update", "exec_create", "extract-to-dir")
 DIE_EVENT_WAIT_SECONDS = 5.0  # the daemon reports `die` right after the exit it follows
 
 
@@ -180,7 +203,7 @@ class _EventWatcher(threading.Thread):
             self.died.set()
 
     def _observe(self, event: dict) -> None:
-        action = event.get("Action") or event.get("status") or ""
+        action = (event.get("Action") or event.get("status") or "").split(":")[0].strip()
         attributes = (event.get("Actor") or {}).get("Attributes") or {}
         ours = self.execution.stopping.is_set()
         if action in OUTSIDE_ACTIONS and not ours and self.execution.outside_stop is None:
@@ -226,6 +249,7 @@ class DockerRunner:
         self.use_cgroups = use_cgroups
         self.owner = owner_token()
         self._leftovers = False  # a container we could not remove: retry before the next run
+        self._mounts_checked: set[str] = set()  # image ids whose mount paths are no links
         if reap_orphans:
             self.reap_orphans()
 
@@ -255,13 +279,15 @@ class DockerRunner:
             return self._collect(run, execution)
         except ImageRejected as exc:
             return failed(FailureReason.IMAGE_INVALID, str(exc), image_id=run.image.get("Id"))
+        except ImageAbsent as exc:
+            return failed(FailureReason.INFRASTRUCTURE, messages.image_absent(), detail=str(exc))
         except Exception as exc:  # the daemon, the host, a bug of ours: never the team's fault
             return self._platform_failure(run, exc, image_id)
 
     def _platform_failure(self, run: _Run, exc: BaseException, image_id: str | None) -> RunResult:
         return failed(FailureReason.INFRASTRUCTURE, messages.infrastructure(exc),
                       image_id=image_id, log_tail=run.logs.text() if run.logs else "",
-                      detail="".join(traceback.format_exception(exc)))
+                      detail=shown("".join(traceback.format_exception(exc))))
 
     # -- provision -----------------------------------------------------------------------
 
@@ -269,6 +295,7 @@ class DockerRunner:
         run.image = self.resolve_image(run.spec.image, run.spec.command)
         run.user = effective_user(run.spec.user, run.image["Config"].get("User") or "",
                                   lambda: self.account_files(run.image))
+        self.check_mount_paths(run.image)
         run.directory.mkdir(mode=0o700)
         (run.directory / RUN_OWNER_TAG).write_text(self.owner)  # for a reap without container
         run.area = OutputArea.create(run.directory / "output", run.spec.output_quota_bytes)
@@ -285,12 +312,13 @@ class DockerRunner:
         """The image's attributes, from this node only: a missing image is refused, not pulled."""
         try:
             image = self.api.inspect_image(reference)
-        except docker.errors.ImageNotFound:
-            raise ImageRejected(messages.image_missing(reference)) from None
         except docker.errors.APIError as exc:
-            if exc.status_code in (400, 404):
-                raise ImageRejected(messages.image_missing(reference)) from None
-            raise
+            if not isinstance(exc, docker.errors.ImageNotFound) and exc.status_code not in (
+                    400, 404):
+                raise
+            if IMAGE_ID.fullmatch(reference):
+                raise ImageAbsent(f"the pinned image {reference} is not on this node") from None
+            raise ImageRejected(messages.image_missing(reference)) from None
         arch = image.get("Architecture")
         if self.node_arch and arch and arch != self.node_arch:
             raise ImageRejected(messages.image_wrong_arch(arch, self.node_arch))
@@ -298,22 +326,76 @@ class DockerRunner:
         if not command and not (config.get("Entrypoint") or config.get("Cmd")):
             raise ImageRejected(messages.image_without_command())
         image_volumes(image)  # refused here, before anything is created
+        problem = image_settings_problem(config)
+        if problem is not None:
+            raise ImageRejected(messages.image_cannot_start(problem))
         return image
 
     def account_files(self, image: dict) -> tuple[str | None, str | None]:
-        """The image's own /etc/passwd and /etc/group (None where absent), read from a
-        container that is created, never started, and removed at once."""
+        """The image's own /etc/passwd and /etc/group (None where absent)."""
+        with self._unstarted(image) as cid:
+            return (self._read_account_file(cid, "/etc/passwd"),
+                    self._read_account_file(cid, "/etc/group"))
+
+    def check_mount_paths(self, image: dict) -> None:
+        """Refuse an image whose links lead a path the sandbox mounts (/input, /output, /tmp,
+        the files Docker provides, each VOLUME) somewhere else that matters: Docker mounts
+        where the links lead, so over /output, over /, or into /proc, where runc then refuses
+        to start (which would pass for the platform's fault). A link to an ordinary place
+        (/etc/resolv.conf to /run/...) is left alone. An image's content never changes
+        under its id: each id is checked once."""
+        if image["Id"] in self._mounts_checked:
+            return
+        with self._unstarted(image) as cid:
+            for destination in [*SANDBOX_DESTINATIONS, *image_volumes(image)]:
+                landing = self._resolved(cid, destination)
+                if _lands_badly(destination, landing):
+                    raise ImageRejected(messages.image_cannot_start(
+                        f"the image's symbolic links lead {destination}, which the sandbox "
+                        f"mounts, to {landing}: make {destination} a directory of the "
+                        "image (or remove it)"))
+        self._mounts_checked.add(image["Id"])
+
+    def _resolved(self, cid: str, path: str) -> str:
+        """`path` with the image's links followed, as Docker follows them to mount there.
+        Docker's stat gives a link's target already resolved in the container's root."""
+        for _ in range(MAX_LINK_HOPS):
+            for prefix in _prefixes(path):
+                stat = self._path_stat(cid, prefix)
+                if stat is None:
+                    return path  # absent from here on: Docker makes it
+                if stat.get("linkTarget") or int(stat.get("mode") or 0) & GO_MODE_SYMLINK:
+                    target = clean_path(stat.get("linkTarget") or "/")
+                    path = clean_path(target + path[len(prefix):])
+                    break
+            else:
+                return path
+        raise ImageRejected(messages.image_cannot_start(
+            f"the image's symbolic links lead {path} through more than {MAX_LINK_HOPS} links"))
+
+    @contextlib.contextmanager
+    def _unstarted(self, image: dict):
+        """A container of `image`, created, never started, removed at once: to read it."""
         container = self.api.create_container(
             image=image["Id"], entrypoint=["/nonexistent"], command=[], network_disabled=True,
-            labels={LABEL_MANAGED: "true", LABEL_OWNER: self.owner},
+            labels=self._labels({}, ACCOUNT_FILES_RUN), healthcheck=NO_HEALTHCHECK,
             host_config=self.api.create_host_config(
                 network_mode="none", read_only=True,
                 tmpfs={path: "rw,nosuid,nodev,size=1m" for path in image_volumes(image)}))
         try:
-            return (self._read_account_file(container["Id"], "/etc/passwd"),
-                    self._read_account_file(container["Id"], "/etc/group"))
+            yield container["Id"]
         finally:
             self._remove_container(container["Id"])
+
+    def _path_stat(self, cid: str, path: str) -> dict | None:
+        """Docker's stat of `path` in the container, the last component not followed."""
+        response = self.api.head(self.api._url("/containers/{0}/archive", cid),
+                                 params={"path": path})
+        if response.status_code == 404:
+            return None
+        self.api._raise_for_status(response)
+        header = response.headers.get("X-Docker-Container-Path-Stat") or ""
+        return json.loads(base64.b64decode(header)) if header else None
 
     def _read_account_file(self, cid: str, path: str) -> str | None:
         try:
@@ -341,8 +423,7 @@ class DockerRunner:
             cgroup_parent=run.cgroup.parent if run.cgroup else None,
             volumes=image_volumes(run.image),
         ))
-        labels = {**spec.labels, LABEL_MANAGED: "true", LABEL_OWNER: self.owner,
-                  LABEL_RUN: run.name}
+        labels = self._labels(spec.labels, run.name)
         try:
             container = self.api.create_container(
                 image=run.image["Id"],  # by id: create never pulls, and the tag cannot move
@@ -354,11 +435,18 @@ class DockerRunner:
                 hostname="epreuve",
                 network_disabled=True,
                 stop_signal="SIGTERM",
+                healthcheck=NO_HEALTHCHECK,  # only our command runs in the sandbox
                 host_config=host_config,
             )
         except docker.errors.APIError as exc:
             raise _classify_api_error(exc) from exc
         return container["Id"]
+
+    def _labels(self, requested: dict[str, str], run_name: str) -> dict[str, str]:
+        """Every label the reaper reads, set by us: Docker adds the image's LABELs to the
+        container's, so a key we left unset would be the participant's to choose."""
+        return {**requested, LABEL_MANAGED: "true", LABEL_OWNER: self.owner,
+                LABEL_RUN: run_name}
 
     # -- execute -------------------------------------------------------------------------
 
@@ -705,6 +793,29 @@ def _peak_at_limit(exit_code: int | None, peak: int | None, limit: int) -> bool:
     return exit_code == 137 and peak is not None and peak >= OOM_PEAK_FRACTION * limit
 
 
+def _lands_badly(destination: str, landing: str) -> bool:
+    """A mount at `landing` in place of `destination`: over the root, into a kernel file
+    system, or over another of the sandbox's own mounts."""
+    def within(path: str, roots: tuple[str, ...]) -> bool:
+        return any(path == root or path.startswith(root + "/") for root in roots)
+
+    if landing == destination:
+        return False
+    return landing == "/" or within(landing, KERNEL_ROOTS) or within(landing, SANDBOX_ROOTS)
+
+
+def _prefixes(path: str) -> list[str]:
+    """`/a/b/c` -> `/a`, `/a/b`, `/a/b/c`."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+
+
+def clean_path(path: str) -> str:
+    """An absolute path as Docker cleans it (Go's filepath.Clean): POSIX's normpath keeps a
+    leading `//`, Docker does not, so `//data` would be another path to us than to it."""
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
 def image_volumes(image: dict) -> list[str]:
     """The image's VOLUMEs, cleaned as Docker cleans them; a path the sandbox mounts itself
     (/input, /output) or a kernel file system is refused."""
@@ -728,11 +839,61 @@ def cleaned_volume(path: str) -> str | None:
     """A VOLUME path as Docker cleans it; None for one the sandbox cannot cover with a tmpfs
     (relative, /, or a path the sandbox mounts itself or a kernel file system). The one
     volume policy: image intake applies it too."""
-    clean = posixpath.normpath(path) if str(path).startswith("/") else ""
+    clean = clean_path(path) if isinstance(path, str) and path.startswith("/") else ""
     if clean in ("", "/", "//") or any(clean == root or clean.startswith(root + "/")
                                        for root in FORBIDDEN_VOLUME_ROOTS):
         return None
     return clean
+
+
+def image_settings_problem(config: dict) -> str | None:
+    """What in an image's WorkingDir or Env the runtime would refuse at start, or None.
+    Refused before the run, so that an image cannot pass its own failure to start for the
+    platform's (INFRASTRUCTURE is retried and never counted against the team)."""
+    return (_working_dir_problem(config.get("WorkingDir")) or _env_problem(config.get("Env"))
+            or _labels_problem(config.get("Labels")))
+
+
+def _labels_problem(labels: Any) -> str | None:
+    """Docker copies an image's LABELs onto every container made from it, by anyone: one
+    naming an owner and a run would send the reaper after containers and run directories
+    that are not the image's."""
+    if labels is None:
+        return None
+    if not isinstance(labels, dict):
+        return "the image's Labels is not an object"
+    reserved = sorted(set(labels) & set(RESERVED_LABELS))
+    if reserved:
+        return f"the image sets the labels {reserved}, which are the platform's own"
+    return None
+
+
+def _working_dir_problem(working_dir: Any) -> str | None:
+    if working_dir in (None, ""):
+        return None
+    if not isinstance(working_dir, str) or "\0" in working_dir:
+        return "the image's WorkingDir is not a path"
+    if not working_dir.startswith("/"):
+        return f"the image's WorkingDir {working_dir!r} is not an absolute path"
+    clean = clean_path(working_dir)
+    for root in FORBIDDEN_VOLUME_ROOTS:  # mounted by the sandbox or the kernel: read-only
+        if clean.startswith(root + "/"):
+            return (f"the image's WorkingDir {working_dir!r} lies inside {root}, which the "
+                    "sandbox mounts itself: use a directory of the image, e.g. WORKDIR /app")
+    return None
+
+
+def _env_problem(env: Any) -> str | None:
+    if env is None:
+        return None
+    if not isinstance(env, list) or not all(isinstance(item, str) for item in env):
+        return "the image's Env is not a list of strings"
+    for item in env:
+        name = item.partition("=")[0]
+        if not name or "\0" in item:
+            return (f"the image's environment variable {item[:80]!r} has an empty name or a "
+                    "NUL character")
+    return None
 
 
 def effective_user(requested: str | None, image_user: str,

@@ -65,7 +65,9 @@ def _field_int(text: str) -> int:
 def _lines(text: str | None) -> list[list[str]]:
     if text is None:
         return []
-    return [line.strip().split(":") for line in text.splitlines() if line.strip()]
+    # Lines end at "\n" only, as Go's scanner reads them: splitlines() would also break at
+    # \v, \f, \x1c-\x1e, \x85, \u2028, which runc keeps inside a line (and its name).
+    return [line.strip().split(":") for line in text.split("\n") if line.strip()]
 
 
 def parse_passwd(text: str | None) -> list[tuple[str, int, int]]:

@@ -3,13 +3,34 @@
 The daemon's own copy is capped by the log driver (`max-size`); this one is
 read from the attached stream, so it knows exactly how much was written and
 whether the tail it keeps is the whole story.
+
+Its text is shown to organisers and participants (a terminal, a report, the
+database), so it is rendered, never replayed: invalid UTF-8 becomes U+FFFD and
+every control character but newline and tab (escape sequences, NUL, C1 codes,
+bidirectional overrides) is written out as `\\xNN` or `\\uNNNN`.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
 from collections.abc import Iterable
+
+# C0 and C1 controls (but \t and \n), bidi embeddings, overrides and isolates, BOM
+UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f"
+                        "\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def shown(text: str) -> str:
+    """`text` with every control character written out: nothing a terminal would obey."""
+    text = text.replace("\r\n", "\n")
+    return UNSHOWABLE.sub(lambda match: _escaped(match.group()), text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class LogTail:
@@ -53,4 +74,4 @@ class LogTail:
     def text(self) -> str:
         with self._lock:
             data = b"".join(self._chunks)
-        return data[-self.cap_bytes:].decode("utf-8", errors="replace")
+        return shown(data[-self.cap_bytes:].decode("utf-8", errors="replace"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 
 from runners.base import FailureReason, RunSpec
+from runners.logs import shown
 
 EXIT_HINTS = {
     126: "the command is not executable",
@@ -71,6 +72,12 @@ def image_missing(reference: str) -> str:
             "images. Submit it as a `docker save` tar, or load it with `docker load` first.")
 
 
+def image_absent() -> str:
+    return ("The image, accepted and pinned by the platform, is not present on the node that "
+            "ran this job. This is not caused by your submission; the run is retried "
+            "automatically.")
+
+
 def image_wrong_arch(image_arch: str, node_arch: str) -> str:
     return (f"The image is built for {image_arch}, but this node runs {node_arch}. "
             f"Rebuild it for linux/{node_arch} (docker buildx build --platform linux/{node_arch}).")
@@ -82,7 +89,8 @@ def image_without_command() -> str:
 
 
 def image_cannot_start(detail: str) -> str:
-    return (f"The container could not be started from this image: {detail}. Check the "
+    # the daemon's words echo the image's own strings (its WorkingDir, Env): shown, not replayed
+    return (f"The container could not be started from this image: {shown(detail)}. Check the "
             "ENTRYPOINT/CMD and USER of the image: do they exist inside it?")
 
 

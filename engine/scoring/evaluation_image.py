@@ -104,7 +104,8 @@ def run_evaluation_image(runner: Runner, image: str, predictions: Path, dataset:
         run = runner.run(RunSpec(image=image, command=command, input_dir=staged, output_dir=output,
                                  timeout_seconds=timeout_seconds, memory_bytes=memory_bytes,
                                  labels={"org.epreuve.role": "evaluator"}))
-        if run.reason is FailureReason.IMAGE_INVALID:  # absent or unrunnable: never the team's
+        if run.reason in (FailureReason.IMAGE_INVALID, FailureReason.INFRASTRUCTURE):
+            # absent, unrunnable, or the platform failed it: never the team's
             return EvaluationOutcome(run, FailureReason.INFRASTRUCTURE,
                                      f"the evaluation image {image} cannot run on this node: "
                                      f"{run.message}")
