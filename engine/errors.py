@@ -2,14 +2,12 @@
 
 Every failure a user can cause or meet (a bad challenge file, a refused submission, an
 unsealed dataset, an unusable image, an absent Docker Engine) is an `EpreuveError`, or one
-of the runner's own exceptions listed in `RUNNER_ERRORS` (`runners` and `gpu` know nothing
-of the engine, so they cannot subclass it). The command line prints its message and exits
-with its code: an expected failure never shows a traceback.
+of the runner's `RunnerError`s or the GPU allocator's `NotEnoughGPUs` (`runners` and
+`gpu` know nothing of the engine, so they carry their own codes). The command line prints
+its message and exits with its code: an expected failure never shows a traceback.
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 EXIT_REFUSED = 1  # the request was understood and refused: the message says why
 EXIT_USAGE = 2  # the command line itself is wrong (as click's usage errors)
@@ -42,39 +40,23 @@ class Unavailable(EpreuveError):
     http_status = 503
 
 
-@cache
-def runner_errors() -> dict[type[Exception], tuple[int, int]]:
-    """(exit code, HTTP status) of the runner's exceptions, which cannot subclass
-    EpreuveError. Imported here, not at the top: the pure layers (medio, scoring) import this
-    module and must not pull in the Docker SDK."""
+def _outside_the_family() -> tuple[type[Exception], ...]:
+    """The runner's and the GPU allocator's expected failures: `runners` and `gpu` know
+    nothing of the engine, so they carry their own exit code and HTTP status."""
     from gpu.allocator import NotEnoughGPUs
-    from runners.base import InvalidRunSpec
-    from runners.docker import DockerUnavailable, ImageRejected
-    from runners.image_user import UserUnresolvable
+    from runners.base import RunnerError
 
-    return {
-        DockerUnavailable: (EXIT_NO_ENGINE, 503),
-        NotEnoughGPUs: (EXIT_NO_ENGINE, 503),
-        InvalidRunSpec: (EXIT_USAGE, 422),
-        ImageRejected: (EXIT_REFUSED, 422),
-        UserUnresolvable: (EXIT_REFUSED, 422),
-    }
+    return (RunnerError, NotEnoughGPUs)
 
 
 def expected(exc: BaseException) -> bool:
     """An expected failure: shown as its message, never as a traceback."""
-    return isinstance(exc, (EpreuveError, *runner_errors()))
+    return isinstance(exc, (EpreuveError, *_outside_the_family()))
 
 
 def exit_code(exc: BaseException) -> int:
-    if isinstance(exc, EpreuveError):
-        return exc.exit_code
-    return next((code for kind, (code, _) in runner_errors().items()
-                 if isinstance(exc, kind)), EXIT_REFUSED)
+    return exc.exit_code if expected(exc) else EXIT_REFUSED
 
 
 def http_status(exc: BaseException) -> int:
-    if isinstance(exc, EpreuveError):
-        return exc.http_status
-    return next((status for kind, (_, status) in runner_errors().items()
-                 if isinstance(exc, kind)), 500)
+    return exc.http_status if expected(exc) else 500

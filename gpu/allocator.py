@@ -14,7 +14,10 @@ from pathlib import Path
 
 
 class NotEnoughGPUs(RuntimeError):
-    pass
+    """Fewer free GPUs than a run wants: the platform's state, not the user's mistake."""
+
+    exit_code = 3  # read by the engine's error family, as the runner's errors are
+    http_status = 503
 
 
 @dataclass

@@ -27,8 +27,18 @@ WHOLE_NUMBERS = ("output_quota_bytes", "tmp_size_bytes", "memory_bytes", "pids_l
                  "shm_size_bytes", "nofile", "log_cap_bytes")
 
 
-class InvalidRunSpec(ValueError):
+class RunnerError(Exception):
+    """The runner's expected failures. `runners` knows nothing of the engine, so the engine's
+    error family (engine/errors.py) reads the exit code and HTTP status from here."""
+
+    exit_code = 1
+    http_status = 422
+
+
+class InvalidRunSpec(RunnerError, ValueError):
     """A RunSpec no runner may start: refused before anything is created."""
+
+    exit_code = 2
 
 
 class RunStatus(StrEnum):

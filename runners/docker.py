@@ -40,7 +40,7 @@ import urllib3.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from runners import messages
-from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed
+from runners.base import FailureReason, RunnerError, RunResult, RunSpec, RunStatus, failed
 from runners.cgroups import (
     RUN_NAME,
     CgroupUsage,
@@ -95,11 +95,14 @@ KERNEL_ROOTS = ("/proc", "/sys", "/dev")
 MAX_LINK_HOPS = 40  # as the kernel
 
 
-class DockerUnavailable(RuntimeError):
+class DockerUnavailable(RunnerError, RuntimeError):
     """The Docker Engine did not answer."""
 
+    exit_code = 3
+    http_status = 503
 
-class ImageRejected(Exception):
+
+class ImageRejected(RunnerError):
     """The image cannot be run as it is; the message tells the participant why."""
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from runners.base import RunnerError
+
 MAX_ID = 2**31 - 1  # runc's range for a numeric uid or gid
 MAX_ACCOUNT_FILE = 1 << 20  # /etc/passwd or /etc/group, read to resolve a user name
 GO_INT = re.compile(r"[+-]?[0-9]+")
 INT64_MAX = 2**63 - 1
 
 
-class UserUnresolvable(ValueError):
+class UserUnresolvable(RunnerError, ValueError):
     """The image's USER names nobody runc could find, or a number out of range."""
 
 
