@@ -39,7 +39,8 @@ from engine.submissions import (
     verified_dataset,
 )
 from engine.worker import phase_run_spec
-from runners.docker import DockerRunner, ImageRejected
+from runners import make_runner
+from runners.base import ImageRejected
 
 
 def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
@@ -54,11 +55,11 @@ def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
     phase_row, phase = find_phase(session, challenge_id, phase_slug)
     if not phase.sample_cases:
         raise SubmissionRefused(f"phase {phase.id} publishes no sample cases to check against")
-    runner = DockerRunner(state_dir=settings.state_dir / "runs")
+    runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
     report: dict[str, Any] = {"image": image, "challenge": challenge_id, "phase": phase.id,
                               "cases": {}, "ok": False}
     try:
-        attributes = runner.resolve_image(image)
+        attributes = runner.inspect_image(image)
         check_config({"architecture": attributes.get("Architecture"), "os": attributes.get("Os"),
                       "config": attributes.get("Config") or {}}, node_architecture())
     except (ImageInvalid, ImageRejected) as exc:

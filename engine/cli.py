@@ -445,13 +445,10 @@ def worker(
     from datetime import timedelta
 
     from engine.worker import Worker
-    from runners.docker import DockerRunner, DockerUnavailable
+    from runners import make_runner
 
     settings, sessions = _sessions()
-    try:
-        runner = DockerRunner(state_dir=settings.state_dir / "runs")
-    except DockerUnavailable as exc:
-        _fail(str(exc), EXIT_NO_ENGINE)
+    runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
     agent = Worker(sessions, settings, runner, lease_duration=timedelta(seconds=lease_seconds),
                    heartbeat_seconds=heartbeat_seconds)
     stop = threading.Event()

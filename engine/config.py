@@ -7,6 +7,7 @@ SQLite in the data directory and the local Docker Engine.
                            postgresql+psycopg://... for many nodes
     EPREUVE_STATE_DIR      runner state: output areas, verification cache
                            (default <data dir>/state)
+    EPREUVE_RUNNER         the runner backend (default docker: the local Docker Engine)
     DOCKER_HOST            the Docker Engine (default unix:///var/run/docker.sock)
 """
 
@@ -22,6 +23,7 @@ class Settings:
     data_dir: Path
     database_url: str
     state_dir: Path
+    runner: str = "docker"  # the backend make_runner() builds
 
     @property
     def outputs_dir(self) -> Path:
@@ -41,4 +43,5 @@ def load_settings() -> Settings:
                     or Path.home() / ".local" / "share" / "epreuve").expanduser()
     database_url = os.environ.get("EPREUVE_DATABASE_URL") or f"sqlite:///{data_dir / 'epreuve.db'}"
     state_dir = Path(os.environ.get("EPREUVE_STATE_DIR") or data_dir / "state")
-    return Settings(data_dir=data_dir, database_url=database_url, state_dir=state_dir)
+    return Settings(data_dir=data_dir, database_url=database_url, state_dir=state_dir,
+                    runner=os.environ.get("EPREUVE_RUNNER") or "docker")

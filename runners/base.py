@@ -41,6 +41,10 @@ class InvalidRunSpec(RunnerError, ValueError):
     exit_code = 2
 
 
+class ImageRejected(RunnerError):
+    """The image cannot be run as it is; the message tells the participant why."""
+
+
 class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -175,6 +179,11 @@ class Runner(Protocol):
 
     def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
         """Never raises for anything the container did; the result says what happened."""
+        ...
+
+    def inspect_image(self, reference: str) -> dict:
+        """The image as this node holds it (id, architecture, config), never pulled; a
+        `RunnerError` when it cannot be run as it is."""
         ...
 
 

@@ -40,7 +40,15 @@ import urllib3.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from runners import messages
-from runners.base import FailureReason, RunnerError, RunResult, RunSpec, RunStatus, failed
+from runners.base import (
+    FailureReason,
+    ImageRejected,
+    RunnerError,
+    RunResult,
+    RunSpec,
+    RunStatus,
+    failed,
+)
 from runners.cgroups import (
     RUN_NAME,
     CgroupUsage,
@@ -102,8 +110,6 @@ class DockerUnavailable(RunnerError, RuntimeError):
     http_status = 503
 
 
-class ImageRejected(RunnerError):
-    """The image cannot be run as it is; the message tells the participant why."""
 
 
 class ImageAbsent(RuntimeError):
@@ -310,6 +316,10 @@ class DockerRunner:
             input_dir = run.directory / "empty-input"
             input_dir.mkdir()
         run.container_id = self._create_container(run, Path(input_dir))
+
+    def inspect_image(self, reference: str) -> dict:
+        """The Runner protocol's view of an image: `resolve_image` with its own command."""
+        return self.resolve_image(reference)
 
     def resolve_image(self, reference: str, command: tuple[str, ...] | None = None) -> dict:
         """The image's attributes, from this node only: a missing image is refused, not pulled."""

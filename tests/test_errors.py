@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,24 @@ def test_the_pure_layers_import_no_docker():
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_the_runner_backend_is_a_setting(tmp_path):
+    from runners import UnknownBackend, make_runner
+    from runners.docker import DockerRunner
+
+    assert isinstance(make_runner("docker", state_dir=tmp_path / "runs"), DockerRunner)
+    with pytest.raises(UnknownBackend) as unknown:
+        make_runner("kubernetes")
+    assert str(unknown.value) == "unknown runner backend 'kubernetes'; known: docker"
+    assert (exit_code(unknown.value), http_status(unknown.value)) == (2, 422)
+
+
+def test_an_unknown_backend_is_an_error_line_from_the_worker_command(tmp_path):
+    env = {"EPREUVE_DATA_DIR": str(tmp_path), "EPREUVE_RUNNER": "kubernetes",
+           "PATH": "/usr/bin:/bin"}
+    epreuve = str(Path(sys.executable).parent / "epreuve")
+    done = subprocess.run([epreuve, "worker", "--until-idle"], env=env, capture_output=True,
+                          text=True)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "error: unknown runner backend 'kubernetes'; known: docker\n"
