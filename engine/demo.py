@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from engine.statuses import SubmissionStatus
 from runners.base import MiB, RunSpec
 from runners.docker import DockerRunner
 from runners.messages import human_bytes
@@ -126,7 +127,7 @@ def _print_failures(console: Console, session, submitted: dict[str, int]) -> Non
 
     for team, submission_id in submitted.items():
         submission = session.get(SubmissionRow, submission_id)
-        if submission.status == "failed":
+        if submission.status == SubmissionStatus.FAILED:
             # messages and logs are text, never markup (a log may print "[/red]")
             console.print(Text.assemble((terminal_text(f"{team} (#{submission_id}): "
                                                        f"{submission.reason}"), "red"),

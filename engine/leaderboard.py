@@ -26,6 +26,7 @@ from engine.scoring.ranking import (
     rank_then_aggregate,
     rank_values,
 )
+from engine.statuses import SubmissionStatus
 from engine.submissions import challenge_definition, find_phase
 
 
@@ -44,7 +45,7 @@ class Entry:
 
 def latest_per_team(session: Session, phase_id: int) -> list[SubmissionRow]:
     evaluated = session.scalars(select(SubmissionRow).where(
-        SubmissionRow.phase_id == phase_id, SubmissionRow.status == "succeeded")
+        SubmissionRow.phase_id == phase_id, SubmissionRow.status == SubmissionStatus.SUCCEEDED)
         .order_by(SubmissionRow.created_at.desc(), SubmissionRow.id.desc())).all()
     latest: dict[int, SubmissionRow] = {}
     for submission in evaluated:

@@ -27,11 +27,12 @@ from sqlalchemy.orm import Session
 
 from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
 from engine.errors import Conflict
+from engine.statuses import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobKind, JobStatus
 from runners.base import FailureReason
 from runners.docker import owner_alive
 
-ACTIVE = ("leased", "running", "scoring")
-TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ACTIVE_JOB_STATES
+TERMINAL = TERMINAL_JOB_STATES
 DEFAULT_LEASE = timedelta(seconds=60)
 SMOKE_PRIORITY, MAIN_PRIORITY = 0, 10
 
@@ -47,13 +48,13 @@ def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[s
     jobs = []
     for case_ids in shards:
         job = JobRow(submission=submission, kind=kind, case_ids=list(case_ids),
-                     priority=SMOKE_PRIORITY if kind == "smoke" else MAIN_PRIORITY,
+                     priority=SMOKE_PRIORITY if kind == JobKind.SMOKE else MAIN_PRIORITY,
                      gpus=gpus, max_attempts=max_attempts)
         session.add(job)
         jobs.append(job)
     session.flush()
     for job in jobs:
-        record(session, "job", job.id, None, "queued", actor,
+        record(session, "job", job.id, None, JobStatus.QUEUED, actor,
                f"{kind} job over {len(job.case_ids)} case(s)")
     return jobs
 
@@ -65,7 +66,7 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
     while True:
         candidate = session.execute(
             select(JobRow.id)
-            .where(JobRow.status == "queued", JobRow.gpus <= gpus_available,
+            .where(JobRow.status == JobStatus.QUEUED, JobRow.gpus <= gpus_available,
                    JobRow.id.not_in(tried) if tried else True)
             .order_by(JobRow.priority, JobRow.id)
             .limit(1)
@@ -77,12 +78,12 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
         now = utcnow()
         taken = session.execute(
             update(JobRow)
-            .where(JobRow.id == candidate, JobRow.status == "queued")
-            .values(status="leased", lease_owner=owner, lease_expires_at=now + duration,
+            .where(JobRow.id == candidate, JobRow.status == JobStatus.QUEUED)
+            .values(status=JobStatus.LEASED, lease_owner=owner, lease_expires_at=now + duration,
                     heartbeat_at=now, attempts=JobRow.attempts + 1)
         ).rowcount
         if taken == 1:
-            record(session, "job", candidate, "queued", "leased", owner)
+            record(session, "job", candidate, JobStatus.QUEUED, JobStatus.LEASED, owner)
             session.commit()
             return session.get(JobRow, candidate, populate_existing=True)
         session.rollback()
@@ -128,10 +129,10 @@ def release_for_retry(session: Session, job: JobRow, actor: str, reason: str,
     `run_result` keeps what happened (for organisers) even when the job is queued again."""
     kept = {} if run_result is None else {"run_result": run_result}
     if job.attempts >= job.max_attempts:
-        transition(session, job, "failed", actor, message, reason=reason, message=message,
+        transition(session, job, JobStatus.FAILED, actor, message, reason=reason, message=message,
                    finished_at=utcnow(), lease_owner=None, **kept)
     else:
-        transition(session, job, "queued", actor, f"retry: {message}", lease_owner=None,
+        transition(session, job, JobStatus.QUEUED, actor, f"retry: {message}", lease_owner=None,
                    lease_expires_at=None, **kept)
 
 
@@ -156,11 +157,11 @@ def sweep(session: Session, actor: str, now: datetime | None = None) -> list[int
         changed = session.execute(
             update(JobRow).where(JobRow.id == job.id, JobRow.status == job.status,
                                  JobRow.lease_owner == job.lease_owner)
-            .values(status="failed" if out_of_attempts else "queued", **values)
+            .values(status=JobStatus.FAILED if out_of_attempts else JobStatus.QUEUED, **values)
         ).rowcount
         if changed:
             record(session, "job", job.id, job.status,
-                   "failed" if out_of_attempts else "queued", actor, message)
+                   JobStatus.FAILED if out_of_attempts else JobStatus.QUEUED, actor, message)
             swept.append(job.id)
     session.commit()
     return swept
@@ -169,12 +170,12 @@ def sweep(session: Session, actor: str, now: datetime | None = None) -> list[int
 def position(session: Session, submission: SubmissionRow) -> int | None:
     """How many queued jobs run before this submission's first queued job (None: not queued)."""
     first = session.scalars(select(JobRow).where(JobRow.submission_id == submission.id,
-                                                 JobRow.status == "queued")
+                                                 JobRow.status == JobStatus.QUEUED)
                             .order_by(JobRow.priority, JobRow.id).limit(1)).first()
     if first is None:
         return None
     return session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.status == "queued",
+        JobRow.status == JobStatus.QUEUED,
         (JobRow.priority < first.priority)
         | ((JobRow.priority == first.priority) & (JobRow.id < first.id))))
 
@@ -184,7 +185,7 @@ def estimated_wait(session: Session, submission: SubmissionRow) -> timedelta | N
     ahead = position(session, submission)
     if ahead is None:
         return None
-    recent = session.scalars(select(JobRow).where(JobRow.status == "succeeded",
+    recent = session.scalars(select(JobRow).where(JobRow.status == JobStatus.SUCCEEDED,
                                                   JobRow.started_at.is_not(None))
                              .order_by(JobRow.finished_at.desc()).limit(50)).all()
     durations = [(j.finished_at - j.started_at).total_seconds() for j in recent

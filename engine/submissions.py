@@ -46,6 +46,7 @@ from engine.db.models import (
 )
 from engine.errors import Conflict
 from engine.images import PinnedImage
+from engine.statuses import JobKind, JobStatus, SubmissionStatus
 from runners.base import FailureReason
 
 # OSI-approved licenses most used for research code (SPDX identifiers)
@@ -333,10 +334,10 @@ def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
         prize_note=note, created_at=now)
     session.add(submission)
     session.flush()
-    queue.record(session, "submission", submission.id, None, "queued", actor,
+    queue.record(session, "submission", submission.id, None, SubmissionStatus.QUEUED, actor,
                  f"team {team.name}, image {pinned.image_id[:19]}")
     queue.enqueue(session, submission, [[smoke_case(phase, phase_row.case_ids)]],
-                  kind="smoke", actor=actor, gpus=phase.limits.gpus)
+                  kind=JobKind.SMOKE, actor=actor, gpus=phase.limits.gpus)
     session.commit()
     return submission
 
@@ -349,16 +350,16 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
     """What follows a finished job: the main jobs after a smoke job, or the submission's end."""
     submission = job.submission
     _, phase = find_phase(session, submission.phase.challenge_id, submission.phase.slug)
-    if job.kind == "smoke" and job.status == "failed":
-        _finish_submission(session, submission, "failed", actor, job.reason, (
+    if job.kind == JobKind.SMOKE and job.status == JobStatus.FAILED:
+        _finish_submission(session, submission, SubmissionStatus.FAILED, actor, job.reason, (
             f"the smoke case failed, so the rest were not run: {job.message}"))
         return
-    if job.kind == "smoke" and job.status == "succeeded":
-        _set_status(session, submission, "running", actor, "smoke job passed")
+    if job.kind == JobKind.SMOKE and job.status == JobStatus.SUCCEEDED:
+        _set_status(session, submission, SubmissionStatus.RUNNING, actor, "smoke job passed")
         remaining = [c for c in submission.phase.case_ids if c not in job.case_ids]
         if remaining:
             queue.enqueue(session, submission, shards(remaining, phase.cases_per_run),
-                          kind="main", actor=actor, gpus=phase.limits.gpus)
+                          kind=JobKind.MAIN, actor=actor, gpus=phase.limits.gpus)
             return
     pending = session.scalar(select(func.count()).select_from(JobRow).where(
         JobRow.submission_id == submission.id, JobRow.status.not_in(queue.TERMINAL)))
@@ -366,15 +367,16 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
         from engine.results import compute_aggregates
 
         lost = session.scalars(select(JobRow).where(
-            JobRow.submission_id == submission.id, JobRow.status == "failed",
+            JobRow.submission_id == submission.id, JobRow.status == JobStatus.FAILED,
             JobRow.reason == FailureReason.INFRASTRUCTURE.value).order_by(JobRow.id)).all()
         if lost:  # cases the platform never evaluated: not the team's failure, nor its quota
-            _finish_submission(session, submission, "failed", actor, lost[0].reason, (
+            _finish_submission(session, submission, SubmissionStatus.FAILED, actor,
+                               lost[0].reason, (
                 f"the platform could not evaluate {sum(len(j.case_ids) for j in lost)} of the "
                 f"{len(submission.phase.case_ids)} cases: {lost[0].message}"))
             return
         compute_aggregates(session, submission)
-        _finish_submission(session, submission, "succeeded", actor, None,
+        _finish_submission(session, submission, SubmissionStatus.SUCCEEDED, actor, None,
                            "evaluated: see the leaderboard")
 
 
@@ -405,11 +407,11 @@ def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> S
     message = f"cancelled by {actor}" + (f": {why}" if why else "")
     for job in submission.jobs:
         if job.status not in queue.TERMINAL:
-            queue.record(session, "job", job.id, job.status, "cancelled", actor, message)
-            job.status, job.reason, job.message = "cancelled", FailureReason.CANCELLED.value, \
-                message
+            queue.record(session, "job", job.id, job.status, JobStatus.CANCELLED, actor, message)
+            job.status, job.reason = JobStatus.CANCELLED, FailureReason.CANCELLED.value
+            job.message = message
             job.finished_at = utcnow()
-    _finish_submission(session, submission, "cancelled", actor,
+    _finish_submission(session, submission, SubmissionStatus.CANCELLED, actor,
                        FailureReason.CANCELLED.value, message)
     session.commit()
     return submission

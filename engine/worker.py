@@ -57,6 +57,7 @@ from engine.scoring.evaluation_image import (
     run_evaluation_image,
 )
 from engine.scoring.segmentation import SegmentationSettings
+from engine.statuses import JobKind, JobStatus
 from engine.submissions import after_job, challenge_definition, find_phase, verified_dataset
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from gpu.inventory import list_gpus
@@ -148,7 +149,7 @@ class Worker:
         its submission moves on (and an INFRASTRUCTURE end never counts against the team)."""
         for job_id in queue.sweep(session, self.actor):
             job = session.get(JobRow, job_id, populate_existing=True)
-            if job is not None and job.status == "failed":
+            if job is not None and job.status == JobStatus.FAILED:
                 after_job(session, job, self.actor)
         session.commit()
 
@@ -213,7 +214,7 @@ class Worker:
                 self._infrastructure(session, job, str(exc))
                 return
             with allocation:
-                queue.transition(session, job, "running", self.owner, started_at=utcnow())
+                queue.transition(session, job, JobStatus.RUNNING, self.owner, started_at=utcnow())
                 session.commit()
                 with _stage("running the container"):
                     result, gpu_usage = self._run(session, job, phase, submission.image,
@@ -259,7 +260,7 @@ class Worker:
         queue.release_for_retry(session, job, self.owner, FailureReason.INFRASTRUCTURE.value,
                                 message, run_result=run_record)
         session.refresh(job)
-        if job.status == "failed":
+        if job.status == JobStatus.FAILED:
             after_job(session, job, self.actor)
         session.commit()
 
@@ -271,7 +272,7 @@ class Worker:
                                  {**result.to_dict(), "gpus": gpu_usage,
                                   "infrastructure_detail": result.detail})
             return
-        queue.transition(session, job, "scoring", self.owner)
+        queue.transition(session, job, JobStatus.SCORING, self.owner)
         session.commit()
         run_failed = result.reason in RUN_FAILURES or result.reason is FailureReason.CANCELLED
         try:
@@ -289,18 +290,18 @@ class Worker:
                 runtime_exact=len(cases) == 1, output_sha256=case.output_sha256))
         run_record = {**result.to_dict(), "gpus": gpu_usage}
         first_invalid = next((c for c in cases if not c.valid), None)
-        if job.kind == "smoke" and not run_failed and first_invalid is not None:
+        if job.kind == JobKind.SMOKE and not run_failed and first_invalid is not None:
             # the smoke case must be valid too: a wrong file name fails fast, not per shard
-            queue.transition(session, job, "failed", self.owner, first_invalid.message,
+            queue.transition(session, job, JobStatus.FAILED, self.owner, first_invalid.message,
                              reason=first_invalid.reason, message=first_invalid.message,
                              run_result=run_record, finished_at=utcnow(), lease_owner=None)
         elif run_failed:
-            queue.transition(session, job, "failed", self.owner, result.message,
+            queue.transition(session, job, JobStatus.FAILED, self.owner, result.message,
                              reason=result.reason.value, message=result.message,
                              run_result=run_record, finished_at=utcnow(), lease_owner=None)
         else:
             invalid = sum(not c.valid for c in cases)
-            queue.transition(session, job, "succeeded", self.owner,
+            queue.transition(session, job, JobStatus.SUCCEEDED, self.owner,
                              f"{len(cases) - invalid} valid, {invalid} invalid case(s)",
                              run_result=run_record, finished_at=utcnow(), lease_owner=None)
         after_job(session, job, self.actor)

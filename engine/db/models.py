@@ -9,6 +9,8 @@ from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
+from engine.statuses import JobStatus, SubmissionStatus
+
 
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
@@ -96,7 +98,7 @@ class SubmissionRow(Base):
     phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id"))
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
     image_pk: Mapped[int] = mapped_column(ForeignKey("images.id"))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=SubmissionStatus.QUEUED.value)
     reason: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)
     source_url: Mapped[str | None] = mapped_column(Text)
@@ -121,9 +123,9 @@ class JobRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # smoke | main
+    kind: Mapped[str] = mapped_column(String(16))  # JobKind: smoke | main
     case_ids: Mapped[list[Any]]
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(default=0)  # smaller first: smoke jobs jump the queue
     gpus: Mapped[int] = mapped_column(default=0)  # whole GPUs the job needs
     attempts: Mapped[int] = mapped_column(default=0)

@@ -1,0 +1,39 @@
+"""The states of jobs and submissions, and the kinds of jobs: typed, as FailureReason is.
+
+They are `StrEnum`s, so a value read back from the database ("queued") equals its member
+and is stored as that plain text.
+
+    job:        queued -> leased -> running -> scoring -> succeeded | failed; or cancelled
+    submission: queued -> running -> succeeded | failed | cancelled
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    LEASED = "leased"
+    RUNNING = "running"
+    SCORING = "scoring"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class SubmissionStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobKind(StrEnum):
+    SMOKE = "smoke"  # one case first: a broken image costs one case
+    MAIN = "main"  # the other cases, in shards, once the smoke job passed
+
+
+ACTIVE_JOB_STATES = (JobStatus.LEASED, JobStatus.RUNNING, JobStatus.SCORING)
+TERMINAL_JOB_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
