@@ -12,14 +12,14 @@ conditional UPDATE (`... WHERE id = ? AND status = 'queued'`): a worker that
 loses the race updates no row and tries the next job.
 
 A running worker renews its lease with heartbeats. The sweeper re-queues every
-job whose lease expired (its worker vanished), and at once those whose owner
-process on this host is known to be dead; that counts as an INFRASTRUCTURE
-attempt, and a job out of attempts fails.
+job whose lease expired (its worker vanished), and at once those whose owner the
+caller knows to be dead (a worker sees the processes of its own host); that counts
+as an INFRASTRUCTURE attempt, and a job out of attempts fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
@@ -29,7 +29,6 @@ from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
 from engine.errors import Conflict
 from engine.statuses import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobKind, JobStatus
 from runners.base import FailureReason
-from runners.docker import owner_alive
 
 ACTIVE = ACTIVE_JOB_STATES
 TERMINAL = TERMINAL_JOB_STATES
@@ -99,8 +98,7 @@ def transition(session: Session, job: JobRow, to_state: str, actor: str,
         .where(JobRow.id == job.id, JobRow.status == from_state, JobRow.lease_owner == actor)
         .values(status=to_state, **values)
     ).rowcount
-    if changed != 1:
-        session.rollback()
+    if changed != 1:  # the caller's unit of work is the caller's to roll back
         raise LeaseLost(f"job {job.id} is no longer leased to {actor}")
     record(session, "job", job.id, from_state, to_state, actor, detail)
     session.flush()
@@ -136,14 +134,18 @@ def release_for_retry(session: Session, job: JobRow, actor: str, reason: str,
                    lease_expires_at=None, **kept)
 
 
-def sweep(session: Session, actor: str, now: datetime | None = None) -> list[int]:
-    """Re-queue jobs whose worker vanished; returns their ids."""
+def sweep(session: Session, actor: str, now: datetime | None = None, *,
+          owner_dead: Callable[[str], bool] | None = None) -> list[int]:
+    """Re-queue jobs whose worker vanished (its lease expired, or `owner_dead` says so at
+    once: the caller knows which owners it can see); returns their ids. Flushes; the caller
+    commits."""
     now = now or utcnow()
     stale = session.scalars(select(JobRow).where(JobRow.status.in_(ACTIVE))).all()
     swept = []
     for job in stale:
         expired = job.lease_expires_at is not None and job.lease_expires_at < now
-        dead = job.lease_owner is not None and not owner_alive(job.lease_owner)
+        dead = (owner_dead is not None and job.lease_owner is not None
+                and owner_dead(job.lease_owner))
         if not (expired or dead):
             continue
         why = "lease expired" if expired else "worker process died"
@@ -163,7 +165,7 @@ def sweep(session: Session, actor: str, now: datetime | None = None) -> list[int
             record(session, "job", job.id, job.status,
                    JobStatus.FAILED if out_of_attempts else JobStatus.QUEUED, actor, message)
             swept.append(job.id)
-    session.commit()
+    session.flush()
     return swept
 
 

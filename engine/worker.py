@@ -147,7 +147,7 @@ class Worker:
     def _sweep(self, session: Session) -> None:
         """Re-queue the jobs of vanished workers; a job out of attempts ends like any other:
         its submission moves on (and an INFRASTRUCTURE end never counts against the team)."""
-        for job_id in queue.sweep(session, self.actor):
+        for job_id in queue.sweep(session, self.actor, owner_dead=dead_on_this_host):
             job = session.get(JobRow, job_id, populate_existing=True)
             if job is not None and job.status == JobStatus.FAILED:
                 after_job(session, job, self.actor)
@@ -420,6 +420,11 @@ def _stage(name: str):
         raise
     except Exception as exc:
         raise PlatformFailure(name, exc) from exc
+
+
+def dead_on_this_host(owner: str) -> bool:
+    """A lease owner this node can see is gone (a process of this host that died)."""
+    return not owner_alive(owner)
 
 
 def messages_platform(stage: str) -> str:

@@ -24,7 +24,7 @@ from engine import worker as worker_module
 from engine.db.models import CaseResultRow, JobRow, SubmissionRow
 from engine.reports import submission_report
 from engine.submissions import register_challenge, submit
-from engine.worker import Worker, claim_work_dir
+from engine.worker import Worker, claim_work_dir, dead_on_this_host
 from runners.base import RunResult, RunSpec
 from runners.docker import DockerRunner, owner_alive, owner_token
 from tests.conftest import REPO, build_image
@@ -179,7 +179,7 @@ def test_a_job_swept_out_of_attempts_finishes_its_submission(tmp_path, threshold
     with scene.sessions() as session:
         for _ in range(2):  # two workers die holding it: re-queued each time
             assert queue.lease(session, DEAD_OWNER) is not None
-            assert len(queue.sweep(session, "test")) == 1
+            assert len(queue.sweep(session, "test", owner_dead=dead_on_this_host)) == 1
         assert queue.lease(session, DEAD_OWNER).attempts == 3  # and a third dies too
 
     assert worker.run_once() is False  # swept out of attempts: nothing left to run
