@@ -388,17 +388,26 @@ class DockerRunner:
 
     @contextlib.contextmanager
     def _unstarted(self, image: dict):
-        """A container of `image`, created, never started, removed at once: to read it."""
-        container = self.api.create_container(
-            image=image["Id"], entrypoint=["/nonexistent"], command=[], network_disabled=True,
-            labels=self._labels({}, ACCOUNT_FILES_RUN), healthcheck=NO_HEALTHCHECK,
-            host_config=self.api.create_host_config(
-                network_mode="none", read_only=True,
-                tmpfs={path: "rw,nosuid,nodev,size=1m" for path in image_volumes(image)}))
+        """A container of `image`, created, never started, removed at once: to read it. It
+        counts as a run in flight of this process, so that no reaper (another runner of this
+        same process included) removes it while it is read."""
+        name = f"{ACCOUNT_FILES_RUN}-{uuid.uuid4().hex[:12]}"  # no path: RUN_NAME never matches
+        with _ACTIVE_LOCK:
+            _ACTIVE_RUNS.add(name)
         try:
-            yield container["Id"]
+            container = self.api.create_container(
+                image=image["Id"], entrypoint=["/nonexistent"], command=[],
+                network_disabled=True, labels=self._labels({}, name),
+                healthcheck=NO_HEALTHCHECK, host_config=self.api.create_host_config(
+                    network_mode="none", read_only=True,
+                    tmpfs={path: "rw,nosuid,nodev,size=1m" for path in image_volumes(image)}))
+            try:
+                yield container["Id"]
+            finally:
+                self._remove_container(container["Id"])
         finally:
-            self._remove_container(container["Id"])
+            with _ACTIVE_LOCK:
+                _ACTIVE_RUNS.discard(name)
 
     def _path_stat(self, cid: str, path: str) -> dict | None:
         """Docker's stat of `path` in the container, the last component not followed."""

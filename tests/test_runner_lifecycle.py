@@ -155,3 +155,13 @@ def test_unreachable_daemon_is_a_clear_error(tmp_path):
 
     with pytest.raises(DockerUnavailable, match="no Docker Engine answers"):
         DockerRunner(base_url=f"unix://{tmp_path}/nothing.sock", state_dir=Path(tmp_path))
+
+
+def test_a_container_read_for_its_files_is_not_reaped_meanwhile(runner, adversarial, tmp_path):
+    """The never-started container that reads an image's /etc/passwd belongs to a run in
+    flight: a reaper of the same process (another runner) leaves it alone."""
+    image = runner.api.inspect_image(adversarial["probe"])
+    with runner._unstarted(image) as cid:
+        assert DockerRunner(state_dir=tmp_path / "other").reap_orphans() == []
+        assert runner.api.inspect_container(cid)["Id"] == cid
+    assert runner.api.containers(all=True, filters={"id": cid}) == []
