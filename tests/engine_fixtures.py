@@ -13,6 +13,7 @@ from engine.config import Settings
 from engine.datasets import seal
 from engine.db import session_factory
 from engine.images import PinnedImage, pin_tar
+from engine.submissions import register_challenge
 from engine.synthetic import synth_dataset
 from tests.conftest import REPO, build_image
 
@@ -111,3 +112,49 @@ def pin(reference: str, tmp: Path) -> PinnedImage:
         subprocess.run(["docker", "save", reference, "-o", str(tar)], check=True)
     return pin_tar(tar, docker.DockerClient(base_url="unix:///var/run/docker.sock"),
                    reference=reference)
+
+
+def script_image(base: str, script: str, tag: str, context: Path, *args: str) -> str:
+    """An image that runs `script` (python3) on top of `base`: built offline, no network.
+    `args` are passed to the script by the image's CMD."""
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "script.py").write_text(script)
+    command = ", ".join(f'"{part}"' for part in ("python3", "/opt/script.py", *args))
+    (context / "Dockerfile").write_text(
+        f"FROM {base}\nCOPY script.py /opt/script.py\nCMD [{command}]\n")
+    subprocess.run(["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
+                   check=True, capture_output=True,
+                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    return tag
+
+
+def sqlite_settings(state: Path) -> Settings:
+    """The embedded default under `state`: SQLite, runner state and outputs all inside it."""
+    return Settings(data_dir=state, database_url=f"sqlite:///{state}/epreuve.db",
+                    state_dir=state / "state")
+
+
+def registered_scene(root: Path, monkeypatch, challenge: str, *, cases: int, size: int):
+    """A sealed synthetic dataset at root/data, `challenge` registered on SQLite, and the
+    CLI pointed at the same data dir: (root, settings, sessions)."""
+    synth_dataset(root / "data", cases=cases, seed=5, size=size)
+    seal(root / "data")
+    (root / "challenge.yaml").write_text(challenge)
+    settings = sqlite_settings(root / "state")
+    monkeypatch.setenv("EPREUVE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.delenv("EPREUVE_DATABASE_URL", raising=False)
+    sessions = session_factory(settings.database_url)
+    with sessions() as session:
+        register_challenge(session, root / "challenge.yaml")
+    return root, settings, sessions
+
+
+def cli_status(*args: str) -> str:
+    """`epreuve status ...` in process; it must succeed."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    result = CliRunner().invoke(app, ["status", *args])
+    assert result.exit_code == 0, result.output
+    return result.output

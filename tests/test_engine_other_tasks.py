@@ -3,7 +3,6 @@ classification challenge, both through real containers."""
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 
 import pytest
@@ -19,7 +18,7 @@ from engine.synthetic import synth_dataset
 from engine.worker import Worker
 from runners.docker import DockerRunner
 from tests.conftest import REPO, build_image
-from tests.engine_fixtures import pin
+from tests.engine_fixtures import pin, script_image
 
 pytestmark = pytest.mark.docker
 
@@ -116,17 +115,10 @@ def label_dice(prediction, truth, label: int = 1) -> float:
 
 
 def test_a_classification_challenge_end_to_end(tmp_path, adversarial):
-    context = tmp_path / "classifier"
-    context.mkdir()
-    (context / "classify.py").write_text(textwrap.dedent(CLASSIFIER))
-    for tag, extra in (("full", ""), ("partial", ', "--skip-last"')):
-        (context / "Dockerfile").write_text(
-            f'FROM {adversarial["probe"]}\nCOPY classify.py /opt/classify.py\n'
-            f'CMD ["python3", "/opt/classify.py"{extra}]\n')
-        subprocess.run(["docker", "build", "-q", "--network", "none", "-t",
-                        f"epreuve-test/classifier-{tag}:latest", str(context)], check=True,
-                       capture_output=True, env={"DOCKER_BUILDKIT": "0",
-                                                 "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    for tag, args in (("full", ()), ("partial", ("--skip-last",))):
+        script_image(adversarial["probe"], textwrap.dedent(CLASSIFIER),
+                     f"epreuve-test/classifier-{tag}:latest", tmp_path / f"classifier-{tag}",
+                     *args)
     sessions, worker = scene(tmp_path, CLASSIFICATION_CHALLENGE, cases=7,
                              task="classification")
     with sessions() as session:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -246,18 +245,10 @@ def test_a_degenerate_mask_from_a_container_is_charged_to_the_team(tmp_path, adv
     from engine.synthetic import synth_dataset
     from engine.worker import Worker
     from runners.docker import DockerRunner
-    from tests.engine_fixtures import pin
+    from tests.engine_fixtures import pin, script_image
 
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(
-        f"FROM {adversarial['probe']}\nCOPY degenerate.py /opt/degenerate.py\n"
-        'CMD ["python3", "/opt/degenerate.py"]\n')
-    (context / "degenerate.py").write_text(SCRIPT)
-    subprocess.run(["docker", "build", "-q", "--network", "none", "-t",
-                    "epreuve-test/degenerate-grid:latest", str(context)], check=True,
-                   capture_output=True, env={"DOCKER_BUILDKIT": "0",
-                                             "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    script_image(adversarial["probe"], SCRIPT, "epreuve-test/degenerate-grid:latest",
+                 tmp_path / "image")
     synth_dataset(tmp_path / "data", seed=5, size=16, cases=1)
     seal(tmp_path / "data")
     (tmp_path / "challenge.yaml").write_text(CHALLENGE)

@@ -3,12 +3,9 @@ never INFRASTRUCTURE (which would be retried three times and be free)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from sqlalchemy import select
 
-from engine.config import Settings
 from engine.datasets import seal
 from engine.db import session_factory
 from engine.db.models import CaseResultRow, JobRow, SubmissionRow
@@ -16,7 +13,7 @@ from engine.submissions import register_challenge, submit
 from engine.synthetic import synth_dataset
 from engine.worker import Worker
 from runners.docker import DockerRunner
-from tests.engine_fixtures import pin
+from tests.engine_fixtures import pin, script_image, sqlite_settings
 
 pytestmark = pytest.mark.docker
 
@@ -49,22 +46,12 @@ SCRIPT = (
 
 
 def test_a_hostile_output_tree_fails_the_job_once_as_output_invalid(tmp_path, adversarial):
-    context = tmp_path / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(
-        f"FROM {adversarial['probe']}\nCOPY hostile.py /opt/hostile.py\n"
-        'CMD ["python3", "/opt/hostile.py"]\n')
-    (context / "hostile.py").write_text(SCRIPT)
-    subprocess.run(["docker", "build", "-q", "--network", "none", "-t",
-                    "epreuve-test/hostile-outputs:latest", str(context)], check=True,
-                   capture_output=True, env={"DOCKER_BUILDKIT": "0",
-                                             "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    script_image(adversarial["probe"], SCRIPT, "epreuve-test/hostile-outputs:latest",
+                 tmp_path / "image")
     synth_dataset(tmp_path / "data", seed=31, size=24, cases=3, task="classification")
     seal(tmp_path / "data")
     (tmp_path / "challenge.yaml").write_text(CHALLENGE)
-    state = tmp_path / "state"
-    settings = Settings(data_dir=state, database_url=f"sqlite:///{state}/db.sqlite",
-                        state_dir=state / "runner")
+    settings = sqlite_settings(tmp_path / "state")
     sessions = session_factory(settings.database_url)
     worker = Worker(sessions, settings, DockerRunner(state_dir=settings.state_dir / "runs"),
                     scoring_workers=1)

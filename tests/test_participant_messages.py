@@ -10,18 +10,14 @@ import textwrap
 
 import pytest
 from sqlalchemy import select
-from typer.testing import CliRunner
 
 from engine.challenges import load_challenge
-from engine.cli import app
-from engine.config import Settings
 from engine.datasets import load, seal
-from engine.db import session_factory
 from engine.db.models import ImageRow, JobRow, SubmissionRow, TeamRow
-from engine.submissions import register_challenge, smoke_case, submit
+from engine.submissions import smoke_case, submit
 from engine.synthetic import synth_dataset
 from tests.conftest import REPO, build_image
-from tests.engine_fixtures import pin
+from tests.engine_fixtures import cli_status, pin, registered_scene
 
 CHALLENGE = """\
 id: hidden-liver
@@ -56,24 +52,10 @@ for case in json.load(open("/input/cases.json"))["cases"]:
 
 @pytest.fixture
 def scene(tmp_path, monkeypatch):
-    synth_dataset(tmp_path / "data", cases=3, seed=5, size=24)
-    seal(tmp_path / "data")
-    (tmp_path / "challenge.yaml").write_text(CHALLENGE)
-    monkeypatch.setenv("EPREUVE_DATA_DIR", str(tmp_path / "state"))
-    monkeypatch.delenv("EPREUVE_DATABASE_URL", raising=False)
-    settings = Settings(data_dir=tmp_path / "state",
-                        database_url=f"sqlite:///{tmp_path / 'state' / 'epreuve.db'}",
-                        state_dir=tmp_path / "state" / "state")
-    sessions = session_factory(settings.database_url)
-    with sessions() as session:
-        register_challenge(session, tmp_path / "challenge.yaml")
-    return tmp_path, settings, sessions
+    return registered_scene(tmp_path, monkeypatch, CHALLENGE, cases=3, size=24)
 
 
-def status(*args: str) -> str:
-    result = CliRunner().invoke(app, ["status", *args])
-    assert result.exit_code == 0, result.output
-    return result.output
+status = cli_status
 
 
 def fake_failed_submission(sessions, phase_slug: str, team: str, message: str,

@@ -7,20 +7,13 @@ messages and team names reached the terminal with their escape sequences live.""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 from sqlalchemy import select
-from typer.testing import CliRunner
 
-from engine.cli import app
-from engine.config import Settings
-from engine.datasets import seal
-from engine.db import session_factory
 from engine.db.models import ImageRow, JobRow, PhaseRow, SubmissionRow, TeamRow
-from engine.submissions import register_challenge, submit
-from engine.synthetic import synth_dataset
-from tests.engine_fixtures import pin
+from engine.submissions import submit
+from tests.engine_fixtures import cli_status, pin, registered_scene, script_image
 
 CHALLENGE = """\
 id: hidden-views
@@ -45,24 +38,10 @@ LEAKED = "case-002_shape_16x16x10"
 
 @pytest.fixture
 def scene(tmp_path, monkeypatch):
-    synth_dataset(tmp_path / "data", cases=2, seed=5, size=16)
-    seal(tmp_path / "data")
-    (tmp_path / "challenge.yaml").write_text(CHALLENGE)
-    monkeypatch.setenv("EPREUVE_DATA_DIR", str(tmp_path / "state"))
-    monkeypatch.delenv("EPREUVE_DATABASE_URL", raising=False)
-    settings = Settings(data_dir=tmp_path / "state",
-                        database_url=f"sqlite:///{tmp_path / 'state' / 'epreuve.db'}",
-                        state_dir=tmp_path / "state" / "state")
-    sessions = session_factory(settings.database_url)
-    with sessions() as session:
-        register_challenge(session, tmp_path / "challenge.yaml")
-    return tmp_path, settings, sessions
+    return registered_scene(tmp_path, monkeypatch, CHALLENGE, cases=2, size=16)
 
 
-def status(*args: str) -> str:
-    result = CliRunner().invoke(app, ["status", *args])
-    assert result.exit_code == 0, result.output
-    return result.output
+status = cli_status
 
 
 def failed_submission(sessions, phase_slug: str, reason: str, message: str, *,
@@ -155,16 +134,8 @@ def test_a_sparse_file_named_after_a_hidden_case_leaks_nothing(scene, adversaria
     from runners.docker import DockerRunner
 
     root, settings, sessions = scene
-    context = root / "image"
-    context.mkdir()
-    (context / "Dockerfile").write_text(
-        f"FROM {adversarial['probe']}\nCOPY sparse.py /opt/sparse.py\n"
-        'CMD ["python3", "/opt/sparse.py"]\n')
-    (context / "sparse.py").write_text(SPARSE_SCRIPT)
-    tag = "epreuve-test/sparse-leak:latest"
-    subprocess.run(["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
-                   check=True, capture_output=True,
-                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    tag = script_image(adversarial["probe"], SPARSE_SCRIPT, "epreuve-test/sparse-leak:latest",
+                       root / "image")
     with sessions() as session:
         sub = submit(session, "hidden-views", "hidden", "t", pin(tag, root)).id
     runner = DockerRunner(state_dir=settings.state_dir / "runs")
