@@ -8,6 +8,7 @@ SQLite in the data directory and the local Docker Engine.
     EPREUVE_STATE_DIR      runner state: output areas, verification cache
                            (default <data dir>/state)
     EPREUVE_RUNNER         the runner backend (default docker: the local Docker Engine)
+    EPREUVE_STORE_DIR      the content-addressed store of image tars (default <data dir>/store)
     DOCKER_HOST            the Docker Engine (default unix:///var/run/docker.sock)
 """
 
@@ -24,6 +25,7 @@ class Settings:
     database_url: str
     state_dir: Path
     runner: str = "docker"  # the backend make_runner() builds
+    store_dir_override: Path | None = None
 
     @property
     def outputs_dir(self) -> Path:
@@ -37,6 +39,14 @@ class Settings:
     def images_dir(self) -> Path:
         return self.data_dir / "images"
 
+    @property
+    def store_dir(self) -> Path:
+        return self.store_dir_override or self.data_dir / "store"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
 
 def load_settings() -> Settings:
     data_dir = Path(os.environ.get("EPREUVE_DATA_DIR")
@@ -44,4 +54,6 @@ def load_settings() -> Settings:
     database_url = os.environ.get("EPREUVE_DATABASE_URL") or f"sqlite:///{data_dir / 'epreuve.db'}"
     state_dir = Path(os.environ.get("EPREUVE_STATE_DIR") or data_dir / "state")
     return Settings(data_dir=data_dir, database_url=database_url, state_dir=state_dir,
-                    runner=os.environ.get("EPREUVE_RUNNER") or "docker")
+                    runner=os.environ.get("EPREUVE_RUNNER") or "docker",
+                    store_dir_override=Path(os.environ["EPREUVE_STORE_DIR"])
+                    if os.environ.get("EPREUVE_STORE_DIR") else None)
