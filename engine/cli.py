@@ -555,6 +555,8 @@ def report_command(
     failed cases, runtime and energy, and the figures inline (it holds per-case results)."""
     from engine.challenge_report import build_report
 
+    if not to.parent.is_dir():  # said before the figures are drawn, not after
+        _fail(f"cannot write {to}: {to.parent} is not a directory")
     _, sessions = _sessions()
     with sessions() as session:  # an unknown challenge or phase: the expected-failure path
         html = build_report(session, challenge, phase, resamples=resamples)

@@ -36,6 +36,7 @@ from engine.results import compute_aggregates, flatten, worst_metrics
 from engine.scoring.segmentation import SegmentationSettings, score_segmentation
 from engine.statuses import JobKind, JobStatus, SubmissionStatus
 from engine.submissions import challenge_definition, find_phase, get_or_create_team
+from tests.conftest import postgres_sessions
 from tests.engine_fixtures import make_scene
 
 SCRIPT_TEAM = "</text><script>alert(1)</script>"
@@ -111,26 +112,35 @@ def finish_submission(session, phase_row: PhaseRow, team_name: str, erased: floa
     return submission
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
+RESAMPLES = 50
+
+
+def finished_scene(root: Path, teams: dict, database_url: str | None = None):
+    """The challenge registered, and every team's submission finished in its validation and
+    final phases."""
     from engine.submissions import register_challenge
 
-    scene = make_scene(tmp_path_factory.mktemp("report"), challenge_id="report-liver",
-                       validation_cases=5)
+    scene = make_scene(root, challenge_id="report-liver", validation_cases=5,
+                       database_url=database_url)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         for phase in ("validation", "final"):
             phase_row, _ = find_phase(session, "report-liver", phase)
-            for seed, (team, (erased, n_failed, energy)) in enumerate(TEAMS.items(), 1):
+            for seed, (team, (erased, n_failed, energy)) in enumerate(teams.items(), 1):
                 finish_submission(session, phase_row, team, erased, n_failed, energy, seed)
         session.commit()
     return scene
 
 
 @pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return finished_scene(tmp_path_factory.mktemp("report"), TEAMS)
+
+
+@pytest.fixture(scope="module")
 def report(scene) -> str:
     with scene.sessions() as session:
-        return build_report(session, "report-liver", "validation", resamples=200)
+        return build_report(session, "report-liver", "validation", resamples=RESAMPLES)
 
 
 class _Page(HTMLParser):
@@ -200,12 +210,13 @@ def test_the_report_is_one_offline_html_file(report):
     assert len([t for t, _ in page.tags if t == "figure"]) == 9
 
 
-def test_each_team_appears_once_whole_with_the_aggregates(scene, report):
-    page = offline_sanity(report)
-    rows = leaderboard_rows(page)
-    assert [row[1] for row in rows].count("alpha") == 1
-    assert sorted(row[1] for row in rows) == sorted(TEAMS)
-    with scene.sessions() as session:
+def check_the_table(sessions, html: str, teams: dict) -> dict[str, list[str]]:
+    """Each team once, whole, in the leaderboard's order, with the stored aggregates'
+    numbers: the rank, each ranking metric's mean and 95% interval, failed cases, runtime
+    and energy."""
+    rows = leaderboard_rows(offline_sanity(html))
+    assert sorted(row[1] for row in rows) == sorted(teams)
+    with sessions() as session:
         entries = leaderboard(session, "report-liver", "validation")
         assert [row[1] for row in rows] == [e.team for e in entries]
         for row, entry in zip(rows, entries, strict=True):
@@ -222,9 +233,27 @@ def test_each_team_appears_once_whole_with_the_aggregates(scene, report):
             submission = session.get(SubmissionRow, entry.submission_id)
             energy = energy_joules(submission.jobs)
             assert row[7] == ("n/a" if energy is None else f"{energy:.1f}")
-    by_team = {row[1]: row for row in rows}
-    assert by_team[MATH_TEAM][5].startswith("2 / 5")
+    return {row[1]: row for row in rows}
+
+
+def test_each_team_appears_once_whole_with_the_aggregates(scene, report):
+    by_team = check_the_table(scene.sessions, report, TEAMS)
+    assert by_team[MATH_TEAM][5] == "2 / 5" and by_team[SCRIPT_TEAM][5] == "1 / 5"
     assert by_team["alpha"][7] == f"{120.0 * 5:.1f}"  # one job per case, each 120 J
+    assert by_team[SCRIPT_TEAM][7] == "n/a"  # no GPU reading is no reading, not zero
+    assert by_team[LONG_TEAM][1] == LONG_TEAM and len(LONG_TEAM) == 100
+
+
+def test_the_report_on_postgresql(tmp_path):
+    postgres_sessions()  # a clean schema, or a skip without a server
+    import os
+
+    teams = {name: TEAMS[name] for name in ("alpha", "beta", SCRIPT_TEAM)}
+    scene = finished_scene(tmp_path, teams, os.environ["EPREUVE_TEST_POSTGRES_URL"])
+    with scene.sessions() as session:
+        html = build_report(session, "report-liver", "validation", resamples=20)
+    check_the_table(scene.sessions, html, teams)
+    assert html.count("<svg") == 2 * 3 + 2 + 1
 
 
 def test_hostile_team_names_are_inert(report):
@@ -254,7 +283,7 @@ def test_the_report_names_no_case_and_no_log(scene, report):
 
 def test_a_hidden_phase_says_so_at_the_top(scene):
     with scene.sessions() as session:
-        html = build_report(session, "report-liver", "final", resamples=50)
+        html = build_report(session, "report-liver", "final", resamples=20)
     offline_sanity(html)
     notice = html[:html.index("</p>", html.index('id="per-case-notice"'))]
     assert "never see per-case results" in notice
@@ -266,7 +295,7 @@ def test_a_hidden_phase_says_so_at_the_top(scene):
 
 def test_same_data_same_bytes(scene, report):
     with scene.sessions() as session:
-        again = build_report(session, "report-liver", "validation", resamples=200)
+        again = build_report(session, "report-liver", "validation", resamples=RESAMPLES)
     assert again == report
     values = {"a": [0.9, 0.7, 0.8], MATH_TEAM: [0.5, 0.6, 0.4]}
     for draw in (lambda: plots.metric_distributions(values, "dice[1]"),
