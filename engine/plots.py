@@ -142,8 +142,7 @@ def rank_stability(rank_frequencies: Mapping[str, Mapping[int, float]],
     axes.set_xlim(0.4, n_ranks + 0.6)
     axes.set_ylim(len(teams) - 0.4, -0.6)  # the first team on top
     axes.set_xlabel("rank")
-    axes.set_title(f"Ranking stability over {resamples} bootstrap samples of cases\n"
-                   "(circle area: share of samples; x: median rank; line: 95% of samples)")
+    axes.set_title(f"Ranking stability ({resamples} bootstrap samples)")
     return figure
 
 
