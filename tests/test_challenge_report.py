@@ -367,3 +367,68 @@ def test_a_phase_without_submissions_still_reports(scene):
 
 def test_template_is_packaged():
     assert (Path(__file__).parent.parent / "engine/templates/report.html").is_file()
+
+
+CLASSIFICATION_CHALLENGE = """
+id: tumour-presence
+title: Is there a tumour?
+task: classification
+output: {kind: probabilities, filename: predictions.csv, classes: [probability]}
+ranking: {metrics: [{metric: roc_auc}]}
+phases:
+  - id: test
+    dataset: {path: data}
+    cases_per_run: 3
+    limits: {memory: 512m, time_per_case: 30s}
+"""
+
+
+def test_a_classification_phase_reports_its_table_and_runtime(tmp_path):
+    """No per-case metric in a classification phase: the table and the runtime figure."""
+    from engine.datasets import seal
+    from engine.db import session_factory
+    from engine.db.models import CaseResultRow
+    from engine.submissions import register_challenge
+    from engine.synthetic import synth_dataset
+
+    synth_dataset(tmp_path / "data", cases=6, task="classification", seed=5, size=24)
+    seal(tmp_path / "data")
+    (tmp_path / "challenge.yaml").write_text(CLASSIFICATION_CHALLENGE)
+    sessions = session_factory(f"sqlite:///{tmp_path / 'epreuve.db'}")
+    teams = {"sure": 0.9, SCRIPT_TEAM: 0.6}
+    with sessions() as session:
+        register_challenge(session, tmp_path / "challenge.yaml")
+        phase_row, _ = find_phase(session, "tumour-presence", "test")
+        labels = load(phase_row.dataset_path).labels()
+        for seed, (team, confidence) in enumerate(teams.items(), 1):
+            submission = SubmissionRow(
+                phase=phase_row, team=get_or_create_team(session, team),
+                image=ImageRow(image_id=f"sha256:{seed:064x}", layers=[], reference="c",
+                               architecture="amd64", user="1000", size_bytes=1),
+                status=SubmissionStatus.SUCCEEDED.value, finished_at=utcnow())
+            job = JobRow(submission=submission, kind=JobKind.MAIN.value,
+                         case_ids=list(labels), status=JobStatus.SUCCEEDED.value,
+                         run_result={"wall_seconds": 3.0, "gpus": {}})
+            session.add(job)
+            session.flush()
+            for index, (case_id, label) in enumerate(labels.items()):
+                right = index % 3 != 0 or seed == 1
+                p = confidence if (label == "1") == right else 1 - confidence
+                session.add(CaseResultRow(
+                    submission_id=submission.id, job_id=job.id, case_id=case_id, valid=True,
+                    metrics={"probabilities": {"probability": p}}, runtime_seconds=0.5 * seed,
+                    runtime_exact=False, output_sha256={}))
+            session.flush()
+            compute_aggregates(session, submission)
+        session.commit()
+    with sessions() as session:
+        html = build_report(session, "tumour-presence", "test")
+        rows = leaderboard_rows(offline_sanity(html))
+        entries = leaderboard(session, "tumour-presence", "test")
+        assert [row[1] for row in rows] == [e.team for e in entries] and len(rows) == 2
+        for row, entry in zip(rows, entries, strict=True):
+            auc = session.scalar(select(AggregateRow).where(
+                AggregateRow.submission_id == entry.submission_id,
+                AggregateRow.metric == "roc_auc")).summary["value"]
+            assert row[3] == f"{auc:.4f} (#{entry.metric_ranks['roc_auc']})"
+    assert html.count("<svg") == 1 and "<script>alert" not in html
