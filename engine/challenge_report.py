@@ -14,6 +14,7 @@ it is not published by mistake.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ def energy_joules(jobs: list[JobRow]) -> float | None:
     readings = [usage.get("energy_joules") for job in jobs
                 for usage in ((job.run_result or {}).get("gpus") or {}).values()
                 if isinstance(usage, dict)]
-    readings = [float(r) for r in readings if isinstance(r, int | float)]
+    readings = [float(r) for r in readings
+                if isinstance(r, int | float) and not isinstance(r, bool) and math.isfinite(r)]
     return sum(readings) if readings else None
 
 
@@ -120,8 +122,8 @@ def gather(session: Session, challenge_id: str, phase_slug: str, *,
         "Runtime and GPU energy",
         "Mean runtime per case (s) and the GPU energy of all the submission's runs (J), "
         "from NVML's energy counter; n/a where no GPU was used or none could be read.",
-        (plots.runtime_and_energy({e.team: e.runtime_per_case for e in entries},
-                                         {r.entry.team: r.energy_joules for r in rows}))))
+        plots.runtime_and_energy({e.team: e.runtime_per_case for e in entries},
+                                 {r.entry.team: r.energy_joules for r in rows})))
     return report
 
 
@@ -129,17 +131,17 @@ def _metric_figures(key: str, values: dict[str, list[float]], larger: bool) -> l
     better = "larger" if larger else "smaller"
     return [
         Figure(f"{key}: per-case distribution",
-               f"Each dot is one case; failed cases count at the metric's worst value. "
+               "Each dot is one case; failed cases count at the metric's worst value. "
                f"{better.capitalize()} is better.",
-               (plots.metric_distributions(values, key))),
+               plots.metric_distributions(values, key)),
         Figure(f"{key}: podium",
                "Each case ranks the teams; a team's value on a case stands in the column of "
                "its rank on that case; grey lines join the values of one case.",
-               (plots.podium(values, key, larger))),
+               plots.podium(values, key, larger)),
         Figure(f"{key}: ranking heatmap",
                "Share of the cases on which each team took each rank (ties at their best).",
-               (plots.ranking_heatmap(plots.rank_shares(values, larger),
-                                             f"{key}: ranks per case"))),
+               plots.ranking_heatmap(plots.rank_shares(values, larger),
+                                     f"{key}: ranks per case")),
     ]
 
 
@@ -152,10 +154,10 @@ def _stability_figures(firmness: dict, full_ranks: dict[str, int]) -> list[Figur
                f"Cases resampled {firmness['resamples']} times (seed {firmness['seed']}), "
                f"the full ranking scheme re-run on each sample; Kendall's tau against the "
                f"full ranking: mean {firmness['kendall_tau_mean']:.3f}.",
-               (plots.rank_stability(frequencies, full_ranks, firmness["resamples"]))),
+               plots.rank_stability(frequencies, full_ranks, firmness["resamples"])),
         Figure("Ranking heatmap (bootstrap)",
                "Share of the bootstrap samples in which each team took each final rank.",
-               (plots.ranking_heatmap(ordered, "final rank over bootstrap samples"))),
+               plots.ranking_heatmap(ordered, "final rank over bootstrap samples")),
     ]
 
 

@@ -432,3 +432,14 @@ def test_a_classification_phase_reports_its_table_and_runtime(tmp_path):
                 AggregateRow.metric == "roc_auc")).summary["value"]
             assert row[3] == f"{auc:.4f} (#{entry.metric_ranks['roc_auc']})"
     assert html.count("<svg") == 1 and "<script>alert" not in html
+
+
+def test_energy_sums_every_gpu_of_every_run_and_skips_non_readings():
+    jobs = [JobRow(run_result={"gpus": {"GPU-a": {"energy_joules": 10.5},
+                                        "GPU-b": {"energy_joules": 2}}}),
+            JobRow(run_result={"gpus": {"GPU-a": {"energy_joules": float("nan")},
+                                        "GPU-c": {"energy_joules": True},
+                                        "GPU-d": {"energy_joules": None}, "GPU-e": "x"}}),
+            JobRow(run_result=None), JobRow(run_result={"gpus": None})]
+    assert energy_joules(jobs) == 12.5
+    assert energy_joules(jobs[1:]) is None
