@@ -173,13 +173,18 @@ def unique_ids(svg: str, prefix: str) -> str:
     return re.sub(r"<[^<>]*>", in_tag, svg)
 
 
+def _described(svg: str, number: int) -> str:
+    """A screen reader announces the figure by its caption."""
+    return svg.replace("<svg ", f'<svg role="img" aria-labelledby="caption-{number}" ', 1)
+
+
 def render(report: Report) -> str:
     environment = Environment(loader=FileSystemLoader(TEMPLATES),
                               autoescape=select_autoescape(default=True),
                               keep_trailing_newline=True)
     environment.filters["inert"] = plots.label
     # trusted markup: matplotlib wrote it and escaped every text in it (names included)
-    figures = [(figure, Markup(unique_ids(figure.svg, f"f{number}-")))
+    figures = [(figure, Markup(_described(unique_ids(figure.svg, f"f{number}-"), number)))
                for number, figure in enumerate(report.figures, start=1)]
     return environment.get_template("report.html").render(report=report, figures=figures)
 

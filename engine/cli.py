@@ -545,8 +545,8 @@ def leaderboard_command(
 
 @app.command("report")
 def report_command(
-    challenge: str = typer.Argument(...),
-    phase: str = typer.Argument(...),
+    challenge: str = typer.Argument(..., help="The challenge's id."),
+    phase: str = typer.Argument(..., help="The phase's id."),
     to: Path = typer.Option(..., "--to", dir_okay=False, help="The HTML file to write."),
     resamples: int = typer.Option(1000, min=0, help="Bootstrap samples of cases for the "
                                   "ranking-stability figures (0: none)."),

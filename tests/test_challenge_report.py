@@ -208,6 +208,10 @@ def test_the_report_is_one_offline_html_file(report):
     # heatmap; runtime and energy
     assert report.count("<svg") == 2 * 3 + 2 + 1
     assert len([t for t, _ in page.tags if t == "figure"]) == 9
+    # each figure is announced by its caption
+    labelled = [a["aria-labelledby"] for t, a in page.tags if t == "svg"]
+    captions = {a["id"] for t, a in page.tags if t == "figcaption"}
+    assert len(labelled) == 9 and set(labelled) == captions
 
 
 def check_the_table(sessions, html: str, teams: dict) -> dict[str, list[str]]:
