@@ -447,3 +447,18 @@ def test_energy_sums_every_gpu_of_every_run_and_skips_non_readings():
             JobRow(run_result=None), JobRow(run_result={"gpus": None})]
     assert energy_joules(jobs) == 12.5
     assert energy_joules(jobs[1:]) is None
+
+
+def test_same_bytes_across_processes():
+    """No per-process salt (matplotlib's default is a fresh uuid4; Python's hash seed)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from engine import plots; v = {'a': [0.9, 0.7], 'b': [0.5, 0.8]}; "
+              "print(plots.podium(v, 'dice[1]', True) + plots.ranking_heatmap("
+              "plots.rank_shares(v, True), 't'))")
+    outputs = {subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2")}
+    assert len(outputs) == 1
