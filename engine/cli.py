@@ -543,6 +543,31 @@ def leaderboard_command(
             console.print(Text(f"  {team}: {shares}"))
 
 
+@app.command("report")
+def report_command(
+    challenge: str = typer.Argument(..., help="The challenge's id."),
+    phase: str = typer.Argument(..., help="The phase's id."),
+    to: Path = typer.Option(..., "--to", dir_okay=False, help="The HTML file to write."),
+    resamples: int = typer.Option(1000, min=0, help="Bootstrap samples of cases for the "
+                                  "ranking-stability figures (0: none)."),
+) -> None:
+    """One self-contained HTML file for the challenge paper: the leaderboard with intervals,
+    failed cases, runtime and energy, and the figures inline (it holds per-case results)."""
+    from engine.challenge_report import build_report
+
+    if not to.parent.is_dir():  # said before the figures are drawn, not after
+        _fail(f"cannot write {to}: {to.parent} is not a directory")
+    _, sessions = _sessions()
+    with sessions() as session:  # an unknown challenge or phase: the expected-failure path
+        html = build_report(session, challenge, phase, resamples=resamples)
+    try:
+        to.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write {to}: {exc.strerror}")
+    console.print(Text(f"report written to {to} ({len(html.encode()) // 1024} KiB); it holds "
+                       "per-case results: share it with care"))
+
+
 @app.command()
 def check(
     image: str = typer.Argument(..., help="Your image (a local reference)."),
