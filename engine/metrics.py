@@ -44,7 +44,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.db.models import EventRow, JobRow, PhaseRow, SubmissionRow, utcnow
 from engine.statuses import ACTIVE_JOB_STATES, JobKind, JobStatus, SubmissionStatus
-from runners.base import FailureReason
+from gpu.telemetry import GPUReading
+from runners.base import FailureReason, MiB
 
 log = logging.getLogger(__name__)
 
@@ -370,3 +371,21 @@ def build_registry(sessions: sessionmaker[Session] | None, *,
     registry.register(JOB_RUNTIME)
     registry.register(GPUCollector(gpu_samples or GPU_SAMPLES))
     return registry
+
+
+def gpu_sample_recorder(node: str, samples: GPUSamples | None = None,
+                        ) -> Callable[[GPUReading], None]:
+    """The `on_sample` of a gpu.telemetry.TelemetrySampler: each reading into the GPU table
+    (bytes to MiB, as DCGM reports framebuffer use); a reading that is no reading is logged
+    and dropped."""
+    table = samples or GPU_SAMPLES
+
+    def record(reading: GPUReading) -> None:
+        try:
+            table.record(node, reading.index, reading.uuid, reading.utilisation_percent,
+                         reading.memory_used_bytes / MiB, reading.power_watts,
+                         reading.energy_millijoules)
+        except ValueError as exc:
+            log.warning("GPU reading dropped: %s", exc)
+
+    return record

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 import threading
+import types
 from datetime import timedelta
 
 import httpx
@@ -32,6 +34,7 @@ from engine.db.models import SubmissionRow, TeamRow, utcnow
 from engine.images import PinnedImage
 from engine.statuses import JobStatus
 from engine.submissions import after_job, cancel, register_challenge, submit
+from gpu.telemetry import TelemetrySampler
 from tests.conftest import postgres_sessions
 from tests.engine_fixtures import make_scene
 
@@ -413,3 +416,69 @@ def test_two_apps_on_one_registry_share_the_http_metrics():
     one = metrics.RequestMetrics(Starlette(), registry)
     two = metrics.RequestMetrics(Starlette(), registry)
     assert one.requests is two.requests and one.duration is two.duration
+
+
+class FakeNVML(types.ModuleType):
+    """pynvml for one GPU (a GPU cannot exist here): the calls TelemetrySampler makes."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, energy: int | None):
+        super().__init__("pynvml")
+        self.energy = energy
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return uuid
+
+    def nvmlDeviceGetIndex(self, handle):
+        return 3
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 287_500  # mW
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return types.SimpleNamespace(gpu=64)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=3 * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        if self.energy is None:
+            raise self.NVMLError("not supported")
+        self.energy += 1000
+        return self.energy
+
+
+@pytest.mark.parametrize("energy", [5_000_000, None])
+def test_the_telemetry_sampler_feeds_the_dcgm_metrics(monkeypatch, energy):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(energy))
+    samples = metrics.GPUSamples()
+    sampler = TelemetrySampler((UUID,), interval_seconds=3600,
+                               on_sample=metrics.gpu_sample_recorder("node-x", samples))
+    sampler.start().stop()  # stop() takes one last sample
+    families = scrape(metrics.build_registry(None, gpu_samples=samples))
+    key = ("3", UUID, "node-x")
+    assert values(families, "DCGM_FI_DEV_GPU_UTIL") == {key: 64}
+    assert values(families, "DCGM_FI_DEV_FB_USED") == {key: 3 * 1024}
+    assert values(families, "DCGM_FI_DEV_POWER_USAGE") == {key: 287.5}
+    expected = {} if energy is None else {key: 5_002_000}
+    assert values(families, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") == expected
+
+
+def test_a_failing_consumer_never_stops_the_sampler(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(1))
+
+    def broken(reading):
+        raise RuntimeError("consumer bug")
+
+    sampler = TelemetrySampler((UUID,), interval_seconds=3600, on_sample=broken).start()
+    sampler.sample()
+    usage = sampler.stop()
+    assert usage[UUID].samples == 2 and usage[UUID].peak_power_watts == 287.5
