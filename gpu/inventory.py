@@ -55,3 +55,18 @@ def list_gpus() -> list[GPU]:
     finally:
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
+
+
+def cuda_driver_version() -> str | None:
+    """The CUDA version the driver supports ("12.4"), or None without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        version = int(nvml.nvmlSystemGetCudaDriverVersion())  # 12040 for 12.4
+        return f"{version // 1000}.{version % 1000 // 10}"
+    except nvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()

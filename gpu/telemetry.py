@@ -3,14 +3,17 @@
 Whole-GPU allocation makes device-level readings the job's own. A sampler
 thread reads NVML once per interval; energy is the difference of the device's
 total energy counter (mJ) between the start and the end of the run, exact
-rather than integrated from samples. The samples also feed Prometheus gauges.
+rather than integrated from samples. The samples also feed Prometheus gauges, and
+`on_sample` (engine.metrics.gpu_sample_recorder: the dcgm-named metrics) when given.
 Without GPUs (or NVML) the summary is empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
@@ -18,6 +21,19 @@ from prometheus_client import Gauge
 GPU_UTILISATION = Gauge("epreuve_gpu_utilisation_percent", "GPU utilisation", ["uuid"])
 GPU_MEMORY = Gauge("epreuve_gpu_memory_used_bytes", "GPU memory in use", ["uuid"])
 GPU_POWER = Gauge("epreuve_gpu_power_watts", "GPU power draw", ["uuid"])
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPUReading:
+    """One sample of one GPU, as NVML gave it."""
+
+    uuid: str
+    index: int
+    utilisation_percent: float
+    memory_used_bytes: int
+    power_watts: float
+    energy_millijoules: int | None  # since the driver loaded; None before Volta
 
 
 @dataclass
@@ -35,6 +51,7 @@ class TelemetrySampler:
     uuids: tuple[str, ...]
     interval_seconds: float = 1.0
     usage: dict[str, GPUUsage] = field(default_factory=dict)
+    on_sample: Callable[[GPUReading], None] | None = None
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -42,6 +59,7 @@ class TelemetrySampler:
         self._nvml = None
         self._handles: dict[str, object] = {}
         self._energy_start: dict[str, int] = {}
+        self._indices: dict[str, int] = {}
 
     def start(self) -> TelemetrySampler:
         if not self.uuids:
@@ -57,6 +75,8 @@ class TelemetrySampler:
             handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
             self._handles[uuid] = handle
             self.usage[uuid] = GPUUsage(uuid)
+            with contextlib.suppress(pynvml.NVMLError):
+                self._indices[uuid] = int(pynvml.nvmlDeviceGetIndex(handle))
             with contextlib.suppress(pynvml.NVMLError):
                 self._energy_start[uuid] = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="epreuve-gpu")
@@ -83,6 +103,19 @@ class TelemetrySampler:
                 GPU_UTILISATION.labels(uuid).set(utilisation)
                 GPU_MEMORY.labels(uuid).set(memory)
                 GPU_POWER.labels(uuid).set(power)
+                self._report(uuid, handle, utilisation, memory, power)
+
+    def _report(self, uuid: str, handle, utilisation, memory, power) -> None:
+        if self.on_sample is None or uuid not in self._indices:
+            return
+        energy = None
+        with contextlib.suppress(self._nvml.NVMLError):
+            energy = int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+        try:
+            self.on_sample(GPUReading(uuid, self._indices[uuid], float(utilisation),
+                                      int(memory), float(power), energy))
+        except Exception:  # a consumer's fault never stops the sampling of a run
+            log.exception("GPU sample consumer failed for %s", uuid)
 
     def stop(self) -> dict[str, GPUUsage]:
         if self._thread is not None:

@@ -148,3 +148,18 @@ def test_throughput_quick(docker_engine, tmp_path):
     (result,) = read_json(tmp_path / "t.json")["results"].values()
     assert result["names"] == ["engine", "bare loop"]
     assert len(result["rounds"]) == 1
+
+
+def test_metrics_scrape_quick(tmp_path):
+    from benchmarks import metrics_scrape
+
+    argv = ["--quick", "--json", str(tmp_path / "m.json")]
+    url = os.environ.get("EPREUVE_TEST_POSTGRES_URL")
+    if url:
+        argv += ["--postgres", url]
+    metrics_scrape.main(argv)
+    results = read_json(tmp_path / "m.json")["results"]
+    assert len(results) == (2 if url else 1)
+    for result in results.values():
+        assert result["names"] == ["scrape", "rows by state"]
+        assert len(result["rounds"]) == 1

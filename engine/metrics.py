@@ -1,0 +1,391 @@
+"""Prometheus metrics for the server's /metrics, under the names dashboards already expect.
+
+    epreuve_submissions_total{state,reason}      counter: submissions that entered each state
+    epreuve_jobs_total{kind,state,reason}        counter: jobs that entered each state
+    epreuve_queue_jobs{challenge,phase,state}    gauge: jobs queued, leased, running, scoring
+    epreuve_job_runtime_seconds{kind}            histogram: observed when a job ends
+    epreuve_workers{state="up"|"busy"}           gauge: lease owners heard from recently
+    epreuve_metrics_database_up                  gauge: 0 when the database did not answer
+    DCGM_FI_DEV_GPU_UTIL / _FB_USED / _POWER_USAGE / _TOTAL_ENERGY_CONSUMPTION
+                                                 gauges per GPU: gpu, UUID, Hostname labels,
+                                                 as NVIDIA's dcgm-exporter names them
+    epreuve_http_requests_total{route,method,status}, epreuve_http_request_duration_seconds
+                                                 from the `RequestMetrics` ASGI middleware
+
+The counts come from the database at scrape time (a custom collector), so every server
+process reports the same numbers. The `_total` counters count transitions, read from the
+append-only events table: a count of rows by their current state would go down when a job
+moves on, which a counter must never do. The reason of a terminal state is its row's.
+
+Labels are bounded sets: states, kinds and reasons are the engine's enums (anything else
+reads "other"), challenges and phases are the organisers', routes are templates, methods
+a known list. Never a submission id, a team name, or a raw path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as CounterMetric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy import case, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.db.models import EventRow, JobRow, PhaseRow, SubmissionRow, utcnow
+from engine.statuses import ACTIVE_JOB_STATES, JobKind, JobStatus, SubmissionStatus
+from gpu.telemetry import GPUReading
+from runners.base import FailureReason, MiB
+
+log = logging.getLogger(__name__)
+
+OTHER, NONE = "other", "none"
+REASONS = frozenset(reason.value for reason in FailureReason)
+SUBMISSION_STATES = frozenset(state.value for state in SubmissionStatus)
+JOB_STATES = frozenset(state.value for state in JobStatus)
+JOB_KINDS = frozenset(kind.value for kind in JobKind)
+QUEUE_STATES = (JobStatus.QUEUED, JobStatus.LEASED, JobStatus.RUNNING, JobStatus.SCORING)
+TERMINAL_SUBMISSION_STATES = (SubmissionStatus.SUCCEEDED, SubmissionStatus.FAILED,
+                              SubmissionStatus.CANCELLED)
+TERMINAL_JOB_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+# A worker renews its lease every 10 s for 60 s: silent for longer than a lease, it is gone
+HEARTBEAT_WINDOW = timedelta(seconds=90)
+JOB_RUNTIME_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400,
+                       28800, 86400, math.inf)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+GPU_TABLE_SIZE = 1024  # GPUs remembered at most: a runaway feeder cannot grow the table
+GPU_STALE_SECONDS = 60.0  # a GPU not heard from for this long is no longer reported
+MAX_LABEL_LENGTH = 200
+
+
+def _allowed(value: Any, allowed: Iterable[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+def _reason(value: Any) -> str:
+    return NONE if value is None else _allowed(value, REASONS)
+
+
+# -- counts from the database, at scrape time ----------------------------------------------
+
+class DatabaseCollector:
+    """Submissions, jobs, the queue and the workers, counted in the database per scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session], *,
+                 heartbeat_window: timedelta = HEARTBEAT_WINDOW,
+                 registered_workers: Callable[[], Iterable[str]] | None = None,
+                 clock: Callable[[], datetime] = utcnow):
+        self.sessions = sessions
+        self.heartbeat_window = heartbeat_window
+        self.registered_workers = registered_workers  # nodes known by other means, later
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("epreuve_metrics_database_up",
+                               "Whether the database answered this scrape's counts")
+        try:
+            with self.sessions() as session:
+                families = [submissions_total(session), jobs_total(session),
+                            queue_jobs(session), self.workers(session)]
+        except SQLAlchemyError as exc:  # a scrape reports the outage instead of failing
+            log.warning("metrics: the database did not answer: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from families
+        up.add_metric([], 1)
+        yield up
+
+    def workers(self, session: Session) -> GaugeMetricFamily:
+        busy = set(session.scalars(
+            select(JobRow.lease_owner).distinct()
+            .where(JobRow.status.in_(ACTIVE_JOB_STATES), JobRow.lease_owner.is_not(None),
+                   JobRow.heartbeat_at >= self.clock() - self.heartbeat_window)))
+        up = busy | set(self.registered_workers() if self.registered_workers else ())
+        family = GaugeMetricFamily("epreuve_workers", "Workers up, and busy with a job",
+                                   labels=["state"])
+        family.add_metric(["up"], len(up))
+        family.add_metric(["busy"], len(busy))
+        return family
+
+
+def _entered(session: Session, entity: str, row, terminal: tuple[str, ...], *extra) -> list:
+    """(to_state, reason if terminal, *extra, count) over the events of `entity`, whose
+    table is `row`'s."""
+    reason = case((EventRow.to_state.in_(terminal), row.reason), else_=None)
+    columns = (EventRow.to_state, reason, *extra)
+    return session.execute(
+        select(*columns, func.count())
+        .join(row, row.id == EventRow.entity_id)
+        .where(EventRow.entity == entity)
+        .group_by(*columns)).all()
+
+
+def submissions_total(session: Session) -> CounterMetricFamily:
+    # every state starts at zero, so that a first increment is seen as one
+    counts: Counter[tuple[str, str]] = Counter({(state, NONE): 0 for state in SUBMISSION_STATES})
+    for state, reason, n in _entered(session, "submission", SubmissionRow,
+                                      TERMINAL_SUBMISSION_STATES):
+        counts[_allowed(state, SUBMISSION_STATES), _reason(reason)] += n
+    family = CounterMetricFamily("epreuve_submissions",
+                                 "Submissions that entered each state, by reason",
+                                 labels=["state", "reason"])
+    for labels, n in sorted(counts.items()):
+        family.add_metric(labels, n)
+    return family
+
+
+def jobs_total(session: Session) -> CounterMetricFamily:
+    counts: Counter[tuple[str, str, str]] = Counter(
+        {(kind, state, NONE): 0 for kind in JOB_KINDS for state in JOB_STATES})
+    for state, reason, kind, n in _entered(session, "job", JobRow, TERMINAL_JOB_STATES,
+                                           JobRow.kind):
+        counts[_allowed(kind, JOB_KINDS), _allowed(state, JOB_STATES), _reason(reason)] += n
+    family = CounterMetricFamily("epreuve_jobs", "Jobs that entered each state, by reason",
+                                 labels=["kind", "state", "reason"])
+    for labels, n in sorted(counts.items()):
+        family.add_metric(labels, n)
+    return family
+
+
+def queue_jobs(session: Session) -> GaugeMetricFamily:
+    """Every phase, every queue state, zero included: a series never vanishes when empty."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for challenge, phase in session.execute(select(PhaseRow.challenge_id, PhaseRow.slug)):
+        for state in QUEUE_STATES:
+            counts[challenge, phase, state.value] = 0
+    rows = session.execute(
+        select(PhaseRow.challenge_id, PhaseRow.slug, JobRow.status, func.count())
+        .select_from(JobRow).join(SubmissionRow, SubmissionRow.id == JobRow.submission_id)
+        .join(PhaseRow, PhaseRow.id == SubmissionRow.phase_id)
+        .where(JobRow.status.in_(QUEUE_STATES))
+        .group_by(PhaseRow.challenge_id, PhaseRow.slug, JobRow.status))
+    for challenge, phase, state, n in rows:
+        counts[challenge, phase, state] += n
+    family = GaugeMetricFamily("epreuve_queue_jobs", "Jobs waiting or in hand, by phase",
+                               labels=["challenge", "phase", "state"])
+    for labels, n in sorted(counts.items()):
+        family.add_metric(labels, n)
+    return family
+
+
+# -- job runtimes, observed when a job ends ------------------------------------------------
+
+JOB_RUNTIME = Histogram("epreuve_job_runtime_seconds", "Wall time of jobs, by kind",
+                        ["kind"], buckets=JOB_RUNTIME_BUCKETS, registry=None)
+
+
+def observe_job_runtime(kind: str, seconds: float) -> None:
+    """A job ended after `seconds` (its container's wall time). A time that is no time (a
+    clock stepped back, nan) is not observed."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return
+    if not math.isfinite(seconds) or seconds < 0:
+        return
+    JOB_RUNTIME.labels(_allowed(kind, JOB_KINDS)).observe(seconds)
+
+
+# -- GPUs, as dcgm-exporter reports them -----------------------------------------------------
+
+@dataclass(frozen=True)
+class GPUSample:
+    node: str
+    index: int
+    uuid: str
+    utilisation_percent: float
+    memory_used_mib: float
+    power_watts: float
+    energy_millijoules: float | None
+    at: float  # time.monotonic() when recorded
+
+
+class GPUSamples:
+    """The latest sample of each (node, GPU): at most `capacity`, none older than
+    `stale_after` seconds (a node that stopped reporting stops being reported)."""
+
+    def __init__(self, capacity: int = GPU_TABLE_SIZE, stale_after: float = GPU_STALE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.capacity = capacity
+        self.stale_after = stale_after
+        self.clock = clock
+        self._samples: OrderedDict[tuple[str, str], GPUSample] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, node: str, index: int, uuid: str, util: float, mem_used_mib: float,
+               power_w: float, energy_mj: float | None) -> None:
+        _check_label("node", node)
+        _check_label("uuid", uuid)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"GPU index must be a whole number >= 0, got {index!r}")
+        for name, value in (("util", util), ("mem_used_mib", mem_used_mib),
+                            ("power_w", power_w), ("energy_mj", energy_mj)):
+            if value is None and name == "energy_mj":
+                continue  # GPUs before Volta have no energy counter
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"GPU {name} must be a finite number >= 0, got {value!r}")
+        sample = GPUSample(node, index, uuid, util, mem_used_mib, power_w, energy_mj,
+                           self.clock())
+        with self._lock:
+            self._samples[node, uuid] = sample
+            self._samples.move_to_end((node, uuid))
+            while len(self._samples) > self.capacity:
+                self._samples.popitem(last=False)  # the one heard from longest ago
+
+    def fresh(self) -> list[GPUSample]:
+        cutoff = self.clock() - self.stale_after
+        with self._lock:
+            for key in [key for key, s in self._samples.items() if s.at < cutoff]:
+                del self._samples[key]
+            return sorted(self._samples.values(), key=lambda s: (s.node, s.index, s.uuid))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._samples.clear()
+
+
+def _check_label(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_LABEL_LENGTH \
+            or not value.isprintable():
+        raise ValueError(f"GPU {name} must be printable text of 1 to {MAX_LABEL_LENGTH} "
+                         f"characters, got {value!r:.80}")
+
+
+GPU_SAMPLES = GPUSamples()
+
+
+def record_gpu_sample(node: str, index: int, uuid: str, util: float, mem_used_mib: float,
+                      power_w: float, energy_mj: float | None) -> None:
+    """One reading of one GPU (gpu/telemetry.py's sampler feeds it); ValueError if it is
+    no reading."""
+    GPU_SAMPLES.record(node, index, uuid, util, mem_used_mib, power_w, energy_mj)
+
+
+# The names and units of NVIDIA's dcgm-exporter. Its energy is a counter, but this client
+# would print the TYPE line as ..._total: a gauge keeps the name dashboards query (rate()
+# reads a gauge alike).
+DCGM_FIELDS = (
+    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "utilisation_percent"),
+    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", "memory_used_mib"),
+    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "power_watts"),
+    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).",
+     "energy_millijoules"),
+)
+
+
+class GPUCollector:
+    def __init__(self, samples: GPUSamples):
+        self.samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        fresh = self.samples.fresh()
+        for name, documentation, attribute in DCGM_FIELDS:
+            family = GaugeMetricFamily(name, documentation, labels=["gpu", "UUID", "Hostname"])
+            for sample in fresh:
+                value = getattr(sample, attribute)
+                if value is not None:
+                    family.add_metric([str(sample.index), sample.uuid, sample.node], value)
+            yield family
+
+
+# -- HTTP requests ---------------------------------------------------------------------------
+
+_HTTP: WeakKeyDictionary[CollectorRegistry, tuple[CounterMetric, Histogram]] = \
+    WeakKeyDictionary()
+_HTTP_LOCK = threading.Lock()
+
+
+def http_metrics(registry: CollectorRegistry) -> tuple[CounterMetric, Histogram]:
+    """The request counter and histogram of `registry`, made once: several apps (or
+    middlewares) on one registry share them."""
+    with _HTTP_LOCK:
+        if registry not in _HTTP:
+            _HTTP[registry] = (
+                CounterMetric("epreuve_http_requests", "API requests by route and status",
+                              ["route", "method", "status"], registry=registry),
+                Histogram("epreuve_http_request_duration_seconds",
+                          "API request duration by route", ["route"], registry=registry))
+        return _HTTP[registry]
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times each HTTP request under its route's template
+    ("/submissions/{id}"), never its raw path; a path no route matched is "unmatched"."""
+
+    def __init__(self, app, registry: CollectorRegistry):
+        self.app = app
+        self.requests, self.duration = http_metrics(registry)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the server sends if the app raises before answering
+        started = time.perf_counter()
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = route_template(scope)
+            method = _allowed(scope.get("method"), HTTP_METHODS)
+            self.requests.labels(route, method, str(status)).inc()
+            self.duration.labels(route).observe(time.perf_counter() - started)
+
+
+def route_template(scope: dict) -> str:
+    """The matched route's path template (Starlette and FastAPI put the route in scope)."""
+    path_format = getattr(scope.get("route"), "path_format", None)
+    return path_format if isinstance(path_format, str) and path_format else UNMATCHED
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+def build_registry(sessions: sessionmaker[Session] | None, *,
+                   gpu_samples: GPUSamples | None = None,
+                   registered_workers: Callable[[], Iterable[str]] | None = None,
+                   heartbeat_window: timedelta = HEARTBEAT_WINDOW) -> CollectorRegistry:
+    """A registry of its own (the global one is shared by everything in the process): the
+    database's counts (none without `sessions`), job runtimes, the GPUs. `RequestMetrics`
+    adds the HTTP metrics to it."""
+    registry = CollectorRegistry(auto_describe=False)
+    if sessions is not None:
+        registry.register(DatabaseCollector(sessions, heartbeat_window=heartbeat_window,
+                                            registered_workers=registered_workers))
+    registry.register(JOB_RUNTIME)
+    registry.register(GPUCollector(gpu_samples or GPU_SAMPLES))
+    return registry
+
+
+def gpu_sample_recorder(node: str, samples: GPUSamples | None = None,
+                        ) -> Callable[[GPUReading], None]:
+    """The `on_sample` of a gpu.telemetry.TelemetrySampler: each reading into the GPU table
+    (bytes to MiB, as DCGM reports framebuffer use); a reading that is no reading is logged
+    and dropped."""
+    table = samples or GPU_SAMPLES
+
+    def record(reading: GPUReading) -> None:
+        try:
+            table.record(node, reading.index, reading.uuid, reading.utilisation_percent,
+                         reading.memory_used_bytes / MiB, reading.power_watts,
+                         reading.energy_millijoules)
+        except ValueError as exc:
+            log.warning("GPU reading dropped: %s", exc)
+
+    return record
