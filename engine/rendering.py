@@ -154,8 +154,14 @@ def _rich_table(listing: Listing) -> Table | Panel:
         table.add_column(Text(terminal_text(column)), overflow="fold",
                          justify="right" if column in listing.right else "left")
     for row in listing.rows:
-        table.add_row(*(Text(terminal_text(cell)) for cell in row))
+        table.add_row(*(Text(_cell(value)) for value in row))
     return table if listing.header else Panel(table, title=title, expand=False)
+
+
+def _cell(value: object) -> str:
+    """A cell is one line: a tab or line break in a name is shown as its escape, so that a
+    name never looks like two rows or two names."""
+    return terminal_text(value).replace("\t", "\\t").replace("\n", "\\n")
 
 
 # -- tsv -----------------------------------------------------------------------------------
