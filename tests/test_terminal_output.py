@@ -264,3 +264,23 @@ def test_no_help_string_is_glued_to_the_next():
         assert glued == [], glued
     assert list(_implicit_concatenations('x = ("the" "image")\ny = ("the " "image")\n')) == [
         (1, '"the" "image"')]
+
+
+def test_score_in_each_format(tmp_path):
+    import numpy as np
+
+    from engine.medio import Volume, write_nifti
+
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    write_nifti(Volume(reference, np.eye(4)), tmp_path / "reference.nii.gz")
+    write_nifti(Volume(np.roll(reference, 1, axis=0), np.eye(4)), tmp_path / "prediction.nii.gz")
+    args = ("score", str(tmp_path / "prediction.nii.gz"), str(tmp_path / "reference.nii.gz"))
+    scores = json.loads(run(*args, "--json"))["1"]
+    assert json.loads(run(*args, "--format", "json")) == {"1": scores}
+    lines = run(*args, "--format", "tsv").splitlines()
+    assert lines[:2] == ["# prediction.nii.gz vs reference.nii.gz (spacing 1, 1, 1 mm)",
+                         "metric\tlabel 1"]
+    assert lines[2:] == [f"{metric}\t{value:.4f}" for metric, value in scores.items()]
+    shown = piped(*args)
+    assert all(f"{value:.4f}" in shown for value in scores.values())
