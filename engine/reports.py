@@ -1,4 +1,5 @@
-"""What `epreuve status`, `leaderboard` and `check` show: plain data first, then rendered.
+"""What `epreuve status`, `leaderboard` and `check` show, as plain data (engine/rendering.py
+prints it as a table, tsv, markdown or json).
 
 A participant's view follows the phase's visibility: the typed reason always;
 the container's log tail and per-case results only where the phase allows them,
