@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
 from engine.errors import EXIT_NO_ENGINE
+from engine.rendering import (
+    FORMAT_HELP,
+    Format,
+    PipeAwareConsole,
+    chosen_format,
+    show,
+    terminal_text,
+    unwrap_help,
+)
 from engine.units import parse_size
-from runners.base import RunResult, RunSpec
-from runners.messages import human_bytes
+from runners.base import RunSpec
 
 
 class _ExpectedFailures(TyperGroup):
     """The one place where an expected failure becomes an error line and an exit code
     (engine/errors.py): a user never sees a traceback for one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unwrap_help(self)  # the source's hard wraps are no line breaks in --help
 
     def invoke(self, ctx):
         from engine.errors import exit_code, expected
@@ -50,8 +58,8 @@ challenge_app = typer.Typer(help="Challenges: create from a YAML file; the file'
                             no_args_is_help=True)
 app.add_typer(challenge_app, name="challenge")
 
-console = Console()
-errors = Console(stderr=True)
+console = PipeAwareConsole()
+errors = PipeAwareConsole(stderr=True)
 
 EXIT_FAILED_RUN = 1
 
@@ -59,8 +67,6 @@ EXIT_FAILED_RUN = 1
 def _error(message: object) -> None:
     """An error line: the message is text (it may quote a file, an image or a log), never
     rich markup."""
-    from engine.reports import terminal_text
-
     errors.print(Text.assemble(("error:", "red"), " ", terminal_text(message)), soft_wrap=True)
 
 
@@ -91,7 +97,9 @@ def sandbox_run(
     user: str | None = typer.Option(None, help="uid[:gid] to run as (root is remapped)."),
     log_cap: str = typer.Option("1m", help="Bytes of log kept (the tail)."),
     grace: float = typer.Option(10, help="Seconds between SIGTERM and SIGKILL."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object "
+                                 "(as --format json)."),
 ) -> None:
     """Run IMAGE once, sandboxed, and report what happened. Exit status 0 only on success."""
     from runners.docker import DockerRunner, DockerUnavailable
@@ -122,8 +130,9 @@ def sandbox_run(
         _error(exc)
         raise typer.Exit(EXIT_NO_ENGINE) from None
     cancel = threading.Event()
+    output_format = chosen_format(output_format, as_json)
     try:
-        if as_json:
+        if output_format != Format.TABLE:
             result = runner.run(spec, cancel)
         else:
             with console.status(f"running {escape(image)} (limit {timeout:g} s)"):
@@ -131,39 +140,10 @@ def sandbox_run(
     except KeyboardInterrupt:  # the runner has already removed the container
         cancel.set()
         raise typer.Exit(130) from None
-    if as_json:
-        print(json.dumps(result.to_dict()))
-    else:
-        _print_result(result)
+    from engine.rendering import run_result_blocks
+
+    show(console, output_format, result.to_dict(), run_result_blocks)
     raise typer.Exit(0 if result.succeeded else EXIT_FAILED_RUN)
-
-
-def _print_result(result: RunResult) -> None:
-    colour = "green" if result.succeeded else "red"
-    title = result.status.value + (f": {result.reason.value}" if result.reason else "")
-    table = Table(show_header=False, box=None)
-    rows = [
-        ("exit code", result.exit_code),
-        ("wall time", None if result.wall_seconds is None else f"{result.wall_seconds:.3f} s"),
-        ("CPU time", None if result.cpu_seconds is None else f"{result.cpu_seconds:.3f} s"),
-        ("peak memory", human_bytes(result.peak_memory_bytes)),
-        ("peak processes", result.peak_pids),
-        ("output", f"{human_bytes(result.output_bytes)} in {result.output_files} files"),
-        ("log", human_bytes(result.log_bytes) + (" (truncated)" if result.log_truncated else "")),
-        ("ran as", result.user),
-        ("accounting", result.accounting),
-    ]
-    for name, value in rows:
-        table.add_row(name, "-" if value is None else str(value))
-    console.print(Panel(table, title=f"[{colour}]{title}[/{colour}]", expand=False))
-    from engine.reports import terminal_text
-
-    console.print(Text(terminal_text(result.message)))
-    for skipped in result.skipped_outputs:
-        console.print(Text.assemble(("not collected:", "yellow"), " ", terminal_text(skipped)))
-    if result.log_tail:
-        tail = "\n".join(result.log_tail.splitlines()[-20:])
-        console.print(Panel(Text(terminal_text(tail)), title="log (last lines)", expand=False))
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +161,9 @@ def score(
                                 "(DeepMind-compatible)."),
     lesion_wise: bool = typer.Option(False, "--lesion-wise", help="Add BraTS-2023 lesion-wise "
                                      "Dice and HD95."),
-    as_json: bool = typer.Option(False, "--json", help="Print {label: {metric: value}}."),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print {label: {metric: value}} (as "
+                                 "--format json)."),
 ) -> None:
     """Score one predicted mask against its reference, per label."""
     import numpy as np
@@ -206,17 +188,13 @@ def score(
                                     surface=surface)
     scores = score_pair(np.asarray(pred.array), np.asarray(ref.array), ref.spacing, settings,
                         LesionSettings(enabled=lesion_wise))
-    if as_json:
-        print(json.dumps({str(label): values for label, values in scores.items()}))
-        return
-    table = Table(title=f"{prediction.name} vs {reference.name} (spacing "
-                        f"{', '.join(f'{s:.3g}' for s in ref.spacing)} mm)")
-    table.add_column("metric")
-    for label in scores:
-        table.add_column(f"label {label}", justify="right")
-    for metric in next(iter(scores.values())):
-        table.add_row(metric, *(f"{scores[label][metric]:.4f}" for label in scores))
-    console.print(table)
+    from engine.rendering import score_blocks
+
+    title = (f"{prediction.name} vs {reference.name} (spacing "
+             f"{', '.join(f'{s:.3g}' for s in ref.spacing)} mm)")
+    show(console, chosen_format(output_format, as_json),
+         {str(label): values for label, values in scores.items()},
+         lambda data: score_blocks(data, title))
 
 
 @dataset_app.command("synth")
@@ -262,6 +240,7 @@ def dataset_verify(
     source: Path = typer.Argument(..., exists=True, help="A dataset directory or a released "
                                   "archive."),
     full: bool = typer.Option(False, "--full", help="Re-hash every file, ignoring the cache."),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
 ) -> None:
     """Compare every file with the seal; exit 1 and name each added, missing or changed file."""
     from engine.config import load_settings
@@ -274,15 +253,15 @@ def dataset_verify(
     except DatasetError as exc:
         _error(exc)
         raise typer.Exit(EXIT_DATASET_ERROR) from None
-    for line in report.lines():
-        console.print(Text(line))
+    from dataclasses import asdict
+
+    from engine.rendering import verification_blocks
+
+    show(console, output_format, {**asdict(report), "ok": report.ok}, verification_blocks)
     if not report.ok:
-        errors.print(Text(f"{source} does not match its seal ({report.version[:12]})",
-                          style="red"))
+        errors.print(Text(terminal_text(f"{source} does not match its seal "
+                                        f"({report.version[:12]})"), style="red"))
         raise typer.Exit(EXIT_DATASET_ERROR)
-    console.print(f"intact: version {report.version} "
-                  f"({'full check' if report.full else 'quick check'}, "
-                  f"{report.hashed_files} files hashed)")
 
 
 @dataset_app.command("release")
@@ -466,7 +445,8 @@ def status(
     submission_id: int | None = typer.Argument(None),
     participant: bool = typer.Option(False, "--participant", help="Show only what the "
                                      "participant may see in this phase."),
-    as_json: bool = typer.Option(False, "--json"),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="As --format json."),
 ) -> None:
     """The queue, or one submission: state, typed reason, position and ETA, results."""
     from engine.reports import queue_overview, submission_report
@@ -479,12 +459,9 @@ def status(
             report = submission_report(session, submission_id, participant=participant)
             if report is None:
                 _fail(f"no submission {submission_id}")
-    if as_json:
-        print(json.dumps(report, default=str))
-        return
-    from engine.reports import render
+    from engine.rendering import status_blocks
 
-    render(console, report)
+    show(console, chosen_format(output_format, as_json), report, status_blocks)
 
 
 @app.command("cancel")
@@ -510,13 +487,12 @@ def leaderboard_command(
     phase: str = typer.Argument(...),
     stability: int = typer.Option(0, help="Also resample cases this many times (seeded) and "
                                   "report how firm the ranking is (Kendall's tau)."),
-    as_json: bool = typer.Option(False, "--json"),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="As --format json."),
 ) -> None:
     """A phase's ranking under the challenge's scheme, with failed-case counts and runtime."""
-    from dataclasses import asdict
-
     from engine.leaderboard import leaderboard
-    from engine.reports import render_leaderboard
+    from engine.rendering import leaderboard_blocks, leaderboard_report
     from engine.submissions import SubmissionRefused
 
     _, sessions = _sessions()
@@ -530,17 +506,8 @@ def leaderboard_command(
                 firmness = rank_stability(session, challenge, phase, resamples=stability)
         except (SubmissionRefused, ValueError) as exc:
             _fail(str(exc))
-    if as_json:
-        print(json.dumps({"entries": [asdict(e) for e in entries], "stability": firmness}))
-        return
-    render_leaderboard(console, challenge, phase, entries)
-    if firmness:
-        console.print(f"ranking stability over {firmness['resamples']} bootstrap samples of "
-                      f"cases: Kendall's tau mean {firmness['kendall_tau_mean']:.3f}, median "
-                      f"{firmness['kendall_tau_median']:.3f}")
-        for team, frequencies in firmness["rank_frequencies"].items():
-            shares = ", ".join(f"#{r}: {f:.0%}" for r, f in sorted(frequencies.items()))
-            console.print(Text(f"  {team}: {shares}"))
+    show(console, chosen_format(output_format, as_json),
+         leaderboard_report(challenge, phase, entries, firmness), leaderboard_blocks)
 
 
 @app.command("report")
@@ -573,12 +540,13 @@ def check(
     image: str = typer.Argument(..., help="Your image (a local reference)."),
     challenge: str = typer.Option(..., "--challenge", "-c"),
     phase: str | None = typer.Option(None, "--phase", "-p", help="Default: the first phase."),
-    as_json: bool = typer.Option(False, "--json"),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="As --format json."),
 ) -> None:
     """A dry run on the phase's public sample cases, in exactly the sandbox and limits of
     the real phase: reports what the platform would report."""
     from engine.check import dry_run
-    from engine.reports import render_check
+    from engine.rendering import check_blocks
     from engine.submissions import SubmissionRefused
     from runners.docker import DockerUnavailable
 
@@ -590,10 +558,7 @@ def check(
             _fail(str(exc))
         except DockerUnavailable as exc:
             _fail(str(exc), EXIT_NO_ENGINE)
-    if as_json:
-        print(json.dumps(report, default=str))
-    else:
-        render_check(console, report)
+    show(console, chosen_format(output_format, as_json), report, check_blocks)
     raise typer.Exit(0 if report["ok"] else 1)
 
 

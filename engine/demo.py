@@ -77,7 +77,7 @@ def run_demo(console: Console, repo: Path) -> None:
     from engine.db import session_factory
     from engine.images import pin_tar, save_image
     from engine.leaderboard import leaderboard
-    from engine.reports import render_leaderboard
+    from engine.rendering import leaderboard_blocks, leaderboard_report, print_table
     from engine.submissions import register_challenge, submit
     from engine.worker import Worker
 
@@ -115,7 +115,8 @@ def run_demo(console: Console, repo: Path) -> None:
                   "since the start)")
     with sessions() as session:
         entries = leaderboard(session, "demo-liver", "validation")
-        render_leaderboard(console, "demo-liver", "validation", entries)
+        print_table(console, leaderboard_blocks(leaderboard_report("demo-liver", "validation",
+                                                                   entries)))
         _print_failures(console, session, submitted)
 
 

@@ -1,4 +1,5 @@
-"""What `epreuve status`, `leaderboard` and `check` show: plain data first, then rendered.
+"""What `epreuve status`, `leaderboard` and `check` show, as plain data (engine/rendering.py
+prints it as a table, tsv, markdown or json).
 
 A participant's view follows the phase's visibility: the typed reason always;
 the container's log tail and per-case results only where the phase allows them,
@@ -18,19 +19,15 @@ which can carry names the container chose (a sparse file named after a hidden ca
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
 from engine.challenges import Phase
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
+from engine.rendering import terminal_text  # noqa: F401 (where callers have long found it)
 from engine.submissions import challenge_definition, find_phase
 from runners.base import FailureReason
 from runners.messages import human_bytes
@@ -39,18 +36,8 @@ from runners.messages import human_bytes
 RUN_LEVEL_REASONS = {FailureReason.TIMEOUT.value, FailureReason.OOM_KILLED.value,
                      FailureReason.OUTPUT_QUOTA.value, FailureReason.NONZERO_EXIT.value,
                      FailureReason.IMAGE_INVALID.value, FailureReason.CANCELLED.value}
-# shown as escapes: C0 controls but line feed and tab, DEL, C1 controls, direction and
-# zero-width marks
-_NOT_INERT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
-                        r"\u2066-\u2069]")
 CHECK_HINT = ("This phase does not show per-case details: run `epreuve check` on the phase's "
               "public sample cases to see the full message.")
-
-
-def terminal_text(text: object) -> str:
-    """`text` as a terminal shows it without acting on it: each control character escaped."""
-    return _NOT_INERT.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                                     else f"\\u{ord(m.group()):04x}"), str(text))
 
 
 def participant_message(phase: Phase, output_hint: str, reason: str | None,
@@ -174,99 +161,3 @@ def _job(job: JobRow, show_logs: bool) -> dict[str, Any]:
         entry["log_tail"] = run.get("log_tail", "")[-4000:]
         entry["log_truncated"] = run.get("log_truncated")
     return entry
-
-
-def _plain(text: object) -> str:
-    """For a markup string: escaped brackets, inert controls."""
-    return escape(terminal_text(text))
-
-
-def render(console: Console, report: dict[str, Any]) -> None:
-    if "submission" not in report:
-        table = Table(title="queue")
-        table.add_column("state")
-        table.add_column("jobs", justify="right")
-        for state, count in sorted(report["jobs"].items()):
-            table.add_row(_plain(state), str(count))
-        console.print(table)
-        return
-    status = report["status"] + (f": {report['reason']}" if report["reason"] else "")
-    console.print(f"[bold]submission {report['submission']}[/bold] "
-                  f"({_plain(report['team'])}, {_plain(report['challenge'])}/"
-                  f"{_plain(report['phase'])}): {_plain(status)}")
-    if report.get("message"):
-        console.print(Text(terminal_text(report["message"])), soft_wrap=True)
-    if "queue" in report:
-        eta = report["queue"]["estimated_start_seconds"]
-        console.print(f"queued: {report['queue']['jobs_ahead']} job(s) ahead"
-                      + (f", starts in about {eta} s" if eta is not None else ""))
-    if report.get("prize_note"):
-        console.print(Text(terminal_text(report["prize_note"]), style="yellow"))
-    jobs = Table(title="jobs")
-    for column in ("job", "kind", "cases", "status", "reason", "wall", "peak memory"):
-        jobs.add_column(column)
-    for job in report["jobs"]:
-        jobs.add_row(str(job["job"]), _plain(job["kind"]), str(job["cases"]),
-                     _plain(job["status"]), _plain(job["reason"] or "-"),
-                     "-" if job["wall_seconds"] is None else f"{job['wall_seconds']:.2f} s",
-                     human_bytes(job["peak_memory_bytes"]) if job["peak_memory_bytes"] else "-")
-    console.print(jobs)
-    for job in report["jobs"]:
-        if job.get("log_tail"):
-            console.print(Text(f"job {job['job']} log (tail):", style="dim"))
-            console.print(Text(terminal_text(job["log_tail"][-1500:])), soft_wrap=True)
-    for case in [c for c in report.get("cases", []) if not c["valid"]][:10]:
-        console.print(Text(terminal_text(f"  {case['case_id']}: {case['reason']}: "
-                                         f"{case['message']}")), soft_wrap=True)
-    if report["aggregates"]:
-        table = Table(title="aggregates (failed cases at their worst value)")
-        for column in ("metric", "mean", "median", "95% CI", "failed"):
-            table.add_column(column)
-        for metric, s in sorted(report["aggregates"].items()):
-            if "mean" in s:
-                table.add_row(_plain(metric), f"{s['mean']:.4f}", f"{s['median']:.4f}",
-                              f"{s['ci_low']:.4f} - {s['ci_high']:.4f}", str(s["n_failed"]))
-            else:
-                table.add_row(_plain(metric), f"{s['value']:.4f}", "-", "-",
-                              str(s["n_failed"]))
-        console.print(table)
-
-
-def render_leaderboard(console: Console, challenge: str, phase: str, entries: list) -> None:
-    table = Table(title=_plain(f"{challenge} / {phase}"))
-    table.add_column("rank", justify="right")
-    table.add_column("team")
-    table.add_column("submission", justify="right")
-    keys = list(entries[0].scores) if entries else []
-    for key in keys:
-        table.add_column(_plain(key), justify="right")
-    for column in ("failed cases", "runtime / case", "prize"):
-        table.add_column(column, justify="right")
-    for e in entries:
-        table.add_row(str(e.rank), Text(terminal_text(e.team)), str(e.submission_id),
-                      *(f"{e.scores[k]:.4f} (#{e.metric_ranks[k]})" for k in keys),
-                      str(e.n_failed),
-                      "-" if e.runtime_per_case is None else f"{e.runtime_per_case:.2f} s",
-                      "yes" if e.prize_eligible else "no")
-    console.print(table if entries else "no evaluated submission yet")
-
-
-def render_check(console: Console, report: dict[str, Any]) -> None:
-    verdict = Text("would pass", style="green") if report["ok"] else \
-        Text(f"would fail: {report.get('reason')}", style="red")
-    console.print(Text.assemble(terminal_text(f"{report['image']} on {report['challenge']}/"
-                                              f"{report['phase']}: "), verdict))
-    console.print(Text(terminal_text(report.get("message") or "")), soft_wrap=True)
-    run = report.get("run")
-    if run:
-        console.print(f"wall {run['wall_seconds'] or 0:.2f} s, CPU {run['cpu_seconds'] or 0:.2f}"
-                      f" s, peak memory {human_bytes(run['peak_memory_bytes'])}")
-        if run["log_tail"]:
-            console.print(Text("log (tail):", style="dim"))
-            console.print(Text(terminal_text(run["log_tail"][-1500:])), soft_wrap=True)
-    for case_id, case in report["cases"].items():
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in case["metrics"].items()
-                          if isinstance(v, float) and k.startswith(("dice", "hd95")))
-        console.print(Text(terminal_text(f"  {case_id}: "
-                                         f"{'valid' if case['valid'] else case['reason']} "
-                                         f"{shown or case['message']}")))

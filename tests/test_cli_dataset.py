@@ -34,9 +34,9 @@ def test_synth_seal_verify_tamper_release(tmp_path):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    tampered = epreuve("verify", str(root), state=state)
+    tampered = epreuve("verify", str(root), "--format", "tsv", state=state)
     assert tampered.returncode == 1
-    assert "changed: ground_truth/case-002/label.nii.gz" in tampered.stdout
+    assert "changed\tground_truth/case-002/label.nii.gz\n" in tampered.stdout
     refused = epreuve("release", str(root), "--to", str(tmp_path / "x.tar.gz"), state=state)
     assert refused.returncode == 1 and "no longer matches its seal" in refused.stderr
 

@@ -64,3 +64,16 @@ def test_bad_size_is_a_usage_error():
     proc = sandbox("--memory", "lots", "any-image")
     assert proc.returncode == 2
     assert "not a size" in proc.stderr
+
+
+def test_each_format_shows_the_same_run(adversarial):
+    command = ("--", "sh", "-c", "printf 'a|b\\tc <i>\\n'; exit 4")
+    data = json.loads(sandbox(adversarial["probe"], "--format", "json", *command).stdout)
+    assert (data["reason"], data["exit_code"]) == ("NONZERO_EXIT", 4)
+    as_tsv = sandbox(adversarial["probe"], "--format", "tsv", *command)
+    assert as_tsv.returncode == 1
+    assert as_tsv.stdout.startswith("# failed: NONZERO_EXIT\nexit code\t4\n")
+    assert "\n# a|b\\tc <i>\n" in as_tsv.stdout  # the log line, its tab escaped
+    as_markdown = sandbox(adversarial["probe"], "--format", "markdown", *command).stdout
+    assert "| exit code | 4 |" in as_markdown
+    assert "```text\na|b\tc <i>\n```" in as_markdown  # a log is fenced, as it is
