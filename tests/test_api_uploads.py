@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from tusclient import client as tus_client
 
 from engine.client import Api, UploadState
-from engine.db.models import IntakeRow, SubmissionRow
+from engine.db.models import ImageRow, IntakeRow, SubmissionRow
 from engine.store import DirectoryStore
 from engine.submissions import get_or_create_team, register_challenge
 from engine.uploads import Owner, UploadArea, UploadNotFound
@@ -61,13 +61,13 @@ def metadata(challenge: str = "test-liver", phase: str = "validation") -> str:
                     for k, v in (("challenge", challenge), ("phase", phase)))
 
 
-@pytest.fixture(params=["sqlite"])
-def scene(request, tmp_path):
+@pytest.fixture(scope="module", params=["sqlite"])
+def scene(request, tmp_path_factory):
     url = None
     if request.param == "postgres":
         sessions = postgres_sessions()
         url = str(sessions.kw["bind"].url.render_as_string(hide_password=False))
-    scene = make_scene(tmp_path, database_url=url)
+    scene = make_scene(tmp_path_factory.mktemp("scene"), database_url=url)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         alpha, beta = get_or_create_team(session, "alpha"), get_or_create_team(session, "beta")
@@ -78,8 +78,18 @@ def scene(request, tmp_path):
     return scene
 
 
+@pytest.fixture(scope="module")
+def server(scene, tmp_path_factory):
+    """One server per module and database (tests use their own uploads and keys)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    server = UploadServer(scene.settings, scene.tokens, log).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def server(scene, tmp_path):
+def own_server(scene, tmp_path):
+    """A server of this test alone (it is killed)."""
     server = UploadServer(scene.settings, scene.tokens, tmp_path / "server.log").start()
     yield server
     server.stop()
@@ -203,7 +213,8 @@ def test_a_connection_cut_mid_body_keeps_what_arrived(server, tmp_path):
     assert result.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_a_server_killed_mid_upload_resumes_after_a_restart(server, scene, tmp_path):
+def test_a_server_killed_mid_upload_resumes_after_a_restart(own_server, scene, tmp_path):
+    server = own_server
     tar = random_file(tmp_path / "image.tar", 5 << 20)
     data = tar.read_bytes()
     with client(server) as http:
@@ -314,7 +325,8 @@ def test_a_deleted_upload_is_gone(server, scene):
         url = create(http, 10)
         assert http.delete(url, headers=TUS).status_code == 204
         assert http.head(url, headers=TUS).status_code == 404
-    assert not list(scene.settings.uploads_dir.glob("*.part"))
+    upload_id = url.rsplit("/", 1)[1]
+    assert not list(scene.settings.uploads_dir.glob(f"{upload_id}.*"))
 
 
 def test_unfinished_uploads_expire_and_the_sweep_removes_them(tmp_path):
@@ -396,15 +408,17 @@ def test_a_retried_submission_is_the_same_one(server, scene, tmp_path):
         assert submit(beta, upload_id, "key-1").status_code == 404
         assert beta.get(f"/api/v1/intakes/{first.json()['id']}").status_code == 404
     with scene.sessions() as session:
-        assert session.scalar(select(func.count()).select_from(IntakeRow)) == 1
+        assert session.scalar(select(func.count()).select_from(IntakeRow).where(
+            IntakeRow.upload_id == upload_id)) == 1
 
 
 @pytest.mark.parametrize("scene", ["sqlite", "postgres"], indirect=True)
 def test_a_hostile_archive_ends_as_image_invalid_after_the_request(server, scene, tmp_path):
     tar = archive(tmp_path / "root.tar", user="root")
     upload_id = upload_tar(server, tar, tmp_path / "state")
+    key = f"key-{time.time_ns()}"
     with client(server) as http:
-        response = submit(http, upload_id, "k")
+        response = submit(http, upload_id, key)
         assert response.status_code == 202
         assert response.json()["status"] in ("validating", "refused")
         intake = settled(http, response.json()["id"])
@@ -413,13 +427,13 @@ def test_a_hostile_archive_ends_as_image_invalid_after_the_request(server, scene
     assert "root" in intake["message"]
     assert intake["archive_sha256"] == sha256_of(tar)
     with scene.sessions() as session:
-        assert session.scalar(select(func.count()).select_from(SubmissionRow)) == 0
+        assert session.get(IntakeRow, intake["id"]).submission_id is None
 
 
 def test_an_unfinished_upload_cannot_be_submitted(server):
     with client(server) as http:
         url = create(http, 100)
-        response = submit(http, url.rsplit("/", 1)[1], "k")
+        response = submit(http, url.rsplit("/", 1)[1], f"key-{time.time_ns()}")
     assert response.status_code == 409
     assert "finish it" in response.json()["error"]["message"]
 
@@ -429,27 +443,45 @@ def test_a_valid_archive_becomes_a_queued_submission(server, scene, tmp_path, do
                      "etc/group": GROUP})]  # unique bytes: an image of this test only
     tar = archive(tmp_path / "ok.tar", layers=layers)
     upload_id = upload_tar(server, tar, tmp_path / "state")
+    key = f"key-{time.time_ns()}"
     try:
         with client(server) as http:
-            intake = settled(http, submit(http, upload_id, "k").json()["id"])
+            intake = settled(http, submit(http, upload_id, key).json()["id"])
             assert intake["status"] == "accepted", intake
             assert intake["submission_status"] == "queued"
-            assert submit(http, upload_id, "k").json()["submission_id"] == \
+            assert submit(http, upload_id, key).json()["submission_id"] == \
                 intake["submission_id"]
         with scene.sessions() as session:
             submission = session.get(SubmissionRow, intake["submission_id"])
             assert submission.team.name == "alpha"
             assert submission.image.tar_sha256 == sha256_of(tar)
-            assert session.scalar(select(func.count()).select_from(SubmissionRow)) == 1
+            assert session.scalar(select(func.count()).select_from(SubmissionRow).join(
+                ImageRow).where(ImageRow.tar_sha256 == sha256_of(tar))) == 1
     finally:
         _remove_test_images(scene)
 
 
 def _remove_test_images(scene) -> None:
-    from engine.db.models import ImageRow
-
     engine = docker.DockerClient(base_url="unix:///var/run/docker.sock")
     with scene.sessions() as session:
         for image_id in session.scalars(select(ImageRow.image_id)):
             with contextlib.suppress(docker.errors.APIError):
                 engine.api.remove_image(image_id, force=True)
+
+
+def test_the_cli_submits_through_the_server_and_shows_the_refusal(server, tmp_path,
+                                                                  monkeypatch):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    tar = archive(tmp_path / "root.tar", user="0")
+    monkeypatch.setenv("EPREUVE_DATA_DIR", str(tmp_path / "client-data"))
+    monkeypatch.setenv("EPREUVE_SERVER", server.url)
+    monkeypatch.setenv("EPREUVE_TOKEN", ALPHA)
+    result = CliRunner().invoke(app, ["submit", str(tar), "-c", "test-liver", "-p",
+                                      "validation"])
+    assert result.exit_code == 1, result.output
+    assert "IMAGE_INVALID" in result.output and "root" in result.output
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "client-data" / "client" / "uploads").glob("*.json"))
