@@ -260,18 +260,19 @@ def test_an_upload_over_the_phase_cap_is_413_at_creation(server):
 
 
 def test_a_body_bigger_than_declared_is_refused_and_undone(server):
+    declared = 3 << 19  # 1.5 MiB: the first MiB of a longer body reaches the disk first
     with client(server) as http:
-        url = create(http, 1000)
-        assert patch(http, url, 0, b"x" * 1500).status_code == 413  # by its Content-Length
+        url = create(http, declared)
+        assert patch(http, url, 0, b"x" * (declared + 1)).status_code == 413  # Content-Length
 
         def chunked():  # no Content-Length: refused when the bytes pass the length
-            for _ in range(3):
-                yield b"y" * 500
+            for _ in range(8):
+                yield b"y" * (1 << 18)
 
         response = patch(http, url, 0, chunked())
         assert response.status_code == 413, response.text
-        assert offset_of(http, url) == 0  # the request undone, not half kept
-        assert patch(http, url, 0, b"z" * 1000).status_code == 204
+        assert offset_of(http, url) == 0  # the whole request undone, not its first MiB kept
+        assert patch(http, url, 0, b"z" * declared).status_code == 204
 
 
 @pytest.mark.parametrize("headers, status", [
