@@ -24,6 +24,7 @@ from tusclient import client as tus_client
 
 from engine.client import Api, UploadState
 from engine.db.models import ImageRow, IntakeRow, SubmissionRow
+from engine.intakes import IntakeRunner, SubmissionRequest, intake_view, open_intake
 from engine.store import DirectoryStore
 from engine.submissions import get_or_create_team, register_challenge
 from engine.uploads import Owner, UploadArea, UploadNotFound
@@ -486,3 +487,56 @@ def test_the_cli_submits_through_the_server_and_shows_the_refusal(server, tmp_pa
     assert "IMAGE_INVALID" in result.output and "root" in result.output
     assert "Traceback" not in result.output
     assert not list((tmp_path / "client-data" / "client" / "uploads").glob("*.json"))
+
+
+def test_an_intake_left_by_a_killed_server_is_checked_by_the_next(scene, tmp_path):
+    """The check runs in the server's threads: a server that dies mid-check leaves the
+    intake `validating`; the next server's startup takes it up again."""
+    tar = archive(tmp_path / "root.tar", user="root")
+    area = UploadArea(scene.settings.uploads_dir, DirectoryStore(scene.settings.store_dir))
+    team_id = scene.tokens[ALPHA][2]
+    owner = Owner(token_id=1, team_id=team_id)
+    upload = area.create(owner, tar.stat().st_size, cap=1 << 30,
+                         metadata={"challenge": "test-liver", "phase": "validation"})
+    with area.appending(upload.id, owner, 0) as appender:
+        appender.write(tar.read_bytes())
+    request = SubmissionRequest(upload.id, "test-liver", "validation")
+    with scene.sessions() as session:  # what the request of the dead server committed
+        intake_id = open_intake(session, token_id=1, team_id=team_id, key=upload.id,
+                                request=request, upload=area.get(upload.id, owner)).id
+        session.commit()
+    server = UploadServer(scene.settings, scene.tokens, tmp_path / "server.log").start()
+    try:
+        with client(server) as http:
+            intake = settled(http, intake_id)
+    finally:
+        server.stop()
+    assert (intake["status"], intake["reason"]) == ("refused", "IMAGE_INVALID")
+
+
+def test_the_check_reports_its_progress_on_the_intake(scene, tmp_path):
+    tar = archive(tmp_path / "root.tar", user="root")
+    store = DirectoryStore(scene.settings.store_dir)
+    area = UploadArea(scene.settings.uploads_dir, store)
+    owner = Owner(token_id=1, team_id=scene.tokens[ALPHA][2])
+    upload = area.create(owner, tar.stat().st_size, cap=1 << 30,
+                         metadata={"challenge": "test-liver", "phase": "validation"})
+    with area.appending(upload.id, owner, 0) as appender:
+        appender.write(tar.read_bytes())
+    with scene.sessions() as session:
+        intake_id = open_intake(session, token_id=1, team_id=owner.team_id, key=upload.id,
+                                request=SubmissionRequest(upload.id, "test-liver",
+                                                          "validation"),
+                                upload=area.get(upload.id, owner)).id
+        session.commit()
+    runner = IntakeRunner(scene.sessions, scene.settings, store)
+    report = runner._progress(intake_id, "checking")
+    report(12 << 20, 100 << 20)
+    report((12 << 20) + 1, 100 << 20)  # a few bytes more: not worth a write
+    with scene.sessions() as session:
+        view = intake_view(session, session.get(IntakeRow, intake_id))
+    assert (view["status"], view["stage"], view["bytes_checked"]) == \
+        ("validating", "checking", 12 << 20)
+    runner.run(intake_id)  # the check itself, here in the test's thread
+    with scene.sessions() as session:
+        assert session.get(IntakeRow, intake_id).status == "refused"
