@@ -122,7 +122,7 @@ class IntakeRow(Base):
 
     __tablename__ = "intakes"
     __table_args__ = (UniqueConstraint("token_id", "idempotency_key"),
-                      UniqueConstraint("upload_id"))
+                      UniqueConstraint("upload_id"), Index("ix_intakes_status", "status"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     token_id: Mapped[int]
