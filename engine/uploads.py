@@ -173,12 +173,15 @@ class UploadArea:
             return None
         try:
             text = self._state_path(upload_id).read_text()
-            part = self._part_path(upload_id)
-            offset = part.stat().st_size if part.exists() else 0
         except FileNotFoundError:
             return None
-        upload = Upload.from_json(text, offset)
-        return replace(upload, offset=upload.length) if upload.complete else upload
+        part = self._part_path(upload_id)
+        upload = Upload.from_json(text, part.stat().st_size if part.exists() else 0)
+        if upload.complete:
+            if part.exists():  # a crash between recording the digest and storing the bytes
+                self.store.adopt(part, upload.sha256)
+            return replace(upload, offset=upload.length)
+        return upload if part.exists() else None
 
     def _write_state(self, upload: Upload) -> None:
         """Atomically: a temporary file, fsynced, renamed over the old state."""
@@ -242,6 +245,19 @@ class UploadArea:
             else:
                 self._write_state(replace(upload, expires_at=datetime.now(UTC) + self.expiry))
 
+    def _busy(self, upload_id: str) -> bool:
+        """A request is appending to it (whatever its expiry says, it is alive)."""
+        try:
+            with open(self._part_path(upload_id), "rb") as part:
+                try:
+                    fcntl.flock(part.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(part.fileno(), fcntl.LOCK_UN)
+        except FileNotFoundError:
+            pass
+        return False
+
     def _running_hash(self, upload_id: str, part: BinaryIO, size: int) -> _RunningHash:
         with self._lock:
             running = self._hashes.pop(upload_id, None)
@@ -266,10 +282,10 @@ class UploadArea:
         running = running or _RunningHash()
         with part:
             os.fsync(part.fileno())
-        blob = self.store.adopt(self._part_path(upload.id), running.digest.hexdigest())
-        done = replace(upload, sha256=blob.sha256, offset=upload.length,
+        done = replace(upload, sha256=running.digest.hexdigest(), offset=upload.length,
                        expires_at=datetime.now(UTC) + self.expiry)
-        self._write_state(done)
+        self._write_state(done)  # first the digest, then the move: `_read` finishes a move
+        self.store.adopt(self._part_path(upload.id), done.sha256)
         with self._lock:
             self._hashes.pop(upload.id, None)
         return done
@@ -283,7 +299,7 @@ class UploadArea:
             return removed
         for state in self.root.glob("*.json"):
             upload = self._read(state.stem)
-            if upload is not None and self._expired(upload, now):
+            if upload is not None and self._expired(upload, now) and not self._busy(upload.id):
                 self._remove(upload.id)
                 removed += 1
         for part in self.root.glob("*.part"):  # a crash between creating the part and state

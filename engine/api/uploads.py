@@ -121,7 +121,7 @@ def build_router(settings: Settings, principal_dependency: Any, *,
     @router.post("/uploads", status_code=201, responses={
         201: {"description": "created; Location names the upload"},
         413: {"description": "over the phase's cap"}})
-    def create_upload(request: Request, principal=caller,
+    def create_upload(principal=caller,
                       upload_length: str | None = Header(None),
                       upload_metadata: str | None = Header(None, max_length=MAX_METADATA_HEADER),
                       tus_resumable: str | None = Header(None)) -> Response:
@@ -139,7 +139,7 @@ def build_router(settings: Settings, principal_dependency: Any, *,
         area.sweep()  # expired uploads go as new ones come: no timer needed
         upload = area.create(owner, length, cap=cap, metadata=metadata)
         return Response(status_code=201, headers={
-            "Location": str(request.url_for("upload_offset", upload_id=upload.id)),
+            "Location": f"{PREFIX}/uploads/{upload.id}",  # relative: no Host trusted
             **_upload_headers(upload)})
 
     @router.head("/uploads/{upload_id}", name="upload_offset")
