@@ -129,7 +129,8 @@ class Api:
     def upload(self, tar: Path, challenge: str, phase: str, *, state_dir: Path,
                progress: Progress | None = None, chunk_bytes: int = CHUNK_BYTES
                ) -> UploadResult:
-        """Upload the tar, resuming the upload of an earlier run when the server has it."""
+        """Upload the tar, resuming the upload of an earlier run when the server has it
+        (remembered until the caller forgets it, once the upload is submitted)."""
         size = tar.stat().st_size
         state = UploadState(state_dir, self.server, tar)
         url = state.url()
@@ -141,7 +142,6 @@ class Api:
         with open(tar, "rb") as source:
             offset = self._send(url, source, offset, size, progress, chunk_bytes)
         head = self.request("HEAD", url, headers=TUS)
-        state.forget()
         return UploadResult(url, url.rstrip("/").rsplit("/", 1)[-1],
                             head.headers.get("Epreuve-Upload-Sha256", ""), size)
 
@@ -255,6 +255,9 @@ def upload_image(server: str, token: str, image: str, challenge: str, phase: str
         uploaded = api.upload(tar, challenge, phase, state_dir=state_dir, progress=progress)
         intake = api.create_submission(uploaded.upload_id, challenge, phase,
                                        source_url=source_url, license_id=license_id)
+        # forgotten only now: a rerun after a failed POST finds the whole upload and
+        # retries the POST with the same key
+        UploadState(state_dir, api.server, tar).forget()
     if saved is not None:
         saved.unlink(missing_ok=True)
     return intake

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 import socket
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from sqlalchemy import func, select
 from tusclient import client as tus_client
 
-from engine.client import Api, UploadState
+from engine.client import Api, UploadState, upload_image
 from engine.db.models import ImageRow, IntakeRow, SubmissionRow
 from engine.intakes import IntakeRunner, SubmissionRequest, intake_view, open_intake
 from engine.store import DirectoryStore
@@ -193,7 +194,7 @@ def test_the_cli_client_resumes_an_upload_it_stopped_halfway(server, scene, tmp_
     assert seen[0] == 2 << 20  # continued, not restarted
     assert result.upload_url == remembered
     assert result.sha256 == sha256_of(tar)
-    assert UploadState(state, server.url, tar).url() is None  # done: forgotten
+    assert UploadState(state, server.url, tar).url() == remembered  # until it is submitted
 
 
 def test_a_connection_cut_mid_body_keeps_what_arrived(server, tmp_path):
@@ -564,3 +565,32 @@ def test_the_sweep_leaves_an_upload_being_written(tmp_path):
         appender.write(b"abc")
         assert area.sweep(datetime.now(UTC) + timedelta(days=2)) == 0
     assert area.sweep(datetime.now(UTC) + timedelta(days=2)) == 1
+
+
+def test_a_local_image_is_saved_uploaded_and_submitted(server, scene, tmp_path,
+                                                        docker_engine):
+    """`submit IMAGE --server`: the image is `docker save`d under the data dir (kept until
+    submitted, so an interrupted upload resumes), uploaded, and becomes a submission."""
+    context = tmp_path / "tiny"
+    context.mkdir()
+    (context / "stamp").write_text(str(time.time_ns()))  # an image of this test only
+    (context / "Dockerfile").write_text(
+        'FROM scratch\nCOPY stamp /stamp\nUSER 1000:1000\nCMD ["/stamp"]\n')
+    tag = "epreuve-test/uploads-tiny:latest"
+    subprocess.run(["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
+                   check=True, capture_output=True,
+                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    state = tmp_path / "client-state"
+    try:
+        intake = upload_image(server.url, ALPHA, tag, "test-liver", "validation",
+                              state_dir=state)
+        with client(server) as http:
+            intake = settled(http, intake["id"])
+        assert intake["status"] == "accepted", intake
+        assert not list((state / "saved").glob("*.tar"))  # submitted: the copy is gone
+        assert not list((state / "uploads").glob("*.json"))
+    finally:
+        _remove_test_images(scene)
+        with contextlib.suppress(docker.errors.APIError):
+            docker.DockerClient(base_url="unix:///var/run/docker.sock").api.remove_image(
+                tag, force=True)
