@@ -106,8 +106,9 @@ def find_by_key(session: Session, token_id: int, key: str,
 
 
 def open_intake(session: Session, *, token_id: int, team_id: int, key: str,
-                request: SubmissionRequest, upload: Upload) -> IntakeRow:
-    """A new intake for a whole upload; flushes (the request commits)."""
+                request: SubmissionRequest, upload: Upload) -> tuple[IntakeRow, bool]:
+    """A new intake for a whole upload, and True; or the one this key made, found late,
+    and False. Flushes (the request commits)."""
     if not upload.complete:
         raise UploadIncomplete(f"upload {upload.id} has {upload.offset} of its "
                                f"{upload.length} bytes: finish it (HEAD, then PATCH) first")
@@ -115,9 +116,11 @@ def open_intake(session: Session, *, token_id: int, team_id: int, key: str,
     if named != (request.challenge, request.phase):
         raise Conflict(f"upload {upload.id} was made for {named[0]}/{named[1]}, not "
                        f"{request.challenge}/{request.phase}: upload again for that phase")
-    taken = session.scalar(select(IntakeRow.id).where(IntakeRow.upload_id == upload.id))
+    taken = session.scalar(select(IntakeRow).where(IntakeRow.upload_id == upload.id))
+    if taken is not None and (taken.token_id, taken.idempotency_key) == (token_id, key):
+        return taken, False  # a racing retry of this very request committed it meanwhile
     if taken is not None:
-        raise Conflict(f"upload {upload.id} was already submitted (intake {taken}): "
+        raise Conflict(f"upload {upload.id} was already submitted (intake {taken.id}): "
                        "an upload makes one submission")
     phase_cap(session, request.challenge, request.phase)  # the challenge and phase exist
     intake = IntakeRow(token_id=token_id, team_id=team_id, idempotency_key=key,
@@ -128,7 +131,7 @@ def open_intake(session: Session, *, token_id: int, team_id: int, key: str,
                        status=IntakeStatus.VALIDATING, stage="waiting")
     session.add(intake)
     session.flush()
-    return intake
+    return intake, True
 
 
 def intake_for(session: Session, intake_id: int, team_id: int | None,

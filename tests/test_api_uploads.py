@@ -14,7 +14,9 @@ import hashlib
 import os
 import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -504,7 +506,7 @@ def test_an_intake_left_by_a_killed_server_is_checked_by_the_next(scene, tmp_pat
     request = SubmissionRequest(upload.id, "test-liver", "validation")
     with scene.sessions() as session:  # what the request of the dead server committed
         intake_id = open_intake(session, token_id=1, team_id=team_id, key=upload.id,
-                                request=request, upload=area.get(upload.id, owner)).id
+                                request=request, upload=area.get(upload.id, owner))[0].id
         session.commit()
     server = UploadServer(scene.settings, scene.tokens, tmp_path / "server.log").start()
     try:
@@ -528,7 +530,7 @@ def test_the_check_reports_its_progress_on_the_intake(scene, tmp_path):
         intake_id = open_intake(session, token_id=1, team_id=owner.team_id, key=upload.id,
                                 request=SubmissionRequest(upload.id, "test-liver",
                                                           "validation"),
-                                upload=area.get(upload.id, owner)).id
+                                upload=area.get(upload.id, owner))[0].id
         session.commit()
     runner = IntakeRunner(scene.sessions, scene.settings, store)
     report = runner._progress(intake_id, "checking")
@@ -594,3 +596,24 @@ def test_a_local_image_is_saved_uploaded_and_submitted(server, scene, tmp_path,
         with contextlib.suppress(docker.errors.APIError):
             docker.DockerClient(base_url="unix:///var/run/docker.sock").api.remove_image(
                 tag, force=True)
+
+
+@pytest.mark.parametrize("scene", ["sqlite", "postgres"], indirect=True)
+def test_racing_retries_with_one_key_make_one_intake(server, scene, tmp_path):
+    tar = archive(tmp_path / "root.tar", user="root")
+    upload_id = upload_tar(server, tar, tmp_path / "state")
+    key = f"race-{time.time_ns()}"
+    start = threading.Barrier(8)
+
+    def post(_):
+        with client(server) as http:
+            start.wait()
+            return submit(http, upload_id, key)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, range(8)))
+    assert {r.status_code for r in responses} == {202}, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    with scene.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(IntakeRow).where(
+            IntakeRow.upload_id == upload_id)) == 1

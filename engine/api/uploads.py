@@ -225,10 +225,11 @@ def _open_once(sessions, area: UploadArea, owner: Owner, key: str,
                 return existing.id, False
             upload = area.get(request.upload_id, owner)
             try:
-                intake = open_intake(session, token_id=owner.token_id, team_id=owner.team_id,
-                                     key=key, request=request, upload=upload)
+                intake, created = open_intake(session, token_id=owner.token_id,
+                                              team_id=owner.team_id, key=key,
+                                              request=request, upload=upload)
                 session.commit()
-                return intake.id, True
+                return intake.id, created
             except IntegrityError:
                 session.rollback()
     raise EpreuveError("the submission could not be recorded; retry with the same key")
