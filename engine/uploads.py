@@ -19,6 +19,7 @@ does not exist (404), so an upload id can be neither probed nor touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -179,7 +180,7 @@ class UploadArea:
         upload = Upload.from_json(text, part.stat().st_size if part.exists() else 0)
         if upload.complete:
             if part.exists():  # a crash between recording the digest and storing the bytes
-                self.store.adopt(part, upload.sha256)
+                self._move_to_store(upload.id, upload.sha256)
             return replace(upload, offset=upload.length)
         return upload if part.exists() else None
 
@@ -285,10 +286,20 @@ class UploadArea:
         done = replace(upload, sha256=running.digest.hexdigest(), offset=upload.length,
                        expires_at=datetime.now(UTC) + self.expiry)
         self._write_state(done)  # first the digest, then the move: `_read` finishes a move
-        self.store.adopt(self._part_path(upload.id), done.sha256)
+        self._move_to_store(upload.id, done.sha256)
         with self._lock:
             self._hashes.pop(upload.id, None)
         return done
+
+    def _move_to_store(self, upload_id: str, sha256: str) -> None:
+        part = self._part_path(upload_id)
+        try:
+            self.store.adopt(part, sha256)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self.store.put_file(part, expected_sha256=sha256)  # another filesystem: copied
+            part.unlink(missing_ok=True)
 
     # -- expiry ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -617,3 +618,18 @@ def test_racing_retries_with_one_key_make_one_intake(server, scene, tmp_path):
     with scene.sessions() as session:
         assert session.scalar(select(func.count()).select_from(IntakeRow).where(
             IntakeRow.upload_id == upload_id)) == 1
+
+
+def test_a_store_on_another_filesystem_gets_a_copy(tmp_path):
+    """`adopt` renames; across filesystems (a store on its own disk) the bytes are copied."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        assert os.stat(other).st_dev != os.stat(tmp_path).st_dev
+        store = DirectoryStore(Path(other) / "store")
+        area = UploadArea(tmp_path / "uploads", store)
+        owner = Owner(token_id=1, team_id=7)
+        upload = area.create(owner, 6, cap=10, metadata={})
+        with area.appending(upload.id, owner, 0) as appender:
+            appender.write(b"abcdef")
+        assert area.get(upload.id, owner).sha256 == hashlib.sha256(b"abcdef").hexdigest()
+        assert store.verify(hashlib.sha256(b"abcdef").hexdigest())
+        assert not (tmp_path / "uploads" / f"{upload.id}.part").exists()
