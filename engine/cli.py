@@ -361,8 +361,15 @@ def submit(
     team: str = typer.Option("local", "--team", "-t"),
     source_url: str | None = typer.Option(None, help="Public URL of the code (prizes)."),
     license_id: str | None = typer.Option(None, "--license", help="SPDX license of the code."),
+    server: str | None = typer.Option(None, "--server", envvar="EPREUVE_SERVER",
+                                      help="Submit to this Épreuve server (upload resumes)."),
+    token: str | None = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
+                                     help="Your participant token for --server."),
 ) -> None:
     """Submit an image to a phase: validated, pinned, queued (smoke job first)."""
+    if server:
+        _submit_to_server(server, token, image, challenge, phase, source_url, license_id)
+        return
     import tempfile
 
     import docker
@@ -409,6 +416,36 @@ def submit(
                           f"{pinned.tar_sha256[:12]})")
             if not submission.prize_eligible:
                 console.print(Text(submission.prize_note, style="yellow"))
+
+
+def _submit_to_server(server: str, token: str | None, image: str, challenge: str, phase: str,
+                      source_url: str | None, license_id: str | None) -> None:
+    """`submit` through the API: upload (resumed when interrupted), then the server's check
+    of the image, followed here until it ends. The team is the token's."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from engine.client import Api, upload_image
+    from engine.config import load_settings
+
+    if not token:
+        _fail("--server needs a token: --token or EPREUVE_TOKEN", 2)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        intake = upload_image(server, token, image, challenge, phase,
+                              state_dir=load_settings().data_dir / "client",
+                              progress=_byte_progress(progress, "uploading"),
+                              save_progress=_byte_progress(progress, f"saving {escape(image)}"),
+                              source_url=source_url, license_id=license_id)
+        console.print(f"uploaded (sha256 {intake['archive_sha256'][:12]}); the server is "
+                      f"checking the image (intake {intake['id']})")
+        with Api(server, token) as api:
+            intake = api.wait_for_intake(intake["id"], _byte_progress(
+                progress, "checked by the server"))
+    if intake["status"] != "accepted":
+        _fail(f"{intake['reason'] or 'REFUSED'}: {intake['message']}")
+    console.print(f"submission [bold]{intake['submission_id']}[/bold] "
+                  f"{intake['submission_status']}")
 
 
 @app.command()

@@ -5,6 +5,7 @@ and is stored as that plain text.
 
     job:        queued -> leased -> running -> scoring -> succeeded | failed; or cancelled
     submission: queued -> running -> succeeded | failed | cancelled
+    intake:     validating -> accepted (a submission) | refused
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class SubmissionStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class IntakeStatus(StrEnum):
+    """An uploaded image before it is a submission: validated outside the request."""
+
+    VALIDATING = "validating"
+    ACCEPTED = "accepted"  # a submission exists: follow it
+    REFUSED = "refused"  # IMAGE_INVALID, or the submission was refused (quota, phase closed)
 
 
 class JobKind(StrEnum):

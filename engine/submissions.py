@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -319,7 +320,10 @@ def prize_eligibility(phase: Phase, source_url: str | None,
 
 def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
            pinned: PinnedImage, *, source_url: str | None = None, license_id: str | None = None,
-           actor: str = "cli", now: datetime | None = None) -> SubmissionRow:
+           actor: str = "cli", now: datetime | None = None,
+           before_commit: Callable[[SubmissionRow], None] | None = None) -> SubmissionRow:
+    """`before_commit` runs in the submission's own transaction (an API intake links itself
+    to the new submission there, so that the two are written together or not at all)."""
     now = now or utcnow()
     phase_row, phase = find_phase(session, challenge_id, phase_slug)
     if not phase.is_open(now):
@@ -338,6 +342,8 @@ def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
                  f"team {team.name}, image {pinned.image_id[:19]}")
     queue.enqueue(session, submission, [[smoke_case(phase, phase_row.case_ids)]],
                   kind=JobKind.SMOKE, actor=actor, gpus=phase.limits.gpus)
+    if before_commit is not None:
+        before_commit(submission)
     session.commit()
     return submission
 

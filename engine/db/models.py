@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
-from engine.statuses import JobStatus, SubmissionStatus
+from engine.statuses import IntakeStatus, JobStatus, SubmissionStatus
 
 
 class UTCDateTime(TypeDecorator):
@@ -113,6 +113,37 @@ class SubmissionRow(Base):
     image: Mapped[ImageRow] = relationship()
     jobs: Mapped[list[JobRow]] = relationship(back_populates="submission",
                                               order_by="JobRow.id")
+
+
+class IntakeRow(Base):
+    """An uploaded image on its way to becoming a submission: created by the request,
+    validated after it (outside it), then linked to the submission it became, or refused.
+    Keyed by (token, Idempotency-Key): a retried request finds it instead of a duplicate."""
+
+    __tablename__ = "intakes"
+    __table_args__ = (UniqueConstraint("token_id", "idempotency_key"),
+                      UniqueConstraint("upload_id"), Index("ix_intakes_status", "status"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_id: Mapped[int]
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    request_sha256: Mapped[str] = mapped_column(String(64))  # the body the key was used with
+    upload_id: Mapped[str] = mapped_column(String(64))
+    tar_sha256: Mapped[str] = mapped_column(String(64))
+    tar_bytes: Mapped[int] = mapped_column(BigInteger)  # multi-GB: past int4
+    challenge_id: Mapped[str] = mapped_column(String(64))
+    phase_slug: Mapped[str] = mapped_column(String(64))
+    source_url: Mapped[str | None] = mapped_column(Text)
+    license: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default=IntakeStatus.VALIDATING.value)
+    stage: Mapped[str | None] = mapped_column(String(16))  # checking | loading
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(Text)
+    submission_id: Mapped[int | None] = mapped_column(ForeignKey("submissions.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobRow(Base):
