@@ -65,7 +65,7 @@ from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from gpu.inventory import list_gpus
 from gpu.telemetry import TelemetrySampler
 from runners.base import FailureReason, Runner, RunResult, RunSpec
-from runners.docker import owner_alive, owner_token
+from runners.docker import DockerUnavailable, owner_alive, owner_token
 from runners.image_user import numeric_pair
 
 RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED, FailureReason.NONZERO_EXIT,
@@ -258,7 +258,9 @@ class Worker:
         a failure is the platform's (INFRASTRUCTURE), never the team's IMAGE_INVALID."""
         try:
             ensure_image(self.runner, self.store, image.image_id, image.archive_sha256)
-        except ImageUnavailable as exc:
+        except DockerUnavailable:
+            pass  # no daemon to ask: the run reports it, as for any run (INFRASTRUCTURE)
+        except ImageUnavailable as exc:  # missing or corrupt in the store: organisers act
             raise PlatformFailure("loading the image", exc) from exc
 
     def _heartbeat(self, job_id: int, lost: threading.Event, done: threading.Event) -> None:

@@ -333,6 +333,9 @@ class DockerRunner:
             return self.api.inspect_image(image_id).get("Id") == image_id
         except docker.errors.ImageNotFound:
             return False
+        except requests.exceptions.ConnectionError as exc:
+            raise DockerUnavailable(f"no Docker Engine answers at {self.base_url}: "
+                                    f"{exc}") from exc
 
     def load_image(self, chunks: Iterable[bytes]) -> None:
         """`docker load`, the archive streamed as the request body. The daemon's answer is
