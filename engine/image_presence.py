@@ -84,7 +84,7 @@ def _verified_chunks(source: BinaryIO, digest: str) -> Iterator[bytes]:
         hashing.update(chunk)
         held.append(chunk)
         held_bytes += len(chunk)
-        while held_bytes - len(held[0]) >= HELD_BACK:
+        while held and held_bytes - len(held[0]) >= HELD_BACK:
             held_bytes -= len(held[0])
             yield held.popleft()
     if hashing.hexdigest() != expected:

@@ -302,3 +302,30 @@ def test_a_corrupt_stored_image_is_the_platforms_failure(tmp_path, threshold, cl
             assert submit(session, "test-liver", "validation", "t", pinned).id == sub + 1
     finally:
         remove(tag, image_id)
+
+
+def restamp_first_header(path: Path) -> None:
+    """Change the stored archive where the daemon never looks: the first entry's mtime (its
+    header checksum made right again), so only the digest tells the bytes changed."""
+    import tarfile
+
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    header = bytearray(data[:512])
+    header[136:148] = b"%011o\0" % 1_000_000
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    tarfile.TarInfo.frombuf(bytes(header), "utf-8", "surrogateescape")  # still a valid header
+    data[:512] = header
+    path.write_bytes(bytes(data))
+    path.chmod(0o444)
+
+
+def test_a_blob_changed_where_the_daemon_never_looks_loads_nothing(runner, kept, client):
+    """Docker would load this archive (it checks layers, not headers): the digest alone
+    refuses it, before the daemon has the end of the stream."""
+    store, pinned = kept
+    restamp_first_header(store.path(pinned.archive_sha256))
+    with pytest.raises(ImageUnavailable, match="is corrupt"):
+        ensure_image(runner, store, pinned.image_id, pinned.archive_sha256)
+    assert not present(client, pinned.image_id)
