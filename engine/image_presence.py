@@ -6,10 +6,12 @@ image (another node, an operator's `docker rmi`, a pruned disk): `ensure_image` 
 streams the stored archive into the daemon while re-hashing it, and checks that the
 daemon now holds exactly the pinned image id.
 
-The archive's last chunk is held back until the digest is confirmed: bytes that no
+The archive's last bytes are held back until the digest is confirmed: bytes that no
 longer match their name cut the load short (intake's copy ends with its manifest, so a
-cut stream loads nothing). Whatever goes wrong here is the platform's: `ImageUnavailable`
-(its message is for organisers), an INFRASTRUCTURE end for the job, never IMAGE_INVALID.
+cut stream loads nothing). The daemon's own checks are not enough: it loads an archive
+whose headers changed, and skips layers it already has. Whatever goes wrong here is the
+platform's: `ImageUnavailable` (its message is for organisers), an INFRASTRUCTURE end for
+the job, never IMAGE_INVALID.
 """
 
 from __future__ import annotations
