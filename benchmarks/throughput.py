@@ -40,6 +40,7 @@ from engine.db import session_factory
 from engine.images import pin_tar
 from engine.scoring.cases import CasePair, score_cases
 from engine.scoring.segmentation import SegmentationSettings
+from engine.store import open_store
 from engine.submissions import register_challenge, submit
 from engine.synthetic import synth_dataset
 from engine.worker import Worker
@@ -96,7 +97,8 @@ class Bench:
             for index, tag in enumerate(self.tags):
                 tar = work / f"image-{index}.tar"
                 subprocess.run(["docker", "save", tag, "-o", str(tar)], check=True)
-                submit(session, "bench", "test", f"team-{index}", pin_tar(tar, self.client))
+                pinned = pin_tar(tar, self.client, store=open_store(settings.store_dir))
+                submit(session, "bench", "test", f"team-{index}", pinned)
         jobs = worker.run(until_idle=True)
         elapsed = time.perf_counter() - started
         expected = len(self.tags) * len(self.dataset.case_ids)

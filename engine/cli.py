@@ -376,6 +376,7 @@ def submit(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from engine.images import ImageInvalid, pin_tar, save_image
+    from engine.store import open_store
     from engine.submissions import SubmissionRefused, find_phase
     from engine.submissions import submit as make_submission
 
@@ -399,7 +400,8 @@ def submit(
                     reference = image
                     tar = save_image(image, Path(scratch) / "image.tar", client,
                                      _byte_progress(progress, f"saving {escape(image)}"))
-                pinned = pin_tar(tar, client, reference=reference, max_image_bytes=image_size,
+                pinned = pin_tar(tar, client, store=open_store(settings.store_dir),
+                                 reference=reference, max_image_bytes=image_size,
                                  work_dir=Path(scratch),
                                  progress=_byte_progress(progress, "checking the archive"),
                                  load_progress=_byte_progress(progress, "loading the image"))

@@ -78,6 +78,7 @@ def run_demo(console: Console, repo: Path) -> None:
     from engine.images import pin_tar, save_image
     from engine.leaderboard import leaderboard
     from engine.rendering import leaderboard_blocks, leaderboard_report, print_table
+    from engine.store import open_store
     from engine.submissions import register_challenge, submit
     from engine.worker import Worker
 
@@ -101,7 +102,8 @@ def run_demo(console: Console, repo: Path) -> None:
         register_challenge(session, challenge_file)
         for team, tag in images.items():
             tar = save_image(tag, Path(scratch) / "image.tar", client)
-            pinned = pin_tar(tar, client, reference=tag)
+            pinned = pin_tar(tar, client, store=open_store(settings.store_dir), reference=tag,
+                             work_dir=Path(scratch))
             submitted[team] = submit(session, "demo-liver", "validation", team, pinned).id
             tar.unlink()
     console.print(f"[green]✓[/green] challenge demo-liver created; submitted "

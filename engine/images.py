@@ -28,6 +28,11 @@ never move a tag on the node (`epreuve/base:3.11`, an evaluator's tag). The
 image is then known by its id (the sha256 of its config) only, and runs as the
 resolved numbers. Submitting the same image again is recognised by its id.
 
+That copy is also what the platform keeps: it is hashed while it is written and put in
+the content-addressed store (`engine/store.py`) under that sha256, the image's
+`archive_sha256`, so that any node can load the image again by digest
+(`engine/image_presence.py`). A refused image keeps nothing.
+
 Every refusal raises `ImageInvalid` (IMAGE_INVALID) with the reason.
 """
 
@@ -49,7 +54,7 @@ from pathlib import Path, PurePosixPath
 import docker
 import docker.errors
 
-from engine.errors import EpreuveError
+from engine.errors import EpreuveError, Unavailable
 from engine.image_streams import (
     CHUNK,
     DELETED,
@@ -68,12 +73,14 @@ from engine.image_streams import (
     scan_layer,
 )
 from engine.scoring.evaluation_image import EvaluationImageUnusable
+from engine.store import BlobStore
 from runners.docker import (  # one volume policy, one name per architecture
     ARCH_ALIASES,
     MAX_VOLUMES,
     cleaned_volume,
     image_settings_problem,
 )
+from runners.image_tags import put_back, tag_targets
 from runners.image_user import (
     ResolvedUser,
     UserUnresolvable,
@@ -98,10 +105,16 @@ class ImageInvalid(EpreuveError, ValueError):
     """The image cannot be accepted; the message says why and what to do."""
 
 
+class ImageNotKept(Unavailable):
+    """An accepted image whose archive the store could not keep (a full disk, a store that
+    does not answer): nothing was submitted; trying again later is right."""
+
+
 @dataclass(frozen=True)
 class PinnedImage:
     image_id: str  # sha256:<config digest>, what containers are created from
-    tar_sha256: str
+    tar_sha256: str  # the participant's upload, as sent
+    archive_sha256: str  # our loadable tag-free copy, kept in the store under this digest
     layers: list[str]  # RootFS diff ids
     reference: str
     architecture: str
@@ -118,6 +131,7 @@ class Inspection:
     image_id: str
     tar_sha256: str
     user: ResolvedUser
+    archive_sha256: str = ""  # of the copy written to `copy_to`
     named_tags: list[str] = field(default_factory=list)  # tags the archive asked for
     layers_bytes: int = 0
 
@@ -161,9 +175,11 @@ class _CopyWriter:
     def __init__(self, handle):
         self.handle = handle
         self.offset = 0
+        self.digest = hashlib.sha256()  # the store's name for the copy: no second reading
 
     def _write(self, data: bytes) -> None:
         self.handle.write(data)
+        self.digest.update(data)
         self.offset += len(data)
 
     def header(self, name: str, kind: bytes, size: int = 0, linkname: str = "") -> int:
@@ -235,10 +251,8 @@ def inspect_tar(path: Path, *, max_bytes: int = DEFAULT_MAX_TAR_BYTES,
         config_name = _resolve(entry["Config"], members, links, "the config")
         out.flush()  # the config is read back from the copy
         config_bytes = _read_copy(target, blobs[config_name], MAX_CONFIG_JSON, "the config")
-        writer.file("manifest.json", json.dumps(
-            [{"Config": config_name, "RepoTags": None, "Layers": [
-                _resolve(layer, members, links, "a layer") for layer in entry["Layers"]]}]
-        ).encode())
+        writer.file("manifest.json", _own_manifest(config_name, [
+            _resolve(layer, members, links, "a layer") for layer in entry["Layers"]]))
         writer.close()
     config = _json_object(config_bytes, "the image config")
     check_config(config, node_architecture())
@@ -248,7 +262,17 @@ def inspect_tar(path: Path, *, max_bytes: int = DEFAULT_MAX_TAR_BYTES,
                       image_id="sha256:" + hashlib.sha256(config_bytes).hexdigest(),
                       tar_sha256=reader.digest.hexdigest(),
                       user=image_user(config, scans), named_tags=named_tags,
-                      layers_bytes=budget.used)
+                      layers_bytes=budget.used, archive_sha256=writer.digest.hexdigest())
+
+
+def _own_manifest(config_name: str, layers: list[str]) -> bytes:
+    """The copy's manifest: no tags. Bounded like the participant's, so that the copy
+    always ends with a small manifest (what a load cut short by `image_presence` needs)."""
+    manifest = json.dumps([{"Config": config_name, "RepoTags": None, "Layers": layers}])
+    if len(manifest) > MAX_CONTROL_JSON:
+        raise ImageInvalid(f"the image's manifest would be more than {MAX_CONTROL_JSON} bytes "
+                           "(too many layers, or names too long): create it with `docker build`")
+    return manifest.encode()
 
 
 def _unreadable(exc: Exception) -> str:
@@ -549,12 +573,14 @@ def _account_text(files: dict, path: str, spec: str) -> str | None:
     return value.decode("utf-8", "replace")
 
 
-def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = None,
-            max_bytes: int = DEFAULT_MAX_TAR_BYTES,
+def pin_tar(path: Path, client: docker.DockerClient, *, store: BlobStore,
+            reference: str | None = None, max_bytes: int = DEFAULT_MAX_TAR_BYTES,
             max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, work_dir: Path | None = None,
             progress: Progress | None = None, load_progress: Progress | None = None,
             ) -> PinnedImage:
-    """Check, load our own copy (unless the daemon already has this exact image) and pin."""
+    """Check, load our own copy (unless the daemon already has this exact image), keep the
+    copy in the store by its digest, and pin. `work_dir` on the store's file system lets
+    the copy be moved into the store rather than copied."""
     scratch = Path(tempfile.mkdtemp(prefix="epreuve-intake-", dir=work_dir))
     try:
         copy = scratch / "image.tar"
@@ -577,17 +603,29 @@ def pin_tar(path: Path, client: docker.DockerClient, *, reference: str | None = 
                 with contextlib.suppress(docker.errors.APIError):
                     client.api.remove_image(image_id)
             raise
+        archive_sha256 = _keep(copy, inspection.archive_sha256, store)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return PinnedImage(
         image_id=image_id,
         tar_sha256=inspection.tar_sha256,
+        archive_sha256=archive_sha256,
         layers=list(inspection.config["rootfs"]["diff_ids"]),
         reference=reference or path.name,  # never the archive's own tags: they name nothing
         architecture=inspection.config["architecture"],
         user=inspection.user.spec,
         size_bytes=int(attributes.get("Size") or 0),
     )
+
+
+def _keep(copy: Path, sha256: str, store: BlobStore) -> str:
+    """The accepted copy into the store, under the digest computed while it was written."""
+    try:
+        return store.adopt(copy, sha256).sha256
+    except (OSError, EpreuveError) as exc:
+        raise ImageNotKept(f"the image was accepted, but the image store could not keep "
+                           f"its archive ({exc}): nothing was submitted, try again later"
+                           ) from exc
 
 
 SETTINGS_DECIDED = ("User", "WorkingDir", "Env", "Entrypoint", "Cmd", "Volumes")
@@ -617,13 +655,7 @@ def _present(client: docker.DockerClient, image_id: str) -> bool:
 
 
 def _tag_targets(client: docker.DockerClient, tags: list[str]) -> dict[str, str | None]:
-    targets = {}
-    for tag in tags[:64]:
-        try:
-            targets[tag] = client.api.inspect_image(tag)["Id"]
-        except (docker.errors.ImageNotFound, docker.errors.APIError):
-            targets[tag] = None
-    return targets
+    return tag_targets(client.api, tags)
 
 
 def _check_tags_unmoved(client: docker.DockerClient, before: dict[str, str | None],
@@ -634,12 +666,7 @@ def _check_tags_unmoved(client: docker.DockerClient, before: dict[str, str | Non
     moved = [tag for tag, target in before.items()
              if target != image_id and _tag_targets(client, [tag])[tag] == image_id]
     for tag in moved:
-        with contextlib.suppress(docker.errors.APIError):
-            if before[tag] is None:
-                client.api.remove_image(tag, noprune=True)
-            else:
-                repository, _, name = tag.rpartition(":")
-                client.api.tag(before[tag], repository, name, force=True)
+        put_back(client.api, tag, before[tag])
     if moved:
         raise ImageInvalid(f"the archive moved the node's tags {moved} (put back): refused")
 

@@ -32,7 +32,7 @@ from engine.challenges import ChallengeError
 from engine.config import Settings
 from engine.db.models import IntakeRow, SubmissionRow, TeamRow, utcnow
 from engine.errors import Conflict, EpreuveError, NotFound
-from engine.images import ImageInvalid, pin_tar
+from engine.images import ImageInvalid, ImageNotKept, pin_tar
 from engine.statuses import IntakeStatus
 from engine.store import DirectoryStore
 from engine.submissions import SubmissionRefused, find_phase, submit
@@ -217,6 +217,7 @@ class IntakeRunner:
             team = session.get(TeamRow, intake.team_id)
         try:
             pinned = pin_tar(self.store.path(intake.tar_sha256), self.docker_client(),
+                             store=self.store,
                              reference=f"upload {intake.upload_id[:12]} "
                                        f"(sha256 {intake.tar_sha256[:12]})",
                              max_bytes=upload_cap(phase.limits.image_size),
@@ -230,6 +231,9 @@ class IntakeRunner:
         except docker.errors.DockerException as exc:
             self._refuse(intake_id, FailureReason.INFRASTRUCTURE,
                          f"the Docker Engine of the server failed ({exc}); submit again")
+            return
+        except ImageNotKept as exc:
+            self._refuse(intake_id, FailureReason.INFRASTRUCTURE, str(exc))
             return
         with self.sessions() as session:
             try:

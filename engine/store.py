@@ -16,6 +16,7 @@ temporary file that `remove_stale_incoming` clears.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -61,6 +62,11 @@ class BlobStore(Protocol):
 
     def put_file(self, path: Path, *, expected_sha256: str | None = None) -> StoredBlob:
         """Store a file's bytes (moved into place where the backend can, else copied)."""
+
+    def adopt(self, path: Path, sha256: str) -> StoredBlob:
+        """Take a file this process wrote and hashed on the way (intake's copy of an
+        archive): moved into place where the backend can, without reading it again; else
+        its bytes are sent with that digest. The file is gone afterwards."""
 
     def has(self, sha256: str) -> bool: ...
 
@@ -129,7 +135,15 @@ class DirectoryStore:
         it again. Only for files this process wrote itself and hashed; the name is trusted."""
         digest = checked_digest(sha256)
         size = path.stat().st_size
-        return self._place(path, digest, size, None)
+        try:
+            return self._place(path, digest, size, None)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        try:  # another file system: copied, and hashed again on the way
+            return self.put_file(path, expected_sha256=digest)
+        finally:
+            path.unlink(missing_ok=True)
 
     def _place(self, temporary: Path, digest: str, size: int,
                expected: str | None) -> StoredBlob:

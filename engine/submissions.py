@@ -265,15 +265,19 @@ def get_or_create_team(session: Session, name: str) -> TeamRow:
 
 
 def get_or_create_image(session: Session, pinned: PinnedImage) -> ImageRow:
-    """The same image submitted again is the same row: recognised by its image id."""
+    """The same image submitted again is the same row: recognised by its image id. A row
+    from before the image store gets the archive now kept."""
     image = session.scalar(select(ImageRow).where(ImageRow.image_id == pinned.image_id))
     if image is None:
         image = ImageRow(image_id=pinned.image_id, tar_sha256=pinned.tar_sha256,
+                         archive_sha256=pinned.archive_sha256,
                          layers=pinned.layers, reference=pinned.reference,
                          architecture=pinned.architecture, user=pinned.user,
                          size_bytes=pinned.size_bytes)
         session.add(image)
-        session.flush()
+    elif image.archive_sha256 is None:
+        image.archive_sha256 = pinned.archive_sha256
+    session.flush()
     return image
 
 

@@ -40,6 +40,7 @@ from engine.challenges import Challenge, Phase
 from engine.config import Settings
 from engine.datasets import DatasetError, SealedDataset, VerificationCache, stage, unstage
 from engine.db.models import CaseResultRow, ImageRow, JobRow, utcnow
+from engine.image_presence import ImageUnavailable, ensure_image
 from engine.medio import read_header
 from engine.outputs import (
     ProbabilityOutput,
@@ -58,12 +59,13 @@ from engine.scoring.evaluation_image import (
 )
 from engine.scoring.segmentation import SegmentationSettings
 from engine.statuses import JobKind, JobStatus
+from engine.store import BlobStore, open_store
 from engine.submissions import after_job, challenge_definition, find_phase, verified_dataset
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from gpu.inventory import list_gpus
 from gpu.telemetry import TelemetrySampler
 from runners.base import FailureReason, Runner, RunResult, RunSpec
-from runners.docker import owner_alive, owner_token
+from runners.docker import DockerUnavailable, owner_alive, owner_token
 from runners.image_user import numeric_pair
 
 RUN_FAILURES = {FailureReason.TIMEOUT, FailureReason.OOM_KILLED, FailureReason.NONZERO_EXIT,
@@ -117,10 +119,12 @@ def phase_run_spec(phase: Phase, image_id: str, input_dir: Path, output_dir: Pat
 class Worker:
     def __init__(self, sessions: sessionmaker[Session], settings: Settings, runner: Runner, *,
                  lease_duration: timedelta = queue.DEFAULT_LEASE,
-                 heartbeat_seconds: float = 10.0, scoring_workers: int | None = None):
+                 heartbeat_seconds: float = 10.0, scoring_workers: int | None = None,
+                 store: BlobStore | None = None):
         self.sessions = sessions
         self.settings = settings
         self.runner = runner
+        self.store = store or open_store(settings.store_dir)  # images, loaded by digest
         self.actor = f"worker {owner_token()}"
         self.owner = owner_token()
         self.lease_duration = lease_duration
@@ -239,6 +243,7 @@ class Worker:
         beat.start()
         sampler = TelemetrySampler(gpu_uuids).start()
         try:
+            self._ensure_image(image)  # under the heartbeat: a large load takes minutes
             result = self.runner.run(spec, cancel=lost)
         finally:
             beating.set()
@@ -247,6 +252,16 @@ class Worker:
         if lost.is_set():
             raise queue.LeaseLost(f"job {job.id} was taken back while it ran")
         return result, {uuid: vars(u) for uuid, u in usage.items()}
+
+    def _ensure_image(self, image: ImageRow) -> None:
+        """The pinned image on this node, loaded from the store by digest if it vanished:
+        a failure is the platform's (INFRASTRUCTURE), never the team's IMAGE_INVALID."""
+        try:
+            ensure_image(self.runner, self.store, image.image_id, image.archive_sha256)
+        except DockerUnavailable:
+            pass  # no daemon to ask: the run reports it, as for any run (INFRASTRUCTURE)
+        except ImageUnavailable as exc:  # missing or corrupt in the store: organisers act
+            raise PlatformFailure("loading the image", exc) from exc
 
     def _heartbeat(self, job_id: int, lost: threading.Event, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_seconds):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -43,6 +43,18 @@ class InvalidRunSpec(RunnerError, ValueError):
 
 class ImageRejected(RunnerError):
     """The image cannot be run as it is; the message tells the participant why."""
+
+
+class ImageLoadFailed(RunnerError):
+    """The daemon did not load an archive the platform handed it (refused it, or the
+    connection broke mid-stream): the platform's failure, never a team's."""
+
+    exit_code = 3
+    http_status = 503
+
+
+class ImageLoadTagged(ImageLoadFailed):
+    """A load set tags on the node (put back); the archives the platform loads name none."""
 
 
 class RunStatus(StrEnum):
@@ -184,6 +196,16 @@ class Runner(Protocol):
     def inspect_image(self, reference: str) -> dict:
         """The image as this node holds it (id, architecture, config), never pulled; a
         `RunnerError` when it cannot be run as it is."""
+        ...
+
+    def has_image(self, image_id: str) -> bool:
+        """This node's daemon holds exactly that image id (`sha256:...`)."""
+        ...
+
+    def load_image(self, chunks: Iterable[bytes]) -> None:
+        """Load a `docker save` archive, streamed chunk by chunk (never whole in memory);
+        an `ImageLoadFailed` when the daemon does not take it. An exception raised by
+        `chunks` itself propagates unchanged and the archive is not loaded."""
         ...
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +43,8 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from runners import messages
 from runners.base import (
     FailureReason,
+    ImageLoadFailed,
+    ImageLoadTagged,
     ImageRejected,
     RunnerError,
     RunResult,
@@ -57,6 +60,7 @@ from runners.cgroups import (
     make_run_cgroup,
     remove_cgroup_tree,
 )
+from runners.image_tags import all_tags, put_back, tags_loaded
 from runners.image_user import (
     MAX_ACCOUNT_FILE,
     MAX_ID,
@@ -320,6 +324,41 @@ class DockerRunner:
     def inspect_image(self, reference: str) -> dict:
         """The Runner protocol's view of an image: `resolve_image` with its own command."""
         return self.resolve_image(reference)
+
+    def has_image(self, image_id: str) -> bool:
+        """The daemon holds exactly this id (a tag or a short id never counts)."""
+        if not IMAGE_ID.fullmatch(image_id):
+            return False
+        try:
+            return self.api.inspect_image(image_id).get("Id") == image_id
+        except docker.errors.ImageNotFound:
+            return False
+        except requests.exceptions.ConnectionError as exc:
+            raise DockerUnavailable(f"no Docker Engine answers at {self.base_url}: "
+                                    f"{exc}") from exc
+
+    def load_image(self, chunks: Iterable[bytes]) -> None:
+        """`docker load`, the archive streamed as the request body. The daemon's answer is
+        read to its end (it reports a refusal there, after a 200); a tag the load set is
+        put back where it was and the load refused."""
+        before = all_tags(self.api)
+        try:
+            answer = list(self.api.load_image(chunks, quiet=True))
+        except docker.errors.APIError as exc:
+            raise ImageLoadFailed(f"the Docker Engine refused the archive: "
+                                  f"{exc.explanation or exc}") from None
+        except requests.exceptions.RequestException as exc:
+            raise ImageLoadFailed(f"the archive could not be sent to the Docker Engine: "
+                                  f"{exc}") from None
+        refusals = [str(m.get("error") or m.get("errorDetail")) for m in answer
+                    if isinstance(m, dict) and (m.get("error") or m.get("errorDetail"))]
+        if refusals:
+            raise ImageLoadFailed(f"the Docker Engine refused the archive: {refusals[0]}")
+        tagged = tags_loaded(answer)
+        for tag in tagged:
+            put_back(self.api, tag, before.get(tag))
+        if tagged:
+            raise ImageLoadTagged(f"the archive set the node's tags {tagged[:8]} (put back)")
 
     def resolve_image(self, reference: str, command: tuple[str, ...] | None = None) -> dict:
         """The image's attributes, from this node only: a missing image is refused, not pulled."""

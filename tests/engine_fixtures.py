@@ -13,6 +13,7 @@ from engine.config import Settings
 from engine.datasets import seal
 from engine.db import session_factory
 from engine.images import PinnedImage, pin_tar
+from engine.store import BlobStore, DirectoryStore
 from engine.submissions import register_challenge
 from engine.synthetic import synth_dataset
 from tests.conftest import REPO, build_image
@@ -106,12 +107,14 @@ def build_examples(tmp: Path) -> dict[str, str]:
     return images
 
 
-def pin(reference: str, tmp: Path) -> PinnedImage:
+def pin(reference: str, tmp: Path, store: BlobStore | None = None) -> PinnedImage:
+    """`docker save` then intake; the archive kept in `store` (by default one under `tmp`:
+    pass the scene's, `open_store(settings.store_dir)`, where a worker must load it)."""
     tar = tmp / (reference.replace("/", "_").replace(":", "_") + ".tar")
     if not tar.exists():
         subprocess.run(["docker", "save", reference, "-o", str(tar)], check=True)
     return pin_tar(tar, docker.DockerClient(base_url="unix:///var/run/docker.sock"),
-                   reference=reference)
+                   store=store or DirectoryStore(tmp / "store"), reference=reference)
 
 
 def script_image(base: str, script: str, tag: str, context: Path, *args: str) -> str:

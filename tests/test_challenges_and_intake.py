@@ -13,6 +13,7 @@ import pytest
 
 from engine.challenges import ChallengeError, load_challenge, parse_duration
 from engine.images import ImageInvalid, check_config, inspect_tar, pin_tar
+from engine.store import DirectoryStore
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from tests.conftest import REPO
 
@@ -133,12 +134,13 @@ def test_a_real_root_image_is_refused_and_a_good_one_pinned_once(adversarial, tm
     client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
     subprocess.run(["docker", "save", adversarial["root-user"], "-o", str(tmp_path / "r.tar")],
                    check=True)
+    store = DirectoryStore(tmp_path / "store")
     with pytest.raises(ImageInvalid, match="runs as root"):
-        pin_tar(tmp_path / "r.tar", client)
+        pin_tar(tmp_path / "r.tar", client, store=store)
     subprocess.run(["docker", "save", adversarial["probe"], "-o", str(tmp_path / "p.tar")],
                    check=True)
-    first = pin_tar(tmp_path / "p.tar", client)
-    again = pin_tar(tmp_path / "p.tar", client)
+    first = pin_tar(tmp_path / "p.tar", client, store=store)
+    again = pin_tar(tmp_path / "p.tar", client, store=store)
     inspected = client.api.inspect_image(adversarial["probe"])
     assert first.image_id == again.image_id == inspected["Id"]
     assert first.layers == inspected["RootFS"]["Layers"]

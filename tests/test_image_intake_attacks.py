@@ -22,6 +22,7 @@ import docker
 import pytest
 
 from engine.images import ImageInvalid, inspect_tar, node_architecture, pin_tar
+from engine.store import DirectoryStore
 from runners.base import FailureReason, RunSpec
 from runners.image_user import resolve_user
 
@@ -407,7 +408,7 @@ def test_an_archive_cannot_move_the_nodes_tags(docker_engine, runner, tmp_path):
     retag(tmp_path / "saved.tar", tmp_path / "attack.tar", ["epreuve/base:3.11", evaluator],
           attacker_id.split(":")[1])
     try:
-        pinned = pin_tar(tmp_path / "attack.tar", client)
+        pinned = pin_tar(tmp_path / "attack.tar", client, store=DirectoryStore(tmp_path / "store"))
         assert image_id(client, "epreuve/base:3.11") == base_id
         assert image_id(client, evaluator) == evaluator_id
         assert pinned.image_id == attacker_id
@@ -431,7 +432,8 @@ def test_a_refused_archive_never_reaches_the_daemon(docker_engine, tmp_path):
     config = json.dumps(config_for([bomb], label=uuid.uuid4().hex)).encode()
     path = archive(tmp_path / "a.tar", layers=[bomb], config=config, compress="gzip")
     with pytest.raises(ImageInvalid, match="decompress to more than the 8 MiB allowed"):
-        pin_tar(path, client, max_image_bytes=8 << 20, work_dir=tmp_path)
+        pin_tar(path, client, store=DirectoryStore(tmp_path / "store"), max_image_bytes=8 << 20,
+                work_dir=tmp_path)
     assert image_id(client, "sha256:" + hashlib.sha256(config).hexdigest()) is None
     assert list(tmp_path.glob("epreuve-intake-*")) == []  # our copy is gone too
 

@@ -18,6 +18,7 @@ import docker
 import pytest
 
 from engine.images import ImageInvalid, inspect_tar, pin_tar
+from engine.store import DirectoryStore
 from runners.image_user import resolve_user
 from tests.test_image_intake_attacks import (
     GROUP,
@@ -72,7 +73,8 @@ def test_a_sparse_file_in_a_layer_is_refused_before_the_daemon_expands_it(tmp_pa
     client = docker.from_env()
     images_before = {image.id for image in client.images.list(all=True)}
     with pytest.raises(ImageInvalid, match=r"sparse file 'big'"):
-        pin_tar(path, client, max_image_bytes=16 << 20, work_dir=tmp_path)
+        pin_tar(path, client, store=DirectoryStore(tmp_path / "store"), max_image_bytes=16 << 20,
+                work_dir=tmp_path)
     assert {image.id for image in client.images.list(all=True)} <= images_before
 
 
@@ -142,7 +144,7 @@ def test_a_config_the_engine_reads_otherwise_is_refused_and_not_kept(tmp_path, e
     image_id = inspect_tar(path).image_id  # intake alone sees nothing wrong
     client = docker.from_env()
     with pytest.raises(ImageInvalid, match=rf"reads differently to the Docker Engine \({field}\)"):
-        pin_tar(path, client, work_dir=tmp_path)
+        pin_tar(path, client, store=DirectoryStore(tmp_path / "store"), work_dir=tmp_path)
     with pytest.raises(docker.errors.ImageNotFound):
         client.api.inspect_image(image_id)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,30 @@ def test_bytes_changed_on_disk_fail_verification(tmp_path):
     assert not store.verify(blob.sha256)
     store.delete(blob.sha256)
     assert not store.has(blob.sha256) and not store.verify(blob.sha256)
+
+
+def test_an_adopted_file_is_moved_in_without_a_copy(tmp_path):
+    store = DirectoryStore(tmp_path / "store")
+    written = tmp_path / "copy.tar"
+    written.write_bytes(b"intake's copy")
+    inode = written.stat().st_ino
+    blob = store.adopt(written, hashlib.sha256(b"intake's copy").hexdigest())
+    assert not written.exists() and store.path(blob.sha256).stat().st_ino == inode
+
+
+def test_an_adopted_file_on_another_file_system_is_copied_and_checked(tmp_path):
+    """The copy may be written on another file system than the store's (a rename fails
+    there): its bytes are copied in, hashed again against the digest given."""
+    elsewhere = Path("/dev/shm")
+    if not elsewhere.is_dir() or elsewhere.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system to write on")
+    store = DirectoryStore(tmp_path / "store")
+    written = Path(tempfile.mkstemp(dir=elsewhere)[1])
+    written.write_bytes(b"intake's copy")
+    blob = store.adopt(written, hashlib.sha256(b"intake's copy").hexdigest())
+    assert not written.exists() and store.verify(blob.sha256)
+    lying = Path(tempfile.mkstemp(dir=elsewhere)[1])
+    lying.write_bytes(b"other bytes")
+    with pytest.raises(BlobCorrupt):
+        store.adopt(lying, "0" * 64)
+    assert not lying.exists() and list(store.digests()) == [blob.sha256]

@@ -69,6 +69,12 @@ class RaisingForOneSubmission:
             raise RuntimeError("runner bug at /var/lib/secret/host/path")
         return self.real.run(spec, cancel)
 
+    def has_image(self, image_id: str) -> bool:
+        return self.real.has_image(image_id)
+
+    def load_image(self, chunks) -> None:
+        self.real.load_image(chunks)
+
 
 def two_submissions(scene, threshold, tars) -> tuple[int, int]:
     with scene.sessions() as session:

@@ -74,13 +74,15 @@ class TeamRow(Base):
 
 
 class ImageRow(Base):
-    """A submitted image, pinned: the daemon's image id, the tar's sha256 and its layers."""
+    """A submitted image, pinned: the daemon's image id, the tar's sha256 and its layers,
+    and the digest of the loadable copy kept in the image store (None: accepted before)."""
 
     __tablename__ = "images"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[str] = mapped_column(String(80), unique=True)
     tar_sha256: Mapped[str | None] = mapped_column(String(64))
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
     layers: Mapped[list[Any]]
     reference: Mapped[str] = mapped_column(Text)  # what the participant called it
     architecture: Mapped[str] = mapped_column(String(32))
