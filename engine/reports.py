@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from engine import queue
 from engine.challenges import Phase
+from engine.dataset_versions import is_stale
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
 from engine.submissions import challenge_definition, find_phase
 from runners.base import FailureReason
@@ -43,6 +44,7 @@ RUN_LEVEL_REASONS = {FailureReason.TIMEOUT.value, FailureReason.OOM_KILLED.value
 # zero-width marks
 _NOT_INERT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e"
                         r"\u2066-\u2069]")
+STALE_MARK = " *"  # a leaderboard entry computed on an older dataset version
 CHECK_HINT = ("This phase does not show per-case details: run `epreuve check` on the phase's "
               "public sample cases to see the full message.")
 
@@ -135,6 +137,9 @@ def submission_report(session: Session, submission_id: int, *,
         "finished_at": submission.finished_at, "prize_eligible": submission.prize_eligible,
         "prize_note": submission.prize_note, "image": submission.image.image_id,
     }
+    if not participant:  # a version names the hidden test set's seal: organisers only
+        report["dataset_version"] = submission.dataset_version
+        report["stale"] = is_stale(submission)
     wait = queue.estimated_wait(session, submission)
     position = queue.position(session, submission)
     if position is not None:
@@ -202,6 +207,10 @@ def render(console: Console, report: dict[str, Any]) -> None:
                       + (f", starts in about {eta} s" if eta is not None else ""))
     if report.get("prize_note"):
         console.print(Text(terminal_text(report["prize_note"]), style="yellow"))
+    if report.get("stale"):
+        console.print(Text(f"computed on dataset version {report['dataset_version'][:12]}, "
+                           "older than the phase's current one (epreuve rescore)",
+                           style="yellow"))
     jobs = Table(title="jobs")
     for column in ("job", "kind", "cases", "status", "reason", "wall", "peak memory"):
         jobs.add_column(column)
@@ -243,12 +252,19 @@ def render_leaderboard(console: Console, challenge: str, phase: str, entries: li
     for column in ("failed cases", "runtime / case", "prize"):
         table.add_column(column, justify="right")
     for e in entries:
-        table.add_row(str(e.rank), Text(terminal_text(e.team)), str(e.submission_id),
+        table.add_row(str(e.rank), Text(terminal_text(e.team)),
+                      str(e.submission_id) + (STALE_MARK if e.stale else ""),
                       *(f"{e.scores[k]:.4f} (#{e.metric_ranks[k]})" for k in keys),
                       str(e.n_failed),
                       "-" if e.runtime_per_case is None else f"{e.runtime_per_case:.2f} s",
                       "yes" if e.prize_eligible else "no")
     console.print(table if entries else "no evaluated submission yet")
+    stale = sorted({e.dataset_version[:12] for e in entries if e.stale})
+    if stale:
+        console.print(f"{STALE_MARK} computed on an older dataset version ({', '.join(stale)}) "
+                      "than the phase's current one: its scores are those of its own cases. "
+                      f"`epreuve rescore {_plain(challenge)} {_plain(phase)}` re-scores stored "
+                      "outputs where the inputs did not change.", soft_wrap=True)
 
 
 def render_check(console: Console, report: dict[str, Any]) -> None:

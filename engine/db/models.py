@@ -65,6 +65,18 @@ class PhaseRow(Base):
     challenge: Mapped[ChallengeRow] = relationship(back_populates="phases")
 
 
+class DatasetVersionRow(Base):
+    """What a sealed dataset version held, kept after it is re-sealed: its cases in order and
+    a digest of each case's input files (what a container saw), so that results computed
+    on it can be told apart from the current version's and rescored where inputs match."""
+
+    __tablename__ = "dataset_versions"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)  # manifest sha256
+    case_inputs: Mapped[dict[str, Any]]  # {case_id: sha256 of its input files}, case order
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class TeamRow(Base):
     __tablename__ = "teams"
 
@@ -106,6 +118,10 @@ class SubmissionRow(Base):
     prize_eligible: Mapped[bool] = mapped_column(default=True)
     prize_note: Mapped[str | None] = mapped_column(Text)
     counts_against_quota: Mapped[bool] = mapped_column(default=True)
+    # the dataset version its results are computed on, and that version's cases (fixed at
+    # submit time; changed only by a rescore)
+    dataset_version: Mapped[str] = mapped_column(String(64))
+    case_ids: Mapped[list[Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     phase: Mapped[PhaseRow] = relationship()
@@ -125,6 +141,7 @@ class JobRow(Base):
     submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
     kind: Mapped[str] = mapped_column(String(16))  # JobKind: smoke | main
     case_ids: Mapped[list[Any]]
+    dataset_version: Mapped[str] = mapped_column(String(64))  # the inputs it must run on
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(default=0)  # smaller first: smoke jobs jump the queue
     gpus: Mapped[int] = mapped_column(default=0)  # whole GPUs the job needs
