@@ -32,7 +32,7 @@ from engine.config import Settings
 from engine.dataset_versions import case_inputs, unchanged_cases
 from engine.datasets import SealedDataset, case_input_digests
 from engine.db.models import CaseResultRow, JobRow, SubmissionRow
-from engine.errors import Conflict
+from engine.errors import Conflict, NotFound
 from engine.results import compute_aggregates, results_by_case
 from engine.statuses import SubmissionStatus
 from engine.submissions import challenge_definition, find_phase, verified_dataset
@@ -83,7 +83,7 @@ def _chosen(session: Session, phase_id: int, current: str,
             SubmissionRow.dataset_version != current).order_by(SubmissionRow.id)))
     submission = session.get(SubmissionRow, submission_id)
     if submission is None or submission.phase_id != phase_id:
-        raise RescoreRefused(f"no submission {submission_id} in this phase")
+        raise NotFound(f"no submission {submission_id} in this phase")
     if submission.status != SubmissionStatus.SUCCEEDED:
         raise RescoreRefused(f"submission {submission_id} was not evaluated "
                              f"({submission.status}): only its re-run gives it results")
@@ -97,12 +97,14 @@ def _rescore_one(session: Session, settings: Settings, challenge: Challenge,
                              dataset.version)
     rows = results_by_case(session, submission)
     current = case_input_digests(dataset.manifest)
-    same_inputs = set(unchanged_cases(case_inputs(session, submission.dataset_version),
-                                      current))
+    recorded = case_inputs(session, submission.dataset_version)
+    same_inputs = set(unchanged_cases(recorded, current))
     for case_id in current:
         if case_id not in same_inputs:
-            outcome.needs_rerun[case_id] = ("new in this version" if case_id not in
-                                            submission.case_ids else "its inputs changed")
+            outcome.needs_rerun[case_id] = (
+                "new in this version" if case_id not in submission.case_ids else
+                "its inputs changed" if recorded is not None else
+                f"the inputs of version {submission.dataset_version[:12]} are not on record")
         elif case_id not in rows:
             outcome.needs_rerun[case_id] = "no stored result"
         elif not _output_intact(settings, challenge, submission, rows[case_id]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -280,3 +281,38 @@ def _score_directly(scene, submission_id: int, case_id: str) -> float:
                          SegmentationSettings(labels=(1, 2), nsd_tolerance_mm=4.0),
                          LesionSettings(enabled=False), workers=1)
     return scores[case_id][1]["dice"]
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def test_rescore_through_the_epreuve_command(tmp_path, images):
+    from tests.test_cli_end_to_end import Cli, docker_save
+
+    make_scene(tmp_path, cases_per_run=3)
+    cli = Cli(tmp_path)
+    cli("challenge", "create", "test-liver.yaml")
+    tar = docker_save(images["threshold"], tmp_path / "t.tar")
+    cli("submit", str(tar), "-c", "test-liver", "-p", "validation", "-t", "t")
+    cli("worker", "--until-idle")
+    assert cli("rescore", "test-liver", "validation").stdout == (
+        "nothing to rescore: every evaluated submission is on the current dataset version\n")
+    old = load(tmp_path / "data/validation").version
+
+    correct_ground_truth(tmp_path / "data/validation", "case-002", tmp_path / "scratch")
+    writable(tmp_path / "data/validation")
+    new = seal(tmp_path / "data/validation").version
+    cli("challenge", "create", "test-liver.yaml", "--force")
+    stale = cli("leaderboard", "test-liver", "validation").stdout
+    assert re.search(r"│ t +│ +1 \* │", stale)
+    assert f"* computed on an older dataset version ({old[:12]})" in stale
+    assert cli.json("leaderboard", "test-liver", "validation")["entries"][0]["stale"] is True
+
+    refused = cli("rescore", "test-liver", "validation", "--submission", "7", code=1)
+    assert refused.stderr == "error: no submission 7 in this phase\n"
+    done = cli("rescore", "test-liver", "validation", "--submission", "1")
+    assert done.stdout == (f"submission 1 (t): rescored 3 case(s) from stored outputs "
+                           f"(dataset {old[:12]} -> {new[:12]})\n")
+    fresh = cli("leaderboard", "test-liver", "validation").stdout
+    assert re.search(r"│ t +│ +1 │", fresh) and "older dataset version" not in fresh
+    assert cli.json("status", "1")["stale"] is False
