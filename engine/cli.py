@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -572,6 +573,48 @@ def report_command(
         _fail(f"cannot write {to}: {exc.strerror}")
     console.print(Text(f"report written to {to} ({len(html.encode()) // 1024} KiB); it holds "
                        "per-case results: share it with care"))
+
+
+@app.command()
+def rescore(
+    challenge: str = typer.Argument(...),
+    phase: str = typer.Argument(...),
+    submission_id: int | None = typer.Option(None, "--submission", help="Only this "
+                                             "submission (default: every evaluated one "
+                                             "computed on an older dataset version)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-score stored outputs against the phase's current dataset version, without running
+    a container, where each case's inputs did not change; list the cases that need a
+    re-run (a submission with any is left as it is)."""
+    from dataclasses import asdict
+
+    from engine.rescore import rescore as rescore_phase
+    from runners import make_runner
+
+    settings, sessions = _sessions()
+    with sessions() as session:
+        outcomes = rescore_phase(
+            session, settings, challenge, phase, submission_id=submission_id,
+            actor=f"cli ({os.environ.get('USER', 'unknown')})",
+            runner=lambda: make_runner(settings.runner, state_dir=settings.state_dir / "runs"))
+        session.commit()
+    if as_json:
+        print(json.dumps([{**asdict(o), "done": o.done} for o in outcomes]))
+        return
+    if not outcomes:
+        console.print("nothing to rescore: every evaluated submission is on the current "
+                      "dataset version")
+    for o in outcomes:
+        head = f"submission {o.submission_id} ({o.team}): "
+        if o.done:
+            console.print(Text(head + f"rescored {len(o.rescored)} case(s) from stored outputs "
+                               f"(dataset {o.old_version[:12]} -> {o.new_version[:12]})"))
+            continue
+        console.print(Text(head + f"not rescored: {len(o.needs_rerun)} case(s) need a re-run",
+                           style="yellow"))
+        for case_id, why in list(o.needs_rerun.items())[:20]:
+            console.print(Text(f"  {case_id}: {why}"))
 
 
 @app.command()

@@ -136,6 +136,18 @@ class SealedDataset:
                 if case.get("label") is not None}
 
 
+def case_input_digests(manifest: dict) -> dict[str, str]:
+    """Per case, in case order, one sha256 over its input files' paths and hashes: equal
+    digests in two versions mean a container was given the same bytes for that case."""
+    by_case: dict[str, list[str]] = {case["case_id"]: [] for case in manifest["cases"]}
+    for entry in manifest["files"]:
+        parts = entry["path"].split("/")
+        if len(parts) > 2 and parts[0] == "inputs" and parts[1] in by_case:
+            by_case[parts[1]].append(f"{entry['path']}\0{entry['sha256']}\n")
+    return {case_id: hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+            for case_id, lines in by_case.items()}
+
+
 def load(root: Path) -> SealedDataset:
     """A sealed dataset as its manifest describes it (not verified: see `verify`)."""
     root = Path(root)

@@ -5,6 +5,13 @@ ranked with the scheme (aggregate-then-rank, rank-then-aggregate, test-based);
 with several metrics the final rank is their consensus (mean rank). Failed and
 missing cases enter every computation at their worst value, and each entry says
 how many there were.
+
+Each entry is computed on its submission's own dataset version and case set (fixed when
+it was submitted): a re-sealed dataset moves no existing score. An entry whose version is
+older than the phase's current one is `stale` (`epreuve rescore` brings it up to date
+where the inputs did not change). When the entries' case sets differ, the schemes that
+compare teams case by case (rank-then-aggregate, test-based; and `stability`) use the
+cases every entry was evaluated on; aggregate-then-rank ranks the entries' own scores.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from scipy.stats import kendalltau
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from engine.dataset_versions import is_stale
 from engine.datasets import load
 from engine.db.models import AggregateRow, SubmissionRow
 from engine.results import case_values, results_by_case
@@ -40,6 +48,8 @@ class Entry:
     n_failed: int
     runtime_per_case: float | None
     prize_eligible: bool
+    dataset_version: str = ""  # the version its results were computed on
+    stale: bool = False  # older than the phase's current version
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -75,13 +85,18 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
         dataset = load(phase_row.dataset_path)
         aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
         rows = {s.id: results_by_case(session, s) for s in submissions}
+        paired = None if challenge.ranking.scheme == "aggregate-then-rank" else \
+            common_cases(submissions)
         for ref in refs:
-            per_case = {names[s.id]: case_values(session, challenge, dataset, s, ref.key,
-                                                 rows[s.id]) for s in submissions}
+            own = {names[s.id]: case_values(session, challenge, dataset, s, ref.key,
+                                            rows[s.id]) for s in submissions}
+            per_case = own if paired is None else {
+                names[s.id]: case_values(session, challenge, dataset, s, ref.key, rows[s.id],
+                                         paired) for s in submissions}
             rankings.append(_rank(challenge.ranking.scheme, per_case,
                                   challenge.larger_is_better(ref.metric), aggregate))
             for s in submissions:
-                scores[s.id][ref.key] = float(aggregate(per_case[names[s.id]]))
+                scores[s.id][ref.key] = float(aggregate(own[names[s.id]]))
     final = rankings[0] if len(rankings) == 1 else consensus(rankings)
     entries = []
     for s in submissions:
@@ -93,8 +108,16 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
             scores=scores[s.id],
             metric_ranks={ref.key: r[names[s.id]] for ref, r in zip(refs, rankings,
                                                                     strict=True)},
-            n_failed=n_failed, runtime_per_case=runtime, prize_eligible=s.prize_eligible))
+            n_failed=n_failed, runtime_per_case=runtime, prize_eligible=s.prize_eligible,
+            dataset_version=s.dataset_version, stale=is_stale(s)))
     return sorted(entries, key=lambda e: (e.rank, e.submission_id))
+
+
+def common_cases(submissions: list[SubmissionRow]) -> list[str]:
+    """The cases every submission was evaluated on, in the first one's order (all of them
+    when no dataset was re-sealed in between)."""
+    shared = set.intersection(*(set(s.case_ids) for s in submissions))
+    return [case_id for case_id in submissions[0].case_ids if case_id in shared]
 
 
 def stability(session: Session, challenge_id: str, phase_slug: str, *, resamples: int = 1000,
@@ -112,8 +135,10 @@ def stability(session: Session, challenge_id: str, phase_slug: str, *, resamples
     aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
     teams = {str(s.id): s.team.name for s in submissions}
     rows = {s.id: results_by_case(session, s) for s in submissions}
+    cases = common_cases(submissions)
     per_metric = [(challenge.larger_is_better(ref.metric),
-                   {str(s.id): case_values(session, challenge, dataset, s, ref.key, rows[s.id])
+                   {str(s.id): case_values(session, challenge, dataset, s, ref.key, rows[s.id],
+                                           cases)
                     for s in submissions}) for ref in challenge.ranking.metrics]
 
     def rank(indices) -> dict[str, int]:
@@ -122,7 +147,7 @@ def stability(session: Session, challenge_id: str, phase_slug: str, *, resamples
                           larger, aggregate) for larger, values in per_metric]
         return rankings[0] if len(rankings) == 1 else consensus(rankings)
 
-    n_cases = len(dataset.case_ids)
+    n_cases = len(cases)
     full = rank(range(n_cases))
     rng = np.random.default_rng(seed)
     taus, samples = [], {a: [] for a in teams}

@@ -47,6 +47,7 @@ def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[s
     jobs = []
     for case_ids in shards:
         job = JobRow(submission=submission, kind=kind, case_ids=list(case_ids),
+                     dataset_version=submission.dataset_version,
                      priority=SMOKE_PRIORITY if kind == JobKind.SMOKE else MAIN_PRIORITY,
                      gpus=gpus, max_attempts=max_attempts)
         session.add(job)

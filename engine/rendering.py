@@ -313,6 +313,9 @@ def status_blocks(report: dict[str, Any]) -> list[Block]:
                            + (f", starts in about {eta} s" if eta is not None else "")))
     if report.get("prize_note"):
         blocks.append(Note(report["prize_note"], "yellow"))
+    if report.get("stale"):
+        blocks.append(Note(f"computed on dataset version {report['dataset_version'][:12]}, "
+                           "older than the phase's current one (epreuve rescore)", "yellow"))
     blocks.append(Listing("jobs", ("job", "kind", "cases", "status", "reason", "wall",
                                    "peak memory"),
                           [(str(j["job"]), j["kind"], str(j["cases"]), j["status"],
@@ -362,6 +365,9 @@ def _aggregates(aggregates: dict[str, dict[str, Any]]) -> Listing:
                    right=frozenset({"mean", "median", "95% CI", "failed"}))
 
 
+STALE_MARK = " *"  # a leaderboard entry computed on an older dataset version
+
+
 def leaderboard_report(challenge: str, phase: str, entries: list,
                        stability: dict[str, Any] | None = None) -> dict[str, Any]:
     """The leaderboard as data: what `--format json` prints and the other formats show."""
@@ -379,12 +385,20 @@ def leaderboard_blocks(board: dict[str, Any]) -> list[Block]:
         return [Note("no evaluated submission yet")]
     keys = list(entries[0]["scores"])
     columns = ("rank", "team", "submission", *keys, "failed cases", "runtime / case", "prize")
-    rows = [(str(e["rank"]), e["team"], str(e["submission_id"]),
+    rows = [(str(e["rank"]), e["team"],
+             str(e["submission_id"]) + (STALE_MARK if e.get("stale") else ""),
              *(f"{_number(e['scores'][k])} (#{e['metric_ranks'][k]})" for k in keys),
              str(e["n_failed"]), _seconds(e["runtime_per_case"]),
              "yes" if e["prize_eligible"] else "no") for e in entries]
     blocks: list[Block] = [Listing(f"{board['challenge']} / {board['phase']}", columns, rows,
                                    right=frozenset(columns) - {"team"})]
+    stale = sorted({e["dataset_version"][:12] for e in entries if e.get("stale")})
+    if stale:
+        blocks.append(Note(f"{STALE_MARK.strip()} computed on an older dataset version "
+                           f"({', '.join(stale)}) than the phase's current one: its scores are "
+                           f"those of its own cases. `epreuve rescore {board['challenge']} "
+                           f"{board['phase']}` re-scores stored outputs where the inputs did "
+                           "not change."))
     firmness = board.get("stability")
     if firmness:
         blocks.append(Note(f"ranking stability over {firmness['resamples']} bootstrap samples "

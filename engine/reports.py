@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from engine import queue
 from engine.challenges import Phase
+from engine.dataset_versions import is_stale
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
 from engine.rendering import terminal_text  # noqa: F401 (where callers have long found it)
 from engine.submissions import challenge_definition, find_phase
@@ -122,6 +123,9 @@ def submission_report(session: Session, submission_id: int, *,
         "finished_at": submission.finished_at, "prize_eligible": submission.prize_eligible,
         "prize_note": submission.prize_note, "image": submission.image.image_id,
     }
+    if not participant:  # a version names the hidden test set's seal: organisers only
+        report["dataset_version"] = submission.dataset_version
+        report["stale"] = is_stale(submission)
     wait = queue.estimated_wait(session, submission)
     position = queue.position(session, submission)
     if position is not None:

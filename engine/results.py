@@ -73,11 +73,14 @@ def results_by_case(session: Session, submission: SubmissionRow) -> dict[str, Ca
 
 def case_values(session: Session, challenge: Challenge, dataset: SealedDataset,
                 submission: SubmissionRow, key: str,
-                rows: dict[str, CaseResultRow] | None = None) -> list[float]:
-    """The metric for every case of the phase, in case order, failures at their worst."""
+                rows: dict[str, CaseResultRow] | None = None,
+                case_ids: list[str] | None = None) -> list[float]:
+    """The metric for every case of the submission's own case set (fixed when it was
+    submitted, whatever the phase's dataset holds now), or of `case_ids`, in that order;
+    failures at their worst."""
     rows = results_by_case(session, submission) if rows is None else rows
     values = []
-    for case_id in dataset.case_ids:
+    for case_id in submission.case_ids if case_ids is None else case_ids:
         row = rows.get(case_id)
         if row is not None and key in row.metrics:
             values.append(float(row.metrics[key]))
@@ -93,9 +96,10 @@ def compute_aggregates(session: Session, submission: SubmissionRow) -> None:
     dataset = load(submission.phase.dataset_path)
     session.execute(delete(AggregateRow).where(AggregateRow.submission_id == submission.id))
     rows = results_by_case(session, submission)
-    failed = [c for c in dataset.case_ids if c not in rows or not rows[c].valid]
+    failed = [c for c in submission.case_ids if c not in rows or not rows[c].valid]
     if challenge.task == "classification":
-        for key, summary in classification_summaries(challenge, dataset, rows).items():
+        for key, summary in classification_summaries(challenge, dataset, rows,
+                                                      submission.case_ids).items():
             session.add(AggregateRow(submission_id=submission.id, metric=key, summary=summary))
         return
     for key in metric_keys(challenge):
@@ -110,11 +114,12 @@ def compute_aggregates(session: Session, submission: SubmissionRow) -> None:
 
 
 def classification_summaries(challenge: Challenge, dataset: SealedDataset,
-                             rows: dict[str, CaseResultRow]) -> dict[str, dict]:
+                             rows: dict[str, CaseResultRow],
+                             case_ids: list[str]) -> dict[str, dict]:
     classes = challenge.output.classes
     labels = dataset.labels()
     truth, probabilities, n_failed = [], [], 0
-    for case_id in dataset.case_ids:
+    for case_id in case_ids:
         label = labels[case_id]
         row = rows.get(case_id)
         if row is not None and row.valid:

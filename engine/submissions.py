@@ -35,6 +35,7 @@ from engine.challenges import (
     Phase,
     load_challenge_file,
 )
+from engine.dataset_versions import record_dataset_version
 from engine.datasets import DatasetError, SealedDataset, load, require_intact
 from engine.db.models import (
     ChallengeRow,
@@ -209,6 +210,7 @@ def _register_phase(session: Session, challenge: ChallengeRow, phase: Phase,
         session.add(row)
     row.dataset_path, row.dataset_version = str(phase.dataset.path), dataset.version
     row.case_ids = dataset.case_ids
+    record_dataset_version(session, dataset)
 
 
 def smoke_case(phase: Phase, case_ids: list[str]) -> str:
@@ -339,7 +341,8 @@ def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
     eligible, note = prize_eligibility(phase, source_url, license_id)
     submission = SubmissionRow(phase=phase_row, team=team, image=get_or_create_image(
         session, pinned), source_url=source_url, license=license_id, prize_eligible=eligible,
-        prize_note=note, created_at=now)
+        prize_note=note, created_at=now, dataset_version=phase_row.dataset_version,
+        case_ids=list(phase_row.case_ids))  # its case set is fixed now: a re-seal moves no result
     session.add(submission)
     session.flush()
     queue.record(session, "submission", submission.id, None, SubmissionStatus.QUEUED, actor,
@@ -366,7 +369,7 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
         return
     if job.kind == JobKind.SMOKE and job.status == JobStatus.SUCCEEDED:
         _set_status(session, submission, SubmissionStatus.RUNNING, actor, "smoke job passed")
-        remaining = [c for c in submission.phase.case_ids if c not in job.case_ids]
+        remaining = [c for c in submission.case_ids if c not in job.case_ids]
         if remaining:
             queue.enqueue(session, submission, shards(remaining, phase.cases_per_run),
                           kind=JobKind.MAIN, actor=actor, gpus=phase.limits.gpus)
@@ -383,7 +386,7 @@ def after_job(session: Session, job: JobRow, actor: str) -> None:
             _finish_submission(session, submission, SubmissionStatus.FAILED, actor,
                                lost[0].reason, (
                 f"the platform could not evaluate {sum(len(j.case_ids) for j in lost)} of the "
-                f"{len(submission.phase.case_ids)} cases: {lost[0].message}"))
+                f"{len(submission.case_ids)} cases: {lost[0].message}"))
             return
         compute_aggregates(session, submission)
         _finish_submission(session, submission, SubmissionStatus.SUCCEEDED, actor, None,

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine import queue
 from engine.challenges import Challenge, Phase
 from engine.config import Settings
+from engine.dataset_versions import require_version
 from engine.datasets import DatasetError, SealedDataset, VerificationCache, stage, unstage
 from engine.db.models import CaseResultRow, ImageRow, JobRow, utcnow
 from engine.image_presence import ImageUnavailable, ensure_image
@@ -203,6 +204,7 @@ class Worker:
         challenge = challenge_definition(phase_row.challenge)
         try:
             dataset = verified_dataset(phase_row, self.verify_cache)
+            require_version(dataset, job.dataset_version, f"job {job.id}")  # never other inputs
         except DatasetError as exc:
             self._infrastructure(session, job, f"the test set failed verification: {exc}")
             return

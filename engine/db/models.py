@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -65,6 +65,18 @@ class PhaseRow(Base):
     challenge: Mapped[ChallengeRow] = relationship(back_populates="phases")
 
 
+class DatasetVersionRow(Base):
+    """What a sealed dataset version held, kept after it is re-sealed: its cases in order and
+    a digest of each case's input files (what a container saw), so that results computed
+    on it can be told apart from the current version's and rescored where inputs match."""
+
+    __tablename__ = "dataset_versions"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)  # manifest sha256
+    case_inputs: Mapped[dict[str, Any]]  # {case_id: sha256 of its input files}, case order
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class TeamRow(Base):
     __tablename__ = "teams"
 
@@ -91,6 +103,13 @@ class ImageRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+def _of_phase(context, column):
+    """For a row written without its dataset version (a test, a tool): its phase's current
+    one, the rule migration 0003 applied to existing rows. `submit` always sets it."""
+    phase_id = context.get_current_parameters()["phase_id"]
+    return context.connection.scalar(select(column).where(PhaseRow.id == phase_id))
+
+
 class SubmissionRow(Base):
     __tablename__ = "submissions"
     __table_args__ = (Index("ix_submissions_phase_team_created", "phase_id", "team_id",
@@ -108,6 +127,12 @@ class SubmissionRow(Base):
     prize_eligible: Mapped[bool] = mapped_column(default=True)
     prize_note: Mapped[str | None] = mapped_column(Text)
     counts_against_quota: Mapped[bool] = mapped_column(default=True)
+    # the dataset version its results are computed on, and that version's cases (fixed at
+    # submit time; changed only by a rescore)
+    dataset_version: Mapped[str] = mapped_column(
+        String(64), default=lambda context: _of_phase(context, PhaseRow.dataset_version))
+    case_ids: Mapped[list[Any]] = mapped_column(
+        default=lambda context: _of_phase(context, PhaseRow.case_ids))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     phase: Mapped[PhaseRow] = relationship()
@@ -158,6 +183,10 @@ class JobRow(Base):
     submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
     kind: Mapped[str] = mapped_column(String(16))  # JobKind: smoke | main
     case_ids: Mapped[list[Any]]
+    dataset_version: Mapped[str] = mapped_column(  # the inputs it must run on
+        String(64), default=lambda context: context.connection.scalar(
+            select(SubmissionRow.dataset_version).where(
+                SubmissionRow.id == context.get_current_parameters()["submission_id"])))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(default=0)  # smaller first: smoke jobs jump the queue
     gpus: Mapped[int] = mapped_column(default=0)  # whole GPUs the job needs
