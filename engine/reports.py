@@ -103,6 +103,15 @@ def _output_hint(challenge) -> str:
     return f"/output/{challenge.output.filename}, columns case_id,{columns}"
 
 
+def shown_message(submission: SubmissionRow, phase: Phase, *, participant: bool) -> str | None:
+    """A submission's message as its reader may see it: `participant_message`'s rules for a
+    participant, the stored text for organisers."""
+    if not participant:
+        return submission.message
+    hint = _output_hint(challenge_definition(submission.phase.challenge))
+    return participant_message(phase, hint, submission.reason, submission.message)
+
+
 def queue_overview(session: Session) -> dict[str, Any]:
     counts = dict(session.execute(select(JobRow.status, func.count()).group_by(
         JobRow.status)).all())

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): `create_app(settings)` in app.py; one module per resource."""

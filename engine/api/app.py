@@ -1,0 +1,56 @@
+"""The server: `create_app(settings)` builds the FastAPI application.
+
+    epreuve serve [--host 127.0.0.1] [--port 8000]
+
+Middlewares, outermost first: request counting (by route template), security headers,
+the body cap (1 MiB; upload routes stream their own), and CORS only where origins are
+configured (off by default). Errors are mapped once (errors.py); each request has one
+database session committed at its end (database.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from engine.api import challenges, health, leaderboards, submissions, teams
+from engine.api.errors import install_error_handlers
+from engine.api.middleware import BodyCap, RequestCounter, SecurityHeaders
+from engine.api.ratelimit import Rate, TokenBuckets
+from engine.config import Settings
+from engine.db import session_factory
+
+API_VERSION = "1"
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    max_body_bytes: int = MIB  # JSON and YAML bodies
+    body_cap_exempt: tuple[str, ...] = ("/api/v1/uploads",)  # stream and cap their own
+    rate: Rate = field(default_factory=Rate)  # per token, per expensive route family
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
+
+
+def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI:
+    options = options or ApiOptions()
+    app = FastAPI(title="Épreuve", version=API_VERSION, openapi_url="/openapi.json",
+                  docs_url="/docs", redoc_url=None,
+                  description="Containerised evaluation of medical-imaging challenges. "
+                              "Send a token as `Authorization: Bearer epv_...`.")
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings.database_url)
+    app.state.rate_limits = TokenBuckets(options.rate)
+    install_error_handlers(app)
+    for module in (health, challenges, leaderboards, submissions, teams):
+        app.include_router(module.router)
+    if options.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
+                           allow_methods=["GET", "POST", "PUT"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyCap, limit=options.max_body_bytes, exempt=options.body_cap_exempt)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(RequestCounter)
+    return app

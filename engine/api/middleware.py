@@ -1,0 +1,134 @@
+"""What wraps every request: a body cap, security headers, and request counting.
+
+Plain ASGI middlewares (no buffering of bodies). Requests are counted by route template
+(`/api/v1/submissions/{submission_id}`), never by the ids in a path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HTTP_REQUESTS = Counter("epreuve_http_requests", "HTTP requests by route template, method "
+                        "and status", ["route", "method", "status"])
+HTTP_DURATION = Histogram("epreuve_http_request_duration_seconds", "HTTP request duration by "
+                          "route template", ["route", "method"])
+UNMATCHED = "unmatched"  # a path no route knows: its text is the caller's, not a label
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+API_CSP = b"default-src 'none'; frame-ancestors 'none'"
+DOCS_CSP = b"frame-ancestors 'none'"  # the interactive docs load their own scripts
+DOCS_PATHS = ("/docs", "/redoc")
+
+
+def _too_large(limit: int) -> bytes:
+    return json.dumps({"error": {"type": "PayloadTooLarge", "reason": None,
+                                 "message": f"the request body is larger than {limit} bytes"}
+                       }).encode()
+
+
+class BodyCap:
+    """Refuse bodies over `limit` bytes (413): by Content-Length at once, and while
+    reading a body of unannounced length. Paths under `exempt` (uploads) stream their own."""
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, f"the request body is larger than "
+                                                      f"{self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = _too_large(self.limit)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), *SECURITY_HEADERS,
+                                (b"content-security-policy", API_CSP)]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeaders:
+    """nosniff, no framing, no referrer; `no-store` on every response to a request that
+    carried credentials (a shared cache never keeps a participant's results)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        authenticated = any(name == b"authorization" for name, _ in scope["headers"])
+        docs = scope["path"].startswith(DOCS_PATHS)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() not in {k2 for k2, _ in SECURITY_HEADERS}]
+                headers += SECURITY_HEADERS
+                headers.append((b"content-security-policy", DOCS_CSP if docs else API_CSP))
+                if authenticated:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"cache-control"]
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class RequestCounter:
+    """epreuve_http_requests_total{route, method, status}, by route template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts
+        started = time.perf_counter()
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
+            HTTP_REQUESTS.labels(route, method, str(status)).inc()
+            HTTP_DURATION.labels(route, method).observe(time.perf_counter() - started)
+
+
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}

@@ -1,0 +1,38 @@
+"""Pages of a list that grows: `limit` (at most MAX_LIMIT) and `offset`, and the next offset."""
+
+from __future__ import annotations
+
+from typing import Annotated, Generic, TypeVar
+
+from fastapi import Query
+from pydantic import BaseModel
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET = 50, 200, 1_000_000_000
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None  # None: this is the last page
+
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to skip")]
+
+
+def page_of(items: list, total: int, limit: int, offset: int) -> dict:
+    following = offset + len(items)
+    return {"items": items, "total": total, "limit": limit, "offset": offset,
+            "next_offset": following if following < total else None}
+
+
+def paged_rows(session: Session, query: Select, limit: int, offset: int) -> tuple[list, int]:
+    """One page of `query`'s rows (the query carries its own order) and the total."""
+    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+    rows = list(session.scalars(query.limit(limit).offset(offset)))
+    return rows, total or 0
