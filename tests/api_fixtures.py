@@ -212,9 +212,9 @@ def _tokens(session, world: World) -> None:
     session.flush()
 
 
-def start_server(world: World, options: ApiOptions | None = None) -> LiveServer:
+def start_server(world: World, options: ApiOptions | None = None, app=None) -> LiveServer:
     """uvicorn in a thread, on a socket bound to a free loopback port."""
-    app = create_app(world.settings, options)
+    app = app or create_app(world.settings, options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
