@@ -22,6 +22,8 @@ from engine.api.database import DbSession
 from engine.tokens import SCOPED_ROLES, Forbidden, Role, Unauthenticated, authenticate
 
 bearer = HTTPBearer(auto_error=False, description="An Épreuve token (epv_...)")
+# a public route's OpenAPI: a token is optional (`{}`: none needed)
+OPTIONAL_TOKEN = {"security": [{}, {"HTTPBearer": []}]}
 
 
 @dataclass(frozen=True)

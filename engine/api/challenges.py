@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from engine.api import ratelimit
 from engine.api.access import challenge_or_404
-from engine.api.auth import Principal, anonymous_allowed, require_role
+from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed, require_role
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
 from engine.api.pagination import Limit, Offset, Page, page_of, paged_rows
@@ -97,7 +97,8 @@ def challenge_out(row: ChallengeRow, principal: Principal | None) -> ChallengeOu
         definition=row.definition if principal and principal.oversees(row.id) else None)
 
 
-@router.get("", response_model=Page[ChallengeOut], responses=AUTH_RESPONSES)
+@router.get("", response_model=Page[ChallengeOut], responses=AUTH_RESPONSES,
+            openapi_extra=OPTIONAL_TOKEN)
 def list_challenges(session: DbSession, limit: Limit = 50, offset: Offset = 0,
                     principal: Principal | None = Depends(anonymous_allowed())) -> dict:
     rows, total = paged_rows(session, select(ChallengeRow).order_by(ChallengeRow.id),
@@ -106,7 +107,7 @@ def list_challenges(session: DbSession, limit: Limit = 50, offset: Offset = 0,
 
 
 @router.get("/{challenge_id}", response_model=ChallengeOut,
-            responses={**AUTH_RESPONSES, **NOT_FOUND})
+            responses={**AUTH_RESPONSES, **NOT_FOUND}, openapi_extra=OPTIONAL_TOKEN)
 def get_challenge(challenge_id: str, session: DbSession,
                   principal: Principal | None = Depends(anonymous_allowed())) -> ChallengeOut:
     row, _ = challenge_or_404(session, challenge_id)

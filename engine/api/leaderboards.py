@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from engine.api import ratelimit
 from engine.api.access import challenge_or_404, phase_of, require_leaderboard_visible
-from engine.api.auth import Principal, anonymous_allowed
+from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
 from engine.api.pagination import Limit, Offset, Page, page_of
@@ -34,7 +34,8 @@ class EntryOut(BaseModel):
 
 
 @router.get("/{challenge_id}/phases/{phase}/leaderboard", response_model=Page[EntryOut],
-            responses={**AUTH_RESPONSES, **NOT_FOUND, 429: {"model": ErrorBody}})
+            responses={**AUTH_RESPONSES, **NOT_FOUND, 429: {"model": ErrorBody}},
+            openapi_extra=OPTIONAL_TOKEN)
 def get_leaderboard(challenge_id: str, phase: str, request: Request, session: DbSession,
                     limit: Limit = 50, offset: Offset = 0,
                     principal: Principal | None = Depends(anonymous_allowed())) -> dict:

@@ -1,10 +1,11 @@
-"""Pages of a list that grows: `limit` (at most MAX_LIMIT) and `offset`, and the next offset."""
+"""Pages of a list that grows: `limit` (at most MAX_LIMIT) and `offset`, and the next offset;
+row ids in paths, bounded as the databases store them."""
 
 from __future__ import annotations
 
 from typing import Annotated, Generic, TypeVar
 
-from fastapi import Query
+from fastapi import Path, Query
 from pydantic import BaseModel
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
@@ -21,6 +22,8 @@ class Page(BaseModel, Generic[T]):
     next_offset: int | None  # None: this is the last page
 
 
+MAX_ID = 2**31 - 1  # the databases' integer keys: a larger id names nothing
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description="a row id")]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to skip")]
 

@@ -36,7 +36,7 @@ from engine.api.access import (
 from engine.api.auth import Principal, authenticated
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
-from engine.api.pagination import Limit, Offset, Page, page_of, paged_rows
+from engine.api.pagination import Limit, Offset, Page, RowId, page_of, paged_rows
 from engine.challenges import Phase
 from engine.db.models import CaseResultRow, PhaseRow, SubmissionRow
 from engine.reports import shown_message, submission_report
@@ -180,7 +180,7 @@ def list_submissions(session: DbSession, limit: Limit = 50, offset: Offset = 0,
 
 
 @router.get("/{submission_id}", response_model=SubmissionDetail, responses=ONE)
-def get_submission(submission_id: int, session: DbSession,
+def get_submission(submission_id: RowId, session: DbSession,
                    principal: Principal = Depends(authenticated())) -> SubmissionDetail:
     submission = visible_submission(session, principal, submission_id)
     participant = participant_view(principal)
@@ -198,7 +198,7 @@ def get_submission(submission_id: int, session: DbSession,
 
 
 @router.get("/{submission_id}/status", response_model=StatusOut, responses=ONE)
-def get_status(submission_id: int, session: DbSession,
+def get_status(submission_id: RowId, session: DbSession,
                principal: Principal = Depends(authenticated())) -> StatusOut:
     """State, typed reason, queue position and estimated start."""
     submission = visible_submission(session, principal, submission_id)
@@ -208,7 +208,7 @@ def get_status(submission_id: int, session: DbSession,
 
 
 @router.get("/{submission_id}/logs", response_model=list[LogOut], responses=ONE)
-def get_logs(submission_id: int, session: DbSession,
+def get_logs(submission_id: RowId, session: DbSession,
              principal: Principal = Depends(authenticated())) -> list[LogOut]:
     """The tail of each job's container log, where the phase shows logs."""
     submission = visible_submission(session, principal, submission_id)
@@ -222,7 +222,7 @@ def get_logs(submission_id: int, session: DbSession,
 
 
 @router.get("/{submission_id}/cases", response_model=Page[CaseOut], responses=ONE)
-def get_cases(submission_id: int, session: DbSession, limit: Limit = 50, offset: Offset = 0,
+def get_cases(submission_id: RowId, session: DbSession, limit: Limit = 50, offset: Offset = 0,
               principal: Principal = Depends(authenticated())) -> dict:
     """Per-case results, where the phase shows them, by case id."""
     submission = visible_submission(session, principal, submission_id)
@@ -240,7 +240,7 @@ def get_cases(submission_id: int, session: DbSession, limit: Limit = 50, offset:
 
 @router.post("/{submission_id}/cancel", response_model=SubmissionOut,
              responses={**ONE, 409: {"model": ErrorBody, "description": "Already ended"}})
-def cancel(submission_id: int, session: DbSession,
+def cancel(submission_id: RowId, session: DbSession,
            principal: Principal = Depends(authenticated())) -> SubmissionOut:
     submission = visible_submission(session, principal, submission_id)
     if principal.role != Role.PARTICIPANT:
@@ -251,7 +251,7 @@ def cancel(submission_id: int, session: DbSession,
 
 @router.post("/{submission_id}/rerun", response_model=SubmissionOut, status_code=201,
              responses={**ONE, 429: {"model": ErrorBody}})
-def rerun_submission(submission_id: int, request: Request, session: DbSession,
+def rerun_submission(submission_id: RowId, request: Request, session: DbSession,
                      principal: Principal = Depends(authenticated())) -> SubmissionOut:
     """Queue a new submission of the same image (organisers): the original is untouched."""
     submission = visible_submission(session, principal, submission_id)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from engine.api.auth import Principal, authenticated
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND
-from engine.api.pagination import Limit, Offset, Page, page_of, paged_rows
+from engine.api.pagination import Limit, Offset, Page, RowId, page_of, paged_rows
 from engine.db.models import PhaseRow, SubmissionRow, TeamRow
 from engine.errors import NotFound
 from engine.tokens import Role
@@ -47,7 +47,7 @@ def list_teams(session: DbSession, limit: Limit = 50, offset: Offset = 0,
 
 
 @router.get("/{team_id}", response_model=TeamOut, responses={**AUTH_RESPONSES, **NOT_FOUND})
-def get_team(team_id: int, session: DbSession,
+def get_team(team_id: RowId, session: DbSession,
              principal: Principal = Depends(authenticated())) -> TeamOut:
     return _out(_team(session, principal, team_id))
 
