@@ -263,3 +263,16 @@ def test_expensive_routes_are_rate_limited_per_token(live):
     assert limited.json()["error"]["type"] == "RateLimited"
     assert int(limited.headers["retry-after"]) >= 1
     assert other.status_code == 200  # another token has its own bucket
+
+
+def test_hostile_ids_are_refused_never_a_server_error(live):
+    paths = ["/api/v1/challenges/%00", "/api/v1/challenges/ch-a/phases/%00x/leaderboard",
+             "/api/v1/challenges/" + "a" * 5000, "/api/v1/submissions?challenge=%00",
+             "/api/v1/submissions?phase=%E2%80%AE", "/api/v1/submissions/99999999999999999999",
+             "/api/v1/submissions/-1/status", "/api/v1/teams/2147483648",
+             "/api/v1/submissions?limit=100000000000000000000"]
+    with live.client("admin") as client:
+        for path in paths:
+            response = client.get(path)
+            assert response.status_code in (404, 422), (path, response.text)
+            assert response.json()["error"]["type"] in ("NotFound", "RequestInvalid")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
 
 from engine.api import challenges, health, leaderboards, submissions, teams
 from engine.api.errors import install_error_handlers
@@ -43,6 +44,9 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)
     app.state.rate_limits = TokenBuckets(options.rate)
+    # the app's own registry (the process-wide one is shared by everything in the process);
+    # the engine's collectors (queue, jobs, workers, GPUs) are registered on it too
+    app.state.metrics_registry = CollectorRegistry(auto_describe=True)
     install_error_handlers(app)
     for module in (health, challenges, leaderboards, submissions, teams):
         app.include_router(module.router)
@@ -52,5 +56,5 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyCap, limit=options.max_body_bytes, exempt=options.body_cap_exempt)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(RequestCounter)
+    app.add_middleware(RequestCounter, registry=app.state.metrics_registry)
     return app

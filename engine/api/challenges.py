@@ -19,13 +19,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from engine.api import ratelimit
 from engine.api.access import challenge_or_404
 from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed, require_role
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
-from engine.api.pagination import Limit, Offset, Page, page_of, paged_rows
+from engine.api.pagination import Limit, Offset, Page, Slug, page_of, paged_rows
 from engine.challenges import MAX_FILE_BYTES, Challenge, ChallengeError, load_challenge_text
 from engine.db.models import ChallengeRow
 from engine.errors import Conflict
@@ -108,7 +109,7 @@ def list_challenges(session: DbSession, limit: Limit = 50, offset: Offset = 0,
 
 @router.get("/{challenge_id}", response_model=ChallengeOut,
             responses={**AUTH_RESPONSES, **NOT_FOUND}, openapi_extra=OPTIONAL_TOKEN)
-def get_challenge(challenge_id: str, session: DbSession,
+def get_challenge(challenge_id: Slug, session: DbSession,
                   principal: Principal | None = Depends(anonymous_allowed())) -> ChallengeOut:
     row, _ = challenge_or_404(session, challenge_id)
     return challenge_out(row, principal)
@@ -126,18 +127,23 @@ async def create_challenge(request: Request, session: DbSession,
                            ) -> ChallengeOut:
     """Create a challenge from its YAML text; 409 if its id exists (PUT updates)."""
     ratelimit.enforce(request, "challenge-write")
-    challenge, locator = _parse(request, await request.body())
-    _may_write(principal, challenge.id)
-    if session.get(ChallengeRow, challenge.id) is not None:
-        raise Conflict(f"challenge {challenge.id} exists: PUT /api/v1/challenges/"
-                       f"{challenge.id} to update it")
-    row = register_loaded(session, challenge, locator, principal.actor)
-    return challenge_out(row, principal)
+    body = await request.body()
+
+    def create() -> ChallengeOut:
+        challenge, locator = _parse(request, body)
+        _may_write(principal, challenge.id)
+        if session.get(ChallengeRow, challenge.id) is not None:
+            raise Conflict(f"challenge {challenge.id} exists: PUT /api/v1/challenges/"
+                           f"{challenge.id} to update it")
+        row = register_loaded(session, challenge, locator, principal.actor)
+        return challenge_out(row, principal)
+
+    return await run_in_threadpool(create)  # reads datasets, may pin an image: off the loop
 
 
 @router.put("/{challenge_id}", response_model=ChallengeOut, openapi_extra=YAML_BODY,
             responses=WRITE_RESPONSES)
-async def put_challenge(challenge_id: str, request: Request, session: DbSession,
+async def put_challenge(challenge_id: Slug, request: Request, session: DbSession,
                         force: bool = Query(False, description="apply a change to a challenge "
                                             "that has submissions (recorded in its history)"),
                         principal: Principal = Depends(require_role("admin", "organiser"))
@@ -145,11 +151,17 @@ async def put_challenge(challenge_id: str, request: Request, session: DbSession,
     """Create or update a challenge from its YAML text; its `id` must be the path's."""
     ratelimit.enforce(request, "challenge-write")
     _may_write(principal, challenge_id)
-    challenge, locator = _parse(request, await request.body())
-    if challenge.id != challenge_id:
-        raise ChallengeError(f"the file's id is {challenge.id!r}, the path's {challenge_id!r}")
-    row = register_loaded(session, challenge, locator, principal.actor, force=force)
-    return challenge_out(row, principal)
+    body = await request.body()
+
+    def update() -> ChallengeOut:
+        challenge, locator = _parse(request, body)
+        if challenge.id != challenge_id:
+            raise ChallengeError(f"the file's id is {challenge.id!r}, the path's "
+                                 f"{challenge_id!r}")
+        row = register_loaded(session, challenge, locator, principal.actor, force=force)
+        return challenge_out(row, principal)
+
+    return await run_in_threadpool(update)
 
 
 def _may_write(principal: Principal, challenge_id: str) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,19 +38,10 @@ def healthz(session: DbSession) -> Health:
     return Health(status="ok", database="ok")
 
 
-def _engine_collectors() -> None:
-    """The engine's own collectors (engine/metrics.py), where that module exists: importing
-    it registers them in the default registry."""
-    try:
-        importlib.import_module("engine.metrics")
-    except ModuleNotFoundError as exc:
-        if exc.name != "engine.metrics":
-            raise
-
-
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
                              "description": "Prometheus text exposition"}})
-def metrics() -> Response:
-    _engine_collectors()
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request) -> Response:
+    """Prometheus text of the app's registry (app.state.metrics_registry)."""
+    return Response(generate_latest(request.app.state.metrics_registry),
+                    media_type=CONTENT_TYPE_LATEST)

@@ -16,7 +16,7 @@ from engine.api.access import challenge_or_404, phase_of, require_leaderboard_vi
 from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
-from engine.api.pagination import Limit, Offset, Page, page_of
+from engine.api.pagination import Limit, Offset, Page, Slug, page_of
 from engine.leaderboard import leaderboard
 
 router = APIRouter(prefix="/api/v1/challenges", tags=["leaderboards"])
@@ -36,7 +36,7 @@ class EntryOut(BaseModel):
 @router.get("/{challenge_id}/phases/{phase}/leaderboard", response_model=Page[EntryOut],
             responses={**AUTH_RESPONSES, **NOT_FOUND, 429: {"model": ErrorBody}},
             openapi_extra=OPTIONAL_TOKEN)
-def get_leaderboard(challenge_id: str, phase: str, request: Request, session: DbSession,
+def get_leaderboard(challenge_id: Slug, phase: Slug, request: Request, session: DbSession,
                     limit: Limit = 50, offset: Offset = 0,
                     principal: Principal | None = Depends(anonymous_allowed())) -> dict:
     _, challenge = challenge_or_404(session, challenge_id)

@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-HTTP_REQUESTS = Counter("epreuve_http_requests", "HTTP requests by route template, method "
-                        "and status", ["route", "method", "status"])
-HTTP_DURATION = Histogram("epreuve_http_request_duration_seconds", "HTTP request duration by "
-                          "route template", ["route", "method"])
+
+def http_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """The request counter and duration histogram, on the app's own registry."""
+    return (Counter("epreuve_http_requests", "HTTP requests by route template, method and "
+                    "status", ["route", "method", "status"], registry=registry),
+            Histogram("epreuve_http_request_duration_seconds", "HTTP request duration by "
+                      "route template", ["route"], registry=registry))
+
+
 UNMATCHED = "unmatched"  # a path no route knows: its text is the caller's, not a label
 
 SECURITY_HEADERS = [
@@ -106,8 +111,9 @@ class SecurityHeaders:
 class RequestCounter:
     """epreuve_http_requests_total{route, method, status}, by route template."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
         self.app = app
+        self.requests, self.duration = http_metrics(registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,8 +133,8 @@ class RequestCounter:
         finally:
             route = getattr(scope.get("route"), "path", None) or UNMATCHED
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
-            HTTP_REQUESTS.labels(route, method, str(status)).inc()
-            HTTP_DURATION.labels(route, method).observe(time.perf_counter() - started)
+            self.requests.labels(route, method, str(status)).inc()
+            self.duration.labels(route).observe(time.perf_counter() - started)
 
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}

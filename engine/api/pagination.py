@@ -10,6 +10,8 @@ from pydantic import BaseModel
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from engine.challenges import SLUG
+
 T = TypeVar("T")
 DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET = 50, 200, 1_000_000_000
 
@@ -24,6 +26,10 @@ class Page(BaseModel, Generic[T]):
 
 MAX_ID = 2**31 - 1  # the databases' integer keys: a larger id names nothing
 RowId = Annotated[int, Path(ge=1, le=MAX_ID, description="a row id")]
+# challenge and phase ids are slugs (engine/challenges.py): anything else names nothing,
+# and never reaches the database (PostgreSQL refuses a NUL in text)
+Slug = Annotated[str, Path(pattern=SLUG, description="a challenge or phase id")]
+SlugFilter = Annotated[str | None, Query(pattern=SLUG)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to skip")]
 

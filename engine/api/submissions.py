@@ -18,7 +18,7 @@ import math
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -36,7 +36,15 @@ from engine.api.access import (
 from engine.api.auth import Principal, authenticated
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
-from engine.api.pagination import Limit, Offset, Page, RowId, page_of, paged_rows
+from engine.api.pagination import (
+    Limit,
+    Offset,
+    Page,
+    RowId,
+    SlugFilter,
+    page_of,
+    paged_rows,
+)
 from engine.challenges import Phase
 from engine.db.models import CaseResultRow, PhaseRow, SubmissionRow
 from engine.reports import shown_message, submission_report
@@ -161,8 +169,7 @@ def finite(value: Any) -> Any:
 
 @router.get("", response_model=Page[SubmissionOut], responses=AUTH_RESPONSES)
 def list_submissions(session: DbSession, limit: Limit = 50, offset: Offset = 0,
-                     challenge: str | None = Query(None, max_length=64),
-                     phase: str | None = Query(None, max_length=64),
+                     challenge: SlugFilter = None, phase: SlugFilter = None,
                      status: SubmissionStatus | None = None,
                      principal: Principal = Depends(authenticated())) -> dict:
     """Newest first: a participant's own team's, an organiser's or reviewer's challenges'."""
