@@ -276,3 +276,21 @@ def test_hostile_ids_are_refused_never_a_server_error(live):
             response = client.get(path)
             assert response.status_code in (404, 422), (path, response.text)
             assert response.json()["error"]["type"] in ("NotFound", "RequestInvalid")
+
+
+def test_worker_routes_take_only_worker_tokens(live):
+    from fastapi import Depends
+
+    from engine.api.auth import authenticated
+
+    app = create_app(live.world.settings)
+    app.add_api_route("/api/v1/worker/ping", lambda: {"pong": True},
+                      dependencies=[Depends(authenticated(worker=True))])
+    server = start_server(live.world, app=app)
+    try:
+        statuses = {name: httpx.get(f"{server.url}/api/v1/worker/ping", headers={
+            "Authorization": f"Bearer {live.world.tokens[name]}"}).status_code
+            for name in ("worker", "admin", "participant-a", "revoked")}
+    finally:
+        server.stop()
+    assert statuses == {"worker": 200, "admin": 403, "participant-a": 403, "revoked": 401}
