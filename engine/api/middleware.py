@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import json
 import time
+from weakref import WeakKeyDictionary
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+_HTTP_METRICS: WeakKeyDictionary[CollectorRegistry, tuple[Counter, Histogram]] = \
+    WeakKeyDictionary()
+
 
 def http_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
-    """The request counter and duration histogram, on the app's own registry."""
-    return (Counter("epreuve_http_requests", "HTTP requests by route template, method and "
+    """The request counter and duration histogram of the app's own registry, made once (a
+    rebuilt middleware stack must not register them twice)."""
+    if registry not in _HTTP_METRICS:
+        _HTTP_METRICS[registry] = (
+            Counter("epreuve_http_requests", "HTTP requests by route template, method and "
                     "status", ["route", "method", "status"], registry=registry),
             Histogram("epreuve_http_request_duration_seconds", "HTTP request duration by "
                       "route template", ["route"], registry=registry))
+    return _HTTP_METRICS[registry]
 
 
 UNMATCHED = "unmatched"  # a path no route knows: its text is the caller's, not a label
@@ -40,6 +48,20 @@ def _too_large(limit: int) -> bytes:
                        }).encode()
 
 
+# a refused body is read (and dropped) up to this much before the answer, so the client
+# reads the 413 instead of a reset connection; a larger one is cut off
+DRAIN_BYTES = 16 << 20
+
+
+async def _drain(receive: Receive, most: int) -> None:
+    drained = 0
+    while drained <= most:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        drained += len(message.get("body", b""))
+
+
 class BodyCap:
     """Refuse bodies over `limit` bytes (413): by Content-Length at once, and while
     reading a body of unannounced length. Paths under `exempt` (uploads) stream their own."""
@@ -53,6 +75,7 @@ class BodyCap:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _drain(receive, DRAIN_BYTES)
             await self._refuse(send)
             return
         seen = 0
@@ -63,6 +86,8 @@ class BodyCap:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    if message.get("more_body"):
+                        await _drain(receive, DRAIN_BYTES)
                     raise StarletteHTTPException(413, f"the request body is larger than "
                                                       f"{self.limit} bytes")
             return message
