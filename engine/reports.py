@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Phase
+from engine.challenges import Challenge, Phase
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
 from engine.submissions import challenge_definition, find_phase
 from runners.base import FailureReason
@@ -103,13 +103,14 @@ def _output_hint(challenge) -> str:
     return f"/output/{challenge.output.filename}, columns case_id,{columns}"
 
 
-def shown_message(submission: SubmissionRow, phase: Phase, *, participant: bool) -> str | None:
+def shown_message(submission: SubmissionRow, challenge: Challenge, phase: Phase, *,
+                  participant: bool) -> str | None:
     """A submission's message as its reader may see it: `participant_message`'s rules for a
     participant, the stored text for organisers."""
     if not participant:
         return submission.message
-    hint = _output_hint(challenge_definition(submission.phase.challenge))
-    return participant_message(phase, hint, submission.reason, submission.message)
+    return participant_message(phase, _output_hint(challenge), submission.reason,
+                               submission.message)
 
 
 def queue_overview(session: Session) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from engine import queue
 from engine.api import ratelimit
@@ -45,7 +45,7 @@ from engine.api.pagination import (
     page_of,
     paged_rows,
 )
-from engine.challenges import Phase
+from engine.challenges import Challenge, Phase
 from engine.db.models import CaseResultRow, PhaseRow, SubmissionRow
 from engine.reports import shown_message, submission_report
 from engine.reruns import rerun
@@ -133,15 +133,27 @@ class CaseOut(BaseModel):
     runtime_seconds: float | None
 
 
+def _definition(submission: SubmissionRow,
+                cache: dict[str, Challenge] | None = None) -> tuple[Challenge, Phase]:
+    """The submission's challenge and phase, parsed once per challenge for a whole page."""
+    cache = {} if cache is None else cache
+    challenge_id = submission.phase.challenge_id
+    if challenge_id not in cache:
+        cache[challenge_id] = challenge_definition(submission.phase.challenge)
+    return cache[challenge_id], cache[challenge_id].phase(submission.phase.slug)
+
+
 def _phase(submission: SubmissionRow) -> Phase:
-    return challenge_definition(submission.phase.challenge).phase(submission.phase.slug)
+    return _definition(submission)[1]
 
 
-def _summary(submission: SubmissionRow, principal: Principal) -> SubmissionOut:
+def _summary(submission: SubmissionRow, principal: Principal,
+             cache: dict[str, Challenge] | None = None) -> SubmissionOut:
+    challenge, phase = _definition(submission, cache)
     return SubmissionOut(
         id=submission.id, team=submission.team.name, challenge=submission.phase.challenge_id,
         phase=submission.phase.slug, status=submission.status, reason=submission.reason,
-        message=shown_message(submission, _phase(submission),
+        message=shown_message(submission, challenge, phase,
                               participant=participant_view(principal)),
         created_at=submission.created_at, finished_at=submission.finished_at,
         prize_eligible=submission.prize_eligible)
@@ -181,9 +193,11 @@ def list_submissions(session: DbSession, limit: Limit = 50, offset: Offset = 0,
         query = query.where(PhaseRow.slug == phase)
     if status is not None:
         query = query.where(SubmissionRow.status == status.value)
-    query = query.order_by(SubmissionRow.created_at.desc(), SubmissionRow.id.desc())
+    query = query.order_by(SubmissionRow.created_at.desc(), SubmissionRow.id.desc()).options(
+        joinedload(SubmissionRow.team), joinedload(SubmissionRow.phase))
     rows, total = paged_rows(session, query, limit, offset)
-    return page_of([_summary(r, principal) for r in rows], total, limit, offset)
+    challenges: dict[str, Challenge] = {}
+    return page_of([_summary(r, principal, challenges) for r in rows], total, limit, offset)
 
 
 @router.get("/{submission_id}", response_model=SubmissionDetail, responses=ONE)
