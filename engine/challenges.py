@@ -586,37 +586,51 @@ def load_challenge(path: Path) -> Challenge:
 
 
 def load_challenge_file(path: Path) -> tuple[Challenge, Locator]:
-    """The challenge and a locator that turns (location, message) into `file, line N, ...`."""
+    """The challenge and a locator that turns (location, message) into `file, line N, ...`.
+    Relative dataset paths are read from the file's directory."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ChallengeError(f"{path.name}: larger than {MAX_FILE_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
-        _no_aliases(text)
-        node = yaml.compose(text)
-        _no_duplicate_keys(node)
-        data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise ChallengeError(f"{path.name}: not UTF-8 text") from None
     except OSError as exc:
         raise ChallengeError(f"{path.name}: cannot be read ({exc.strerror})") from None
+    return load_challenge_text(text, path.name, path.parent)
+
+
+def load_challenge_text(text: str, name: str, base: Path) -> tuple[Challenge, Locator]:
+    """A challenge from its YAML text (a file's, or a request body's): `name` is shown in
+    messages, relative dataset paths are read from `base`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise ChallengeError(f"{name}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        _no_aliases(text)
+        node = yaml.compose(text)
+        _no_duplicate_keys(node)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ChallengeError(f"{path.name}: not valid YAML: {exc}") from None
+        raise ChallengeError(f"{name}: not valid YAML: {exc}") from None
     except ChallengeError:
         raise
     except ValueError as exc:  # a constructor's own limit, e.g. an integer of 5,000 digits
-        raise ChallengeError(f"{path.name}: a value cannot be read ({exc})") from None
+        raise ChallengeError(f"{name}: a value cannot be read ({exc})") from None
     except RecursionError:  # the composer recurses once per level: [[[[...]]]] a mile deep
-        raise ChallengeError(f"{path.name}: nested too deeply to be a challenge file") \
+        raise ChallengeError(f"{name}: nested too deeply to be a challenge file") \
             from None
-    locator = Locator(path.name, node)
+    locator = Locator(name, node)
     if not isinstance(data, dict):
-        raise ChallengeError(f"{path.name}: expected a mapping at the top level")
+        raise ChallengeError(f"{name}: expected a mapping at the top level")
     phases = data.get("phases")
     for phase in phases if isinstance(phases, list) else []:
         if isinstance(phase, dict) and isinstance(phase.get("dataset"), dict) and \
                 isinstance(phase["dataset"].get("path"), str):
-            phase["dataset"]["path"] = str((path.parent / phase["dataset"]["path"]).resolve())
+            try:
+                phase["dataset"]["path"] = str((base / phase["dataset"]["path"]).resolve())
+            except (ValueError, OSError):  # a NUL byte, a link loop
+                raise ChallengeError(f"{name}: dataset path {phase['dataset']['path'][:80]!r} "
+                                     "is not a usable path") from None
     try:
         challenge = Challenge.model_validate(data, context={"located": True})
     except ValidationError as exc:

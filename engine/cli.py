@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
@@ -58,6 +59,9 @@ app.add_typer(dataset_app, name="dataset")
 challenge_app = typer.Typer(help="Challenges: create from a YAML file; the file's reference.",
                             no_args_is_help=True)
 app.add_typer(challenge_app, name="challenge")
+token_app = typer.Typer(help="API tokens: create (shown once), list, revoke.",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 console = PipeAwareConsole()
 errors = PipeAwareConsole(stderr=True)
@@ -642,6 +646,100 @@ def check(
             _fail(str(exc), EXIT_NO_ENGINE)
     show(console, chosen_format(output_format, as_json), report, check_blocks)
     raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+) -> None:
+    """Run the HTTP API (uvicorn) on the configured database: the embedded SQLite by
+    default, PostgreSQL by EPREUVE_DATABASE_URL. /docs shows the routes."""
+    import uvicorn
+
+    from engine.api.app import create_app
+    from engine.config import load_settings
+
+    uvicorn.run(create_app(load_settings()), host=host, port=port, proxy_headers=False,
+                server_header=False)
+
+
+@token_app.command("create")
+def token_create(
+    role: str = typer.Option(..., "--role", help="admin, organiser, reviewer, participant or "
+                             "worker."),
+    team: str | None = typer.Option(None, "--team", help="The participant's team (created if "
+                                    "needed)."),
+    challenges: list[str] = typer.Option([], "--challenge", help="A challenge an organiser or "
+                                         "reviewer token may manage or read (repeat it)."),
+    expires: str | None = typer.Option(None, "--expires", help="Lifetime, e.g. 30d, 12h "
+                                       "(default: never)."),
+    note: str | None = typer.Option(None, "--note", help="Who or what it is for."),
+) -> None:
+    """Create a token. Its secret is printed once, as the last line: store it now."""
+    from datetime import timedelta
+
+    from engine.challenges import parse_duration
+    from engine.tokens import create_token
+
+    lifetime = None
+    if expires is not None:
+        try:
+            lifetime = timedelta(seconds=parse_duration(expires))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--expires") from None
+    _, sessions = _sessions()
+    with sessions() as session:
+        row, secret = create_token(session, role, team=team, challenges=challenges,
+                                   expires_in=lifetime, note=note)
+        session.commit()
+        console.print(f"token {row.id} ({row.role}"
+                      + (f", team {escape(row.team.name)}" if row.team else "")
+                      + (f", challenges {escape(', '.join(row.challenge_ids))}"
+                         if row.challenge_ids else "")
+                      + (f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at
+                         else "") + "): shown once, store it now", soft_wrap=True)
+    print(secret)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int = typer.Argument(...)) -> None:
+    """Revoke a token at once: its next request gets 401."""
+    from engine.tokens import revoke_token
+
+    _, sessions = _sessions()
+    with sessions() as session:
+        revoke_token(session, token_id)
+        session.commit()
+    console.print(f"token {token_id} revoked")
+
+
+@token_app.command("list")
+def token_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every token, without its secret: id, display prefix, role, team, scope, dates."""
+    from engine.tokens import list_tokens
+
+    _, sessions = _sessions()
+    with sessions() as session:
+        rows = [{"id": r.id, "prefix": r.prefix, "role": r.role,
+                 "team": r.team.name if r.team else None, "challenges": r.challenge_ids,
+                 "created_at": r.created_at, "expires_at": r.expires_at,
+                 "revoked_at": r.revoked_at, "last_used_at": r.last_used_at, "note": r.note}
+                for r in list_tokens(session)]
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    table = Table(title="tokens")
+    for column in ("id", "prefix", "role", "team", "challenges", "expires", "revoked",
+                   "last used"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(str(r["id"]), f"{r['prefix']}...", r["role"], Text(r["team"] or "-"),
+                      Text(", ".join(r["challenges"]) or "-"),
+                      f"{r['expires_at']:%Y-%m-%d %H:%M}" if r["expires_at"] else "-",
+                      f"{r['revoked_at']:%Y-%m-%d %H:%M}" if r["revoked_at"] else "-",
+                      f"{r['last_used_at']:%Y-%m-%d %H:%M}" if r["last_used_at"] else "-")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ SQLite in the data directory and the local Docker Engine.
                            (default <data dir>/state)
     EPREUVE_RUNNER         the runner backend (default docker: the local Docker Engine)
     EPREUVE_STORE_DIR      the content-addressed store of image tars (default <data dir>/store)
+    EPREUVE_DATASETS_DIR   where the server looks for sealed datasets named by a challenge
+                           sent over the API (default <data dir>/datasets)
     DOCKER_HOST            the Docker Engine (default unix:///var/run/docker.sock)
 """
 
@@ -26,6 +28,7 @@ class Settings:
     state_dir: Path
     runner: str = "docker"  # the backend make_runner() builds
     store_dir_override: Path | None = None
+    datasets_dir_override: Path | None = None
 
     @property
     def outputs_dir(self) -> Path:
@@ -47,6 +50,11 @@ class Settings:
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
 
+    @property
+    def datasets_dir(self) -> Path:
+        """A challenge sent over the API may only name sealed datasets under this folder."""
+        return self.datasets_dir_override or self.data_dir / "datasets"
+
 
 def load_settings() -> Settings:
     data_dir = Path(os.environ.get("EPREUVE_DATA_DIR")
@@ -56,4 +64,6 @@ def load_settings() -> Settings:
     return Settings(data_dir=data_dir, database_url=database_url, state_dir=state_dir,
                     runner=os.environ.get("EPREUVE_RUNNER") or "docker",
                     store_dir_override=Path(os.environ["EPREUVE_STORE_DIR"])
-                    if os.environ.get("EPREUVE_STORE_DIR") else None)
+                    if os.environ.get("EPREUVE_STORE_DIR") else None,
+                    datasets_dir_override=Path(os.environ["EPREUVE_DATASETS_DIR"])
+                    if os.environ.get("EPREUVE_DATASETS_DIR") else None)

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Phase
+from engine.challenges import Challenge, Phase
 from engine.dataset_versions import is_stale
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
 from engine.rendering import terminal_text  # noqa: F401 (where callers have long found it)
@@ -89,6 +89,16 @@ def _output_hint(challenge) -> str:
                 f"{challenge.output.labels}")
     columns = ",".join(challenge.output.classes)
     return f"/output/{challenge.output.filename}, columns case_id,{columns}"
+
+
+def shown_message(submission: SubmissionRow, challenge: Challenge, phase: Phase, *,
+                  participant: bool) -> str | None:
+    """A submission's message as its reader may see it: `participant_message`'s rules for a
+    participant, the stored text for organisers."""
+    if not participant:
+        return submission.message
+    return participant_message(phase, _output_hint(challenge), submission.reason,
+                               submission.message)
 
 
 def queue_overview(session: Session) -> dict[str, Any]:

@@ -77,10 +77,19 @@ class ChallengeChanged(SubmissionRefused):
 
 def register_challenge(session: Session, path: Path, actor: str = "cli", *,
                        force: bool = False) -> ChallengeRow:
-    """Create (or update) a challenge from its file. The whole file is checked first (every
-    field, every phase's sealed dataset and sample cases); only then is anything written.
-    A change to a challenge whose phases have submissions needs `force`, and is recorded."""
+    """Create (or update) a challenge from its file, and commit (the command line's edge)."""
     challenge, locator = load_challenge_file(path)
+    row = register_loaded(session, challenge, locator, actor, force=force)
+    session.commit()
+    return row
+
+
+def register_loaded(session: Session, challenge: Challenge, locator: Locator,
+                    actor: str = "cli", *, force: bool = False) -> ChallengeRow:
+    """Create (or update) a parsed challenge. The whole definition is checked first (every
+    field, every phase's sealed dataset and sample cases); only then is anything written.
+    A change to a challenge whose phases have submissions needs `force`, and is recorded.
+    Flushes; the caller commits."""
     challenge = _with_pinned_evaluation_image(challenge, locator)
     datasets = {phase.id: _phase_dataset(phase, index, locator)
                 for index, phase in enumerate(challenge.phases)}
@@ -103,7 +112,7 @@ def register_challenge(session: Session, path: Path, actor: str = "cli", *,
         for phase_row in row.phases:
             queue.record(session, "phase", phase_row.id, "registered", "redefined", actor,
                          "; ".join(changes))
-    session.commit()
+        session.flush()
     return row
 
 
@@ -410,8 +419,17 @@ def _finish_submission(session: Session, submission: SubmissionRow, status: str,
 
 
 def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> SubmissionRow:
+    """Cancel a submission and commit (the command line's edge)."""
+    submission = cancel_submission(session, submission_id, actor, why)
+    session.commit()
+    return submission
+
+
+def cancel_submission(session: Session, submission_id: int, actor: str,
+                      why: str = "") -> SubmissionRow:
     """Cancel a submission: queued jobs never run, a running one is stopped by its worker
-    (its next heartbeat finds the job cancelled), and nothing more is written for it."""
+    (its next heartbeat finds the job cancelled), and nothing more is written for it.
+    Flushes; the caller commits."""
     submission = session.get(SubmissionRow, submission_id)
     if submission is None:
         raise SubmissionRefused(f"no submission {submission_id}")
@@ -426,7 +444,7 @@ def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> S
             job.finished_at = utcnow()
     _finish_submission(session, submission, SubmissionStatus.CANCELLED, actor,
                        FailureReason.CANCELLED.value, message)
-    session.commit()
+    session.flush()
     return submission
 
 

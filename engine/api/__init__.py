@@ -1,1 +1,2 @@
-"""The HTTP API (FastAPI): routers, authentication, uploads."""
+"""The HTTP API (FastAPI): `create_app(settings)` in app.py; one module per resource
+(authentication, uploads, challenges, submissions, leaderboards, teams, health)."""

@@ -248,3 +248,24 @@ class EventRow(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(200))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class TokenRow(Base):
+    """An API token: only the sha256 of its secret is kept; the prefix is for display.
+    A participant token belongs to a team; organiser and reviewer tokens name the
+    challenges they may manage or read in `challenge_ids`."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(16))  # engine.tokens.Role
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"))
+    challenge_ids: Mapped[list[Any]]
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    team: Mapped[TeamRow | None] = relationship()
