@@ -33,6 +33,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import ClientDisconnect
 
+from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
+from engine.api.pagination import RowId
 from engine.config import Settings
 from engine.db import session_factory
 from engine.errors import EpreuveError
@@ -94,6 +96,14 @@ class SubmissionBody(BaseModel):
     license: str | None = Field(None, max_length=100)
 
 
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_RESPONSES, **NOT_FOUND,
+    400: {"model": ErrorBody, "description": "a malformed header or body"},
+    412: {"model": ErrorBody, "description": "Tus-Resumable is missing or not 1.0.0"},
+    422: {"model": ErrorBody, "description": "a request that does not validate"},
+}
+
+
 def build_router(settings: Settings, principal_dependency: Any, *,
                  sessions: sessionmaker[Session] | None = None,
                  upload_expiry: timedelta = DEFAULT_EXPIRY,
@@ -106,7 +116,8 @@ def build_router(settings: Settings, principal_dependency: Any, *,
     store = open_store(settings.store_dir)
     area = UploadArea(settings.uploads_dir, store, expiry=upload_expiry)
     runner = intake_runner or IntakeRunner(sessions, settings, store)
-    router = APIRouter(prefix=PREFIX, tags=["uploads"], on_startup=[runner.resume_pending],
+    router = APIRouter(prefix=PREFIX, tags=["uploads"], responses=UPLOAD_ERRORS,
+                       on_startup=[runner.resume_pending],
                        on_shutdown=[runner.shutdown])
     router.intake_runner = runner  # type: ignore[attr-defined]
     router.upload_area = area  # type: ignore[attr-defined]
@@ -158,7 +169,6 @@ def build_router(settings: Settings, principal_dependency: Any, *,
     async def append_upload(upload_id: str, request: Request, principal=caller,
                             upload_offset: str | None = Header(None),
                             content_type: str | None = Header(None),
-                            content_length: str | None = Header(None),
                             tus_resumable: str | None = Header(None)) -> Response:
         _check_tus(tus_resumable)
         if (content_type or "").split(";")[0].strip().lower() != OFFSET_OCTET_STREAM:
@@ -166,6 +176,8 @@ def build_router(settings: Settings, principal_dependency: Any, *,
         offset = _number(upload_offset, "Upload-Offset")
         owner = _owner(principal)
         upload = await run_in_threadpool(area.get, upload_id, owner)
+        # read from the request, not declared: the HTTP server itself owns Content-Length
+        content_length = request.headers.get("content-length")
         if offset != upload.offset:  # asked first, as tus orders it; checked again when held
             raise OffsetMismatch(f"Upload-Offset {offset} is not the upload's offset "
                                  f"{upload.offset}: ask it (HEAD) and continue from there")
@@ -204,7 +216,7 @@ def build_router(settings: Settings, principal_dependency: Any, *,
                             headers={"Location": f"{PREFIX}/intakes/{intake_id}"})
 
     @router.get("/intakes/{intake_id}")
-    def get_intake(intake_id: int, principal=caller) -> dict:
+    def get_intake(intake_id: RowId, principal=caller) -> dict:
         with sessions() as session:
             intake = intake_for(session, intake_id, principal.team_id,
                                 any_team=principal.role == "admin")
