@@ -97,6 +97,7 @@ class Bench:
                 tar = work / f"image-{index}.tar"
                 subprocess.run(["docker", "save", tag, "-o", str(tar)], check=True)
                 submit(session, "bench", "test", f"team-{index}", pin_tar(tar, self.client))
+            session.commit()
         jobs = worker.run(until_idle=True)
         elapsed = time.perf_counter() - started
         expected = len(self.tags) * len(self.dataset.case_ids)

@@ -99,10 +99,12 @@ def run_demo(console: Console, repo: Path) -> None:
     submitted = {}
     with sessions() as session, tempfile.TemporaryDirectory(dir=root) as scratch:
         register_challenge(session, challenge_file)
+        session.commit()
         for team, tag in images.items():
             tar = save_image(tag, Path(scratch) / "image.tar", client)
             pinned = pin_tar(tar, client, reference=tag)
             submitted[team] = submit(session, "demo-liver", "validation", team, pinned).id
+            session.commit()
             tar.unlink()
     console.print(f"[green]✓[/green] challenge demo-liver created; submitted "
                   f"{', '.join(f'{t} (#{i})' for t, i in submitted.items())}")

@@ -29,9 +29,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Phase
+from engine.challenges import Phase, challenge_definition
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
-from engine.submissions import challenge_definition, find_phase
+from engine.submissions import find_phase
 from runners.base import FailureReason
 from runners.messages import human_bytes
 
