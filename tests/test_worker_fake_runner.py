@@ -177,3 +177,16 @@ def test_reports_of_an_attempt_that_was_swept_are_refused(tmp_path):
     with pytest.raises(LeaseLost):
         worker.coordinator.started(ticket)
     worker.coordinator.started(again)  # the current attempt goes on
+
+
+def test_a_node_agent_loads_no_database_code():
+    """A remote node has no database: importing the agent must not need one (the import
+    contract checks the imports written; this checks what Python actually loads)."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, engine.worker.agent; print(sorted({m.split('.')[0] "
+         "for m in sys.modules if m.startswith(('sqlalchemy', 'alembic', 'engine.db'))}))"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout.strip() == "[]"
