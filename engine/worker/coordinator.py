@@ -113,12 +113,13 @@ class DbCoordinator:
             return
         with self.sessions() as session:
             job = self._held(session, ticket)
-            challenge = challenge_definition(job.submission.phase.challenge)
+            phase = job.submission.phase  # the reference is ours: never taken from a report
+            challenge = challenge_definition(phase.challenge)
+            reference = (phase.dataset_path, phase.dataset_version)
             queue.transition(session, job, JobStatus.SCORING, self.owner)
             session.commit()
         try:
-            dataset = verified_dataset(ticket.dataset_path, ticket.dataset_version,
-                                       self.verify_cache)
+            dataset = verified_dataset(*reference, self.verify_cache)
         except DatasetError as exc:
             self.retry(ticket, f"the test set failed verification: {exc}")
             return
