@@ -190,3 +190,32 @@ def test_a_node_agent_loads_no_database_code():
          "for m in sys.modules if m.startswith(('sqlalchemy', 'alembic', 'engine.db'))}))"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     assert loaded.stdout.strip() == "[]"
+
+
+class IdleCoordinator:
+    """A Coordinator with nothing to hand out, counting its sweeps."""
+
+    def __init__(self):
+        self.sweeps = 0
+        self.leases = 0
+
+    def lease(self, capacity: int):
+        self.leases += 1
+        return None
+
+    def maintenance(self) -> None:
+        self.sweeps += 1
+
+
+def test_the_agent_sweeps_at_most_every_few_seconds_not_on_every_poll(tmp_path):
+    from engine.config import Settings
+    from engine.worker import Agent
+
+    settings = Settings(data_dir=tmp_path, database_url="sqlite://", state_dir=tmp_path / "s")
+    coordinator = IdleCoordinator()
+    agent = Agent(coordinator, FakeRunner(tmp_path / "locks"), settings, gpus=FAKE_GPUS,
+                  maintenance_seconds=3600)
+    assert [agent.run_once() for _ in range(5)] == [False] * 5
+    assert (coordinator.leases, coordinator.sweeps) == (5, 1)
+    assert agent.run(until_idle=True) == 0  # idle only once a last sweep found nothing
+    assert coordinator.sweeps == 2
