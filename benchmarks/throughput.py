@@ -99,6 +99,7 @@ class Bench:
                 subprocess.run(["docker", "save", tag, "-o", str(tar)], check=True)
                 pinned = pin_tar(tar, self.client, store=open_store(settings.store_dir))
                 submit(session, "bench", "test", f"team-{index}", pinned)
+            session.commit()
         jobs = worker.run(until_idle=True)
         elapsed = time.perf_counter() - started
         expected = len(self.tags) * len(self.dataset.case_ids)

@@ -54,8 +54,7 @@ def markdown() -> str:
 
 def _metric_names() -> str:
     """What `ranking.metrics[].metric` may name, from the scoring code itself."""
-    from engine.challenges import _classification_metrics
-    from engine.results import LESION_METRICS
+    from engine.challenges import LESION_METRICS, _classification_metrics
     from engine.scoring.conventions import SEGMENTATION_METRICS, larger_is_better
 
     def listing(names: list[str]) -> str:

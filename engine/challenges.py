@@ -40,7 +40,7 @@ from engine.outputs import (
     ProbabilityOutput,
     SegmentationOutput,
 )
-from engine.scoring.conventions import EmptyMaskPolicy, larger_is_better
+from engine.scoring.conventions import SEGMENTATION_METRICS, EmptyMaskPolicy, larger_is_better
 from engine.units import parse_size
 from runners.messages import human_bytes
 
@@ -508,8 +508,6 @@ class Challenge(Strict):
             return [m.name for m in self.metrics.evaluator_metrics]
         if self.task == "classification":
             return _classification_metrics(self.output.classes)
-        from engine.results import metric_keys
-
         return list(dict.fromkeys(key.split("[")[0] for key in metric_keys(
             self.model_copy(update={"metrics": self.metrics.model_copy(
                 update={"labels": [0]})}))))
@@ -760,3 +758,23 @@ def _line_of(node: yaml.Node | None, loc: list) -> int | None:
         else:
             return line
     return line
+
+
+LESION_METRICS = ("lesion_dice", "lesion_hd95")
+
+
+def challenge_definition(row) -> Challenge:
+    """A stored definition (a challenge row's `definition`): checked in full when it was
+    registered; read back leniently (bounds may have tightened since) so that its
+    submissions' reports stay readable."""
+    return Challenge.model_validate(row.definition, context={"stored": True})
+
+
+def metric_keys(challenge: Challenge) -> list[str]:
+    if challenge.task == "classification":
+        return []
+    if challenge.metrics.evaluation_image:
+        return [m.name for m in challenge.metrics.evaluator_metrics]
+    names = list(SEGMENTATION_METRICS) + (list(LESION_METRICS) if
+                                          challenge.metrics.lesion_wise else [])
+    return [f"{name}[{label}]" for label in challenge.metrics.labels for name in names]

@@ -17,30 +17,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from engine.challenges import challenge_definition
 from engine.config import Settings
 from engine.datasets import stage, unstage
+from engine.evaluation import EvaluatorFailed, phase_run_spec, score_outputs, verified_dataset
 from engine.images import ImageInvalid, check_config, node_architecture
-from engine.medio import read_header
-from engine.outputs import (
-    ProbabilityOutput,
-    untrusted_case,
-    untrusted_table,
-    validate_probabilities,
-    validate_segmentation,
-)
-from engine.results import flatten
-from engine.scoring.cases import CasePair, LesionSettings, score_cases
-from engine.scoring.segmentation import SegmentationSettings
-from engine.submissions import (
-    SubmissionRefused,
-    challenge_definition,
-    find_phase,
-    smoke_case,
-    verified_dataset,
-)
-from engine.worker import phase_run_spec
+from engine.outputs import ProbabilityOutput
+from engine.submissions import SubmissionRefused, find_phase, smoke_case
 from runners import make_runner
-from runners.base import ImageRejected
+from runners.base import FailureReason, ImageRejected
 
 
 def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
@@ -65,7 +50,7 @@ def dry_run(session: Session, settings: Settings, image: str, challenge_id: str,
     except (ImageInvalid, ImageRejected) as exc:
         report.update(reason="IMAGE_INVALID", message=str(exc))
         return report
-    dataset = verified_dataset(phase_row)
+    dataset = verified_dataset(phase_row.dataset_path, phase_row.dataset_version)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="epreuve-check-", dir=settings.work_dir))
     try:
@@ -101,8 +86,12 @@ def _run_batch(runner, phase, challenge, dataset, image_id: str, batch: list[str
             report.update(reason=result.reason.value, message=_stage_of(smoke, batch)
                           + result.message)
             return False
-        cases = _validate_and_score(challenge, dataset, batch, output,
-                                    frozenset(result.skipped_outputs))
+        try:
+            cases = _validate_and_score(runner, challenge, dataset, batch, result, output,
+                                        scratch)
+        except EvaluatorFailed as exc:
+            report.update(reason=FailureReason.INFRASTRUCTURE.value, message=str(exc))
+            return False
         report["cases"].update(cases)
         invalid = [c for c, v in cases.items() if not v["valid"]]
         if invalid:
@@ -121,29 +110,12 @@ def _stage_of(smoke: bool, batch: list[str]) -> str:
     return "the smoke case passed; another sample case failed: "
 
 
-def _validate_and_score(challenge, dataset, case_ids, output, skipped) -> dict[str, dict]:
-    if isinstance(challenge.output, ProbabilityOutput):
-        outcomes = untrusted_table(case_ids, validate_probabilities, output, case_ids,
-                                   challenge.output)
-        return {c: {"valid": o.valid, "reason": o.reason and o.reason.value,
-                    "message": o.message, "metrics": o.probabilities or {}}
-                for c, o in outcomes.items()}
-    cases, pairs = {}, []
-    for case_id in case_ids:
-        reference = dataset.ground_truth_path(case_id)
-        outcome = untrusted_case(case_id, validate_segmentation, output, case_id,
-                                 challenge.output, read_header(reference).geometry,
-                                 skipped=skipped)
-        cases[case_id] = {"valid": outcome.valid, "reason": outcome.reason and
-                          outcome.reason.value, "message": outcome.message, "metrics": {}}
-        if outcome.valid:
-            pairs.append(CasePair(case_id, output / case_id / challenge.output.filename,
-                                  reference))
-    settings = SegmentationSettings(labels=tuple(challenge.metrics.labels),
-                                    nsd_tolerance_mm=challenge.metrics.nsd_tolerance_mm,
-                                    surface=challenge.metrics.surface,
-                                    empty=challenge.metrics.empty_policy())
-    for case_id, scores in score_cases(pairs, settings, LesionSettings(
-            enabled=challenge.metrics.lesion_wise), workers=1).items():
-        cases[case_id]["metrics"] = flatten(scores)
-    return cases
+def _validate_and_score(runner, challenge, dataset, case_ids, result, output,
+                        scratch: Path) -> dict[str, dict]:
+    """The workers' own path (engine/evaluation.py), shown as a participant reads it."""
+    probabilities = isinstance(challenge.output, ProbabilityOutput)
+    return {case.case_id: {"valid": case.valid, "reason": case.reason, "message": case.message,
+                           "metrics": ({} if not case.valid else case.metrics.get(
+                               "probabilities", {}) if probabilities else case.metrics)}
+            for case in score_outputs(challenge, dataset, case_ids, result, output,
+                                      runner=runner, work_dir=scratch, workers=1)}

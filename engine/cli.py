@@ -329,6 +329,7 @@ def challenge_create(
         try:
             row = register_challenge(session, file, f"cli ({os.environ.get('USER', 'unknown')})",
                                      force=force)
+            session.commit()
         except (ChallengeError, SubmissionRefused) as exc:
             _fail(str(exc))
         phases = ", ".join(f"{p.slug} ({len(p.case_ids)} cases)" for p in row.phases)
@@ -416,6 +417,7 @@ def submit(
             try:
                 submission = make_submission(session, challenge, phase, team, pinned,
                                              source_url=source_url, license_id=license_id)
+                session.commit()
             except SubmissionRefused as exc:
                 _fail(str(exc))
             console.print(f"submission [bold]{submission.id}[/bold] queued "
@@ -514,12 +516,14 @@ def cancel_command(
     why: str = typer.Option("", help="Recorded in the submission's history."),
 ) -> None:
     """Cancel a submission: queued jobs never run; a running container is stopped."""
-    from engine.submissions import SubmissionRefused, cancel
+    from engine.lifecycle import cancel
+    from engine.submissions import SubmissionRefused
 
     _, sessions = _sessions()
     with sessions() as session:
         try:
             cancel(session, submission_id, f"cli ({os.environ.get('USER', 'unknown')})", why)
+            session.commit()
         except SubmissionRefused as exc:
             _fail(str(exc))
     console.print(f"submission {submission_id} cancelled")

@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from engine.datasets import DatasetError, SealedDataset, case_input_digests
+from engine.datasets import (  # noqa: F401 (re-exported)
+    DatasetError,
+    DatasetVersionChanged,
+    SealedDataset,
+    case_input_digests,
+    require_version,
+)
 from engine.db.models import DatasetVersionRow, SubmissionRow
 
 
@@ -49,15 +55,4 @@ def unchanged_cases(old: dict[str, str] | None, new: dict[str, str]) -> list[str
     return [case_id for case_id, digest in new.items() if old.get(case_id) == digest]
 
 
-class DatasetVersionChanged(DatasetError):
-    """The dataset was re-sealed after work was queued for its earlier version."""
 
-
-def require_version(dataset: SealedDataset, expected: str, what: str) -> None:
-    """Refuse to give `what` (queued for version `expected`) inputs of another version."""
-    if dataset.version != expected:
-        raise DatasetVersionChanged(
-            f"{what} was queued for dataset version {expected[:12]}, but the phase's dataset "
-            f"was re-sealed since (now {dataset.version[:12]}): it is not run against "
-            "different inputs. The submission ends as the platform's failure, never counted "
-            "against the team's quota, and needs a re-run: the team submits again")

@@ -1003,3 +1003,17 @@ def data_card(dataset: SealedDataset, title: str | None = None) -> str:
                                                        sorted(counts.items())), ""]
     lines += ["## Verify", "", "    epreuve dataset verify <this archive>", ""]
     return "\n".join(lines)
+
+
+class DatasetVersionChanged(DatasetError):
+    """The dataset was re-sealed after work was queued for its earlier version."""
+
+
+def require_version(dataset: SealedDataset, expected: str, what: str) -> None:
+    """Refuse to give `what` (queued for version `expected`) inputs of another version."""
+    if dataset.version != expected:
+        raise DatasetVersionChanged(
+            f"{what} was queued for dataset version {expected[:12]}, but the phase's dataset "
+            f"was re-sealed since (now {dataset.version[:12]}): it is not run against "
+            "different inputs. The submission ends as the platform's failure, never counted "
+            "against the team's quota, and needs a re-run: the team submits again")

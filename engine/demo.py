@@ -100,11 +100,13 @@ def run_demo(console: Console, repo: Path) -> None:
     submitted = {}
     with sessions() as session, tempfile.TemporaryDirectory(dir=root) as scratch:
         register_challenge(session, challenge_file)
+        session.commit()
         for team, tag in images.items():
             tar = save_image(tag, Path(scratch) / "image.tar", client)
             pinned = pin_tar(tar, client, store=open_store(settings.store_dir), reference=tag,
                              work_dir=Path(scratch))
             submitted[team] = submit(session, "demo-liver", "validation", team, pinned).id
+            session.commit()
             tar.unlink()
     console.print(f"[green]✓[/green] challenge demo-liver created; submitted "
                   f"{', '.join(f'{t} (#{i})' for t, i in submitted.items())}")

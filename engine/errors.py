@@ -33,6 +33,11 @@ class Conflict(EpreuveError):
     http_status = 409
 
 
+class LeaseLost(Conflict, RuntimeError):
+    """The job was swept (lease expired) or cancelled while this worker held it: someone
+    else owns it now. Raised without rolling back anyone's unit of work."""
+
+
 class Unavailable(EpreuveError):
     """The platform cannot do it now (no Docker Engine, no GPU); not the user's fault."""
 

@@ -241,6 +241,7 @@ class IntakeRunner:
                        source_url=intake.source_url, license_id=intake.license,
                        actor=f"api token {intake.token_id}",
                        before_commit=lambda row: self._link(session, intake_id, row))
+                session.commit()  # the intake's edge: the submission and its intake together
             except _Taken:
                 session.rollback()
             except SubmissionRefused as exc:

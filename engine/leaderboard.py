@@ -23,6 +23,7 @@ from scipy.stats import kendalltau
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from engine.challenges import challenge_definition
 from engine.dataset_versions import is_stale
 from engine.datasets import load
 from engine.db.models import AggregateRow, SubmissionRow
@@ -35,7 +36,7 @@ from engine.scoring.ranking import (
     rank_values,
 )
 from engine.statuses import SubmissionStatus
-from engine.submissions import challenge_definition, find_phase
+from engine.submissions import find_phase
 
 
 @dataclass

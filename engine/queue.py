@@ -26,7 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
-from engine.errors import Conflict
+from engine.errors import LeaseLost
 from engine.statuses import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobKind, JobStatus
 from runners.base import FailureReason
 
@@ -61,7 +61,8 @@ def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[s
 
 def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
           gpus_available: int = 0) -> JobRow | None:
-    """Lease the next queued job this node can run to `owner`, or None."""
+    """Lease the next queued job this node can run to `owner`, or None. Flushes; the
+    caller commits (on PostgreSQL the row stays locked until then)."""
     tried: set[int] = set()
     while True:
         candidate = session.execute(
@@ -73,7 +74,6 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
             .with_for_update(skip_locked=True)
         ).scalar_one_or_none()
         if candidate is None:
-            session.commit()
             return None
         now = utcnow()
         taken = session.execute(
@@ -84,10 +84,9 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
         ).rowcount
         if taken == 1:
             record(session, "job", candidate, JobStatus.QUEUED, JobStatus.LEASED, owner)
-            session.commit()
+            session.flush()
             return session.get(JobRow, candidate, populate_existing=True)
-        session.rollback()
-        tried.add(candidate)
+        tried.add(candidate)  # another worker won it: nothing of ours was changed
 
 
 def transition(session: Session, job: JobRow, to_state: str, actor: str,
@@ -106,10 +105,6 @@ def transition(session: Session, job: JobRow, to_state: str, actor: str,
     session.refresh(job)
 
 
-class LeaseLost(Conflict, RuntimeError):
-    """The job was swept (lease expired) or cancelled while this worker held it."""
-
-
 def heartbeat(session: Session, job_id: int, owner: str,
               duration: timedelta = DEFAULT_LEASE) -> bool:
     now = utcnow()
@@ -118,7 +113,6 @@ def heartbeat(session: Session, job_id: int, owner: str,
         .where(JobRow.id == job_id, JobRow.lease_owner == owner, JobRow.status.in_(ACTIVE))
         .values(heartbeat_at=now, lease_expires_at=now + duration)
     ).rowcount
-    session.commit()
     return renewed == 1
 
 

@@ -25,11 +25,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Challenge, Phase
+from engine.challenges import Challenge, Phase, challenge_definition
 from engine.dataset_versions import is_stale
 from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
 from engine.rendering import terminal_text  # noqa: F401 (where callers have long found it)
-from engine.submissions import challenge_definition, find_phase
+from engine.submissions import find_phase
 from runners.base import FailureReason
 from runners.messages import human_bytes
 

@@ -21,21 +21,22 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engine import queue
-from engine.challenges import Challenge
+from engine.challenges import Challenge, challenge_definition
 from engine.config import Settings
 from engine.dataset_versions import case_inputs, unchanged_cases
 from engine.datasets import SealedDataset, case_input_digests
 from engine.db.models import CaseResultRow, JobRow, SubmissionRow
 from engine.errors import Conflict, NotFound
+from engine.evaluation import score_outputs as evaluate
+from engine.evaluation import verified_dataset
 from engine.results import compute_aggregates, results_by_case
 from engine.statuses import SubmissionStatus
-from engine.submissions import challenge_definition, find_phase, verified_dataset
+from engine.submissions import find_phase
 from runners.base import FailureReason, Runner, RunResult, RunStatus
 
 
@@ -64,7 +65,8 @@ def rescore(session: Session, settings: Settings, challenge_id: str, phase_slug:
     older version. Flushes; the caller commits. `runner` makes the runner the organisers'
     evaluation image needs (only called for a challenge that has one)."""
     phase_row, _ = find_phase(session, challenge_id, phase_slug)
-    dataset = verified_dataset(phase_row)
+    dataset = verified_dataset(phase_row.dataset_path, phase_row.dataset_version,
+                               what=f"phase {phase_row.slug}")
     challenge = challenge_definition(phase_row.challenge)
     outcomes = []
     for submission in _chosen(session, phase_row.id, phase_row.dataset_version, submission_id):
@@ -186,17 +188,8 @@ def run_as_recorded(job: JobRow) -> RunResult:
 def score_outputs(settings: Settings, challenge: Challenge, dataset: SealedDataset,
                   job: JobRow, case_ids: list[str], output_dir: Path,
                   runner: Callable[[], Runner] | None) -> list:
-    """The worker's own validate-then-score path on outputs already on disk.
-
-    The one place this module reaches into the worker (engine/worker.py; the evaluation
-    path is moving to engine/evaluation.py): re-point this function there."""
-    from engine.worker import RUN_FAILURES, Worker
-
-    result = run_as_recorded(job)
-    run_failed = result.reason in RUN_FAILURES or result.reason is FailureReason.CANCELLED
-    scorer = object.__new__(Worker)  # its scoring methods only, no queue, no GPU, no work dir
-    scorer.scoring_workers = None
-    scorer.work_dir = settings.work_dir
-    scorer.runner = runner() if runner and challenge.metrics.evaluation_image else None
-    return scorer._score(SimpleNamespace(case_ids=case_ids), challenge, dataset, result,
-                         output_dir, run_failed)
+    """The one validate-then-score path (engine/evaluation.py) on outputs already on disk,
+    with the job's run as it was recorded."""
+    return evaluate(challenge, dataset, case_ids, run_as_recorded(job), output_dir,
+                    runner=runner() if runner and challenge.metrics.evaluation_image else None,
+                    work_dir=settings.work_dir)

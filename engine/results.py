@@ -9,61 +9,16 @@ once: a failed case counts as a maximally wrong prediction.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from engine.challenges import Challenge
+from engine.challenges import Challenge, challenge_definition, metric_keys
 from engine.datasets import SealedDataset, load
 from engine.db.models import AggregateRow, CaseResultRow, SubmissionRow
-from engine.medio import read_volume
+from engine.evaluation import worst_metrics
 from engine.scoring.aggregation import bootstrap_ci, summarise
 from engine.scoring.classification import binary_metrics, multiclass_metrics
-from engine.scoring.conventions import SEGMENTATION_METRICS, image_diagonal_mm, worst_value
-
-LESION_METRICS = ("lesion_dice", "lesion_hd95")
-
-
-def metric_keys(challenge: Challenge) -> list[str]:
-    if challenge.task == "classification":
-        return []
-    if challenge.metrics.evaluation_image:
-        return [m.name for m in challenge.metrics.evaluator_metrics]
-    names = list(SEGMENTATION_METRICS) + (list(LESION_METRICS) if
-                                          challenge.metrics.lesion_wise else [])
-    return [f"{name}[{label}]" for label in challenge.metrics.labels for name in names]
-
-
-def flatten(scores: dict[int, dict[str, float]]) -> dict[str, float]:
-    return {f"{metric}[{label}]": value for label, values in scores.items()
-            for metric, value in values.items()}
-
-
-def worst_metrics(challenge: Challenge, dataset: SealedDataset, case_id: str) -> dict[str, float]:
-    """Every metric of a case at its worst, from the reference's geometry and volumes."""
-    if challenge.metrics.evaluation_image:
-        return {m.name: m.worst for m in challenge.metrics.evaluator_metrics}
-    truth = dataset.case(case_id)["ground_truth"]
-    diagonal = image_diagonal_mm(tuple(truth["shape"]), tuple(truth["spacing"]))
-    voxel_ml = float(np.prod(truth["spacing"])) / 1000.0
-    volumes = _label_volumes(str(dataset.ground_truth_path(case_id)), dataset.version)
-    worst = {}
-    for key in metric_keys(challenge):
-        metric, label = key[:-1].split("[")
-        volume_ml = volumes.get(int(label), 0) * voxel_ml
-        worst[key] = worst_value(metric, diagonal_mm=diagonal, reference_volume_ml=volume_ml)
-    return worst
-
-
-@lru_cache(maxsize=4096)
-def _label_volumes(path: str, dataset_version: str) -> dict[int, int]:
-    """Voxels per label of a sealed reference: read once, however many metrics need it
-    (the dataset version in the key: a new seal is a new entry)."""
-    labels, counts = np.unique(np.asarray(read_volume(Path(path)).array), return_counts=True)
-    return {int(label): int(count) for label, count in zip(labels, counts, strict=True)}
 
 
 def results_by_case(session: Session, submission: SubmissionRow) -> dict[str, CaseResultRow]:
@@ -90,8 +45,6 @@ def case_values(session: Session, challenge: Challenge, dataset: SealedDataset,
 
 
 def compute_aggregates(session: Session, submission: SubmissionRow) -> None:
-    from engine.submissions import challenge_definition
-
     challenge = challenge_definition(submission.phase.challenge)
     dataset = load(submission.phase.dataset_path)
     session.execute(delete(AggregateRow).where(AggregateRow.submission_id == submission.id))

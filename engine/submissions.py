@@ -33,14 +33,14 @@ from engine.challenges import (
     ChallengeError,
     Locator,
     Phase,
+    challenge_definition,
     load_challenge_file,
 )
 from engine.dataset_versions import record_dataset_version
-from engine.datasets import DatasetError, SealedDataset, load, require_intact
+from engine.datasets import DatasetError, SealedDataset, load
 from engine.db.models import (
     ChallengeRow,
     ImageRow,
-    JobRow,
     PhaseRow,
     SubmissionRow,
     TeamRow,
@@ -48,8 +48,7 @@ from engine.db.models import (
 )
 from engine.errors import Conflict
 from engine.images import PinnedImage
-from engine.statuses import JobKind, JobStatus, SubmissionStatus
-from runners.base import FailureReason
+from engine.statuses import JobKind, SubmissionStatus
 
 # OSI-approved licenses most used for research code (SPDX identifiers)
 OPEN_SOURCE_LICENSES = {
@@ -65,23 +64,15 @@ class SubmissionRefused(Conflict, ValueError):
     """Not accepted (closed phase, quota, unknown challenge); the message says why."""
 
 
-def challenge_definition(row: ChallengeRow) -> Challenge:
-    """The stored definition: checked in full when it was registered; read back leniently
-    (bounds may have tightened since) so that its submissions' reports stay readable."""
-    return Challenge.model_validate(row.definition, context={"stored": True})
-
-
 class ChallengeChanged(SubmissionRefused):
     """Re-registering would change a challenge that already has submissions."""
 
 
 def register_challenge(session: Session, path: Path, actor: str = "cli", *,
                        force: bool = False) -> ChallengeRow:
-    """Create (or update) a challenge from its file, and commit (the command line's edge)."""
+    """Create (or update) a challenge from its file. Flushes; the caller commits."""
     challenge, locator = load_challenge_file(path)
-    row = register_loaded(session, challenge, locator, actor, force=force)
-    session.commit()
-    return row
+    return register_loaded(session, challenge, locator, actor, force=force)
 
 
 def register_loaded(session: Session, challenge: Challenge, locator: Locator,
@@ -112,7 +103,6 @@ def register_loaded(session: Session, challenge: Challenge, locator: Locator,
         for phase_row in row.phases:
             queue.record(session, "phase", phase_row.id, "registered", "redefined", actor,
                          "; ".join(changes))
-        session.flush()
     return row
 
 
@@ -360,98 +350,5 @@ def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
                   kind=JobKind.SMOKE, actor=actor, gpus=phase.limits.gpus)
     if before_commit is not None:
         before_commit(submission)
-    session.commit()
-    return submission
-
-
-def shards(case_ids: list[str], size: int) -> list[list[str]]:
-    return [case_ids[i:i + size] for i in range(0, len(case_ids), size)]
-
-
-def after_job(session: Session, job: JobRow, actor: str) -> None:
-    """What follows a finished job: the main jobs after a smoke job, or the submission's end."""
-    submission = job.submission
-    _, phase = find_phase(session, submission.phase.challenge_id, submission.phase.slug)
-    if job.kind == JobKind.SMOKE and job.status == JobStatus.FAILED:
-        _finish_submission(session, submission, SubmissionStatus.FAILED, actor, job.reason, (
-            f"the smoke case failed, so the rest were not run: {job.message}"))
-        return
-    if job.kind == JobKind.SMOKE and job.status == JobStatus.SUCCEEDED:
-        _set_status(session, submission, SubmissionStatus.RUNNING, actor, "smoke job passed")
-        remaining = [c for c in submission.case_ids if c not in job.case_ids]
-        if remaining:
-            queue.enqueue(session, submission, shards(remaining, phase.cases_per_run),
-                          kind=JobKind.MAIN, actor=actor, gpus=phase.limits.gpus)
-            return
-    pending = session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.submission_id == submission.id, JobRow.status.not_in(queue.TERMINAL)))
-    if pending == 0:
-        from engine.results import compute_aggregates
-
-        lost = session.scalars(select(JobRow).where(
-            JobRow.submission_id == submission.id, JobRow.status == JobStatus.FAILED,
-            JobRow.reason == FailureReason.INFRASTRUCTURE.value).order_by(JobRow.id)).all()
-        if lost:  # cases the platform never evaluated: not the team's failure, nor its quota
-            _finish_submission(session, submission, SubmissionStatus.FAILED, actor,
-                               lost[0].reason, (
-                f"the platform could not evaluate {sum(len(j.case_ids) for j in lost)} of the "
-                f"{len(submission.case_ids)} cases: {lost[0].message}"))
-            return
-        compute_aggregates(session, submission)
-        _finish_submission(session, submission, SubmissionStatus.SUCCEEDED, actor, None,
-                           "evaluated: see the leaderboard")
-
-
-def _set_status(session: Session, submission: SubmissionRow, status: str, actor: str,
-                detail: str | None) -> None:
-    if submission.status != status:
-        queue.record(session, "submission", submission.id, submission.status, status, actor,
-                     detail)
-        submission.status = status
-
-
-def _finish_submission(session: Session, submission: SubmissionRow, status: str, actor: str,
-                       reason: str | None, message: str) -> None:
-    _set_status(session, submission, status, actor, message)
-    submission.reason, submission.message, submission.finished_at = reason, message, utcnow()
-    if reason == FailureReason.INFRASTRUCTURE.value:
-        submission.counts_against_quota = False  # not the team's fault
-
-
-def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> SubmissionRow:
-    """Cancel a submission and commit (the command line's edge)."""
-    submission = cancel_submission(session, submission_id, actor, why)
-    session.commit()
-    return submission
-
-
-def cancel_submission(session: Session, submission_id: int, actor: str,
-                      why: str = "") -> SubmissionRow:
-    """Cancel a submission: queued jobs never run, a running one is stopped by its worker
-    (its next heartbeat finds the job cancelled), and nothing more is written for it.
-    Flushes; the caller commits."""
-    submission = session.get(SubmissionRow, submission_id)
-    if submission is None:
-        raise SubmissionRefused(f"no submission {submission_id}")
-    if submission.status in queue.TERMINAL:
-        raise SubmissionRefused(f"submission {submission_id} already ended ({submission.status})")
-    message = f"cancelled by {actor}" + (f": {why}" if why else "")
-    for job in submission.jobs:
-        if job.status not in queue.TERMINAL:
-            queue.record(session, "job", job.id, job.status, JobStatus.CANCELLED, actor, message)
-            job.status, job.reason = JobStatus.CANCELLED, FailureReason.CANCELLED.value
-            job.message = message
-            job.finished_at = utcnow()
-    _finish_submission(session, submission, SubmissionStatus.CANCELLED, actor,
-                       FailureReason.CANCELLED.value, message)
     session.flush()
     return submission
-
-
-def verified_dataset(phase_row: PhaseRow, cache=None):
-    dataset = require_intact(Path(phase_row.dataset_path), cache=cache)
-    if dataset.version != phase_row.dataset_version:
-        raise DatasetError(f"the dataset at {phase_row.dataset_path} is version "
-                           f"{dataset.version[:12]}; the phase was created with "
-                           f"{phase_row.dataset_version[:12]}")
-    return dataset

@@ -136,8 +136,14 @@ class RunSpec:
         if not _finite_number(grace) or not 0 <= grace <= MAX_STOP_GRACE_SECONDS:
             raise InvalidRunSpec(f"RunSpec.stop_grace_seconds must be between 0 and "
                                  f"{MAX_STOP_GRACE_SECONDS:g} s, got {grace!r}")
-        if self.input_dir is not None and not Path(self.input_dir).is_dir():
-            raise InvalidRunSpec(f"input directory {self.input_dir} does not exist")
+        # plain data: the paths are checked where the run happens (require_paths)
+
+
+def require_paths(spec: RunSpec) -> None:
+    """What a spec names on disk is there: every runner calls this before it creates
+    anything (a spec is plain data, built anywhere, even where its paths are not)."""
+    if spec.input_dir is not None and not Path(spec.input_dir).is_dir():
+        raise InvalidRunSpec(f"input directory {spec.input_dir} does not exist")
 
 
 def _finite_number(value: Any) -> bool:

@@ -51,6 +51,7 @@ from runners.base import (
     RunSpec,
     RunStatus,
     failed,
+    require_paths,
 )
 from runners.cgroups import (
     RUN_NAME,
@@ -269,6 +270,7 @@ class DockerRunner:
     # -- the Runner protocol -------------------------------------------------------------
 
     def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+        require_paths(spec)  # InvalidRunSpec: refused before anything is created
         if self._leftovers:
             self._reap_quietly()
         name = f"epreuve-{uuid.uuid4().hex[:12]}"

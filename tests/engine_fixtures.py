@@ -149,6 +149,7 @@ def registered_scene(root: Path, monkeypatch, challenge: str, *, cases: int, siz
     sessions = session_factory(settings.database_url)
     with sessions() as session:
         register_challenge(session, root / "challenge.yaml")
+        session.commit()
     return root, settings, sessions
 
 

@@ -208,7 +208,7 @@ def test_classification_rankings_name_computed_metrics(tmp_path):
 
 
 def test_a_stored_definition_stays_readable_under_tighter_bounds(cli):
-    from engine.submissions import challenge_definition
+    from engine.challenges import challenge_definition
 
     assert cli(GOOD).exit_code == 0
     with cli.sessions()() as session:

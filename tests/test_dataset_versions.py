@@ -81,6 +81,7 @@ def reseal_and_recreate(scene) -> str:
     version = seal(scene.root / "data" / "validation").version
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file, force=True)
+        session.commit()
     return version
 
 
@@ -108,12 +109,14 @@ def added(tmp_path_factory, images, tars):
         old_version = load(root / "data/validation").version
         finished = submit(session, "test-liver", "validation", "finished",
                           pin(images["threshold"], tars)).id
+        session.commit()
     run_worker(scene)
     before = board(scene)
     with scene.sessions() as session:
         stored_before = aggregates(session, finished)
         queued = submit(session, "test-liver", "validation", "queued",
                         pin(images["threshold"], tars)).id
+        session.commit()
     add_case(root / "data/validation", root / "scratch")
     new_version = reseal_and_recreate(scene)
     after_reseal = board(scene)
@@ -121,6 +124,7 @@ def added(tmp_path_factory, images, tars):
     with scene.sessions() as session:
         fresh = submit(session, "test-liver", "validation", "fresh",
                        pin(images["no-smoothing"], tars)).id
+        session.commit()
     run_worker(scene)
     return dict(scene=scene, finished=finished, queued=queued, fresh=fresh, before=before,
                 after_reseal=after_reseal, stored_before=stored_before,
@@ -226,6 +230,7 @@ def test_rescore_scores_stored_outputs_against_corrected_ground_truth(tmp_path, 
                       pin(images["threshold"], tars)).id
         tampered = submit(session, "test-liver", "validation", "tampered",
                           pin(images["no-smoothing"], tars)).id
+        session.commit()
     run_worker(scene)
     with scene.sessions() as session:
         old = {r.case_id: r.metrics for r in session.scalars(select(CaseResultRow).where(

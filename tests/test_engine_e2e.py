@@ -49,6 +49,7 @@ def test_full_challenge_from_yaml_to_leaderboard(tmp_path, images, tars):
         ablated = submit(session, "test-liver", "validation", "ablated",
                          pin(images["no-smoothing"], tars))
         full_id, ablated_id = full.id, ablated.id
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 6  # 2 smoke + 2x2 main jobs
 
     with scene.sessions() as session:
@@ -85,6 +86,7 @@ def test_broken_image_is_stopped_after_the_smoke_job(tmp_path, images, tars):
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         broken = submit(session, "test-liver", "validation", "broken", pin(images["broken"], tars))
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 1
     with scene.sessions() as session:
         submission = session.get(SubmissionRow, broken.id)
@@ -101,6 +103,7 @@ def test_wrong_output_name_fails_at_the_smoke_job_with_a_typed_reason(tmp_path, 
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pin(images["wrong-name"], tars))
+        session.commit()
     worker_for(scene).run(until_idle=True)
     with scene.sessions() as session:
         submission = session.get(SubmissionRow, sub.id)
@@ -113,6 +116,7 @@ def test_sealed_final_phase_hides_logs_and_cases_from_participants(tmp_path, ima
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "final", "t", pin(images["broken"], tars))
+        session.commit()
     worker_for(scene).run(until_idle=True)
     with scene.sessions() as session:
         view = submission_report(session, sub.id, participant=True)
@@ -127,6 +131,7 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, images, tars):
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "slow", pin(images["slow"], tars))
+        session.commit()
     env = {**os.environ, "EPREUVE_DATA_DIR": str(scene.settings.data_dir),
            "EPREUVE_STATE_DIR": str(scene.settings.state_dir)}
     epreuve = [str(Path(sys.executable).parent / "epreuve"), "worker", "--until-idle",
@@ -181,6 +186,7 @@ def test_quota_refusal(tmp_path, images, tars):
             submit(session, "test-liver", "validation", "t", pinned)
         assert submit(session, "test-liver", "validation", "other-team", pinned).id == \
             first.id + 1
+        session.commit()
 
 
 def test_closed_phase_refuses_submissions(tmp_path, images, tars):
@@ -189,6 +195,7 @@ def test_closed_phase_refuses_submissions(tmp_path, images, tars):
         register_challenge(session, scene.challenge_file)
         with pytest.raises(SubmissionRefused, match="is not open: it closed 2020-01-01"):
             submit(session, "test-liver", "closed", "t", pin(images["threshold"], tars))
+        session.commit()
 
 
 def test_prize_requires_source_and_license(tmp_path, images, tars):
@@ -206,6 +213,7 @@ def test_prize_requires_source_and_license(tmp_path, images, tars):
                            source_url="https://example.org/code", license_id="Apache-2.0")
         assert open_code.prize_eligible and open_code.prize_note is None
         assert hidden.image_pk == odd.image_pk == open_code.image_pk  # one image, recognised
+        session.commit()
 
 
 def test_check_reports_what_the_platform_would(tmp_path, images):
@@ -217,6 +225,7 @@ def test_check_reports_what_the_platform_would(tmp_path, images):
         good = dry_run(session, scene.settings, images["threshold"], "test-liver", "validation")
         bad = dry_run(session, scene.settings, images["broken"], "test-liver", "validation")
         named = dry_run(session, scene.settings, images["wrong-name"], "test-liver", None)
+        session.commit()
     assert good["ok"] and good["cases"]["case-001"]["metrics"]["dice[1]"] > 0.8
     assert not bad["ok"] and bad["reason"] == "NONZERO_EXIT"
     assert not named["ok"] and named["reason"] == "OUTPUT_MISSING"
@@ -227,12 +236,13 @@ def test_check_reports_what_the_platform_would(tmp_path, images):
 def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
     import threading
 
-    from engine.submissions import cancel
+    from engine.lifecycle import cancel
 
     scene = make_scene(tmp_path, cases_per_run=3)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "slow", pin(images["slow"], tars))
+        session.commit()
     worker = worker_for(scene, heartbeat_seconds=0.5)
     thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
     started = time.monotonic()
@@ -243,6 +253,7 @@ def test_cancel_stops_a_running_job_and_writes_nothing(tmp_path, images, tars):
         time.sleep(0.2)
     with scene.sessions() as session:
         cancel(session, sub.id, "organiser", "wrong phase")
+        session.commit()
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert time.monotonic() - started < 20  # the container sleeps 20 s before any work
@@ -266,6 +277,7 @@ def test_the_engine_on_postgresql(tmp_path, images, tars):
         register_challenge(session, scene.challenge_file)
         good = submit(session, "test-liver", "validation", "good", pin(images["threshold"], tars))
         broken = submit(session, "test-liver", "validation", "broken", pin(images["broken"], tars))
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 4  # 1 + 2 for good, 1 for broken
     with scene.sessions() as session:
         assert session.get(SubmissionRow, good.id).status == "succeeded"

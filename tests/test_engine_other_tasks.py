@@ -86,6 +86,7 @@ def test_an_evaluation_image_replaces_the_built_in_metrics(tmp_path, docker_engi
     with sessions() as session:
         register_challenge(session, tmp_path / "challenge.yaml")
         sub = submit(session, "eval-liver", "test", "t", pin(threshold, tmp_path))
+        session.commit()
     worker.run(until_idle=True)
     with sessions() as session:
         assert session.get(SubmissionRow, sub.id).status == "succeeded"
@@ -127,6 +128,7 @@ def test_a_classification_challenge_end_to_end(tmp_path, adversarial):
                       pin("epreuve-test/classifier-full:latest", tmp_path))
         partial = submit(session, "tumour-presence", "test", "partial",
                          pin("epreuve-test/classifier-partial:latest", tmp_path))
+        session.commit()
     worker.run(until_idle=True)
     with sessions() as session:
         assert session.get(SubmissionRow, full.id).status == "succeeded"

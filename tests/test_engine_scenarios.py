@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from engine.challenges import ChallengeError
+from engine.challenges import ChallengeError, challenge_definition
 from engine.datasets import load, seal
 from engine.db.models import AggregateRow, CaseResultRow, JobRow, SubmissionRow
 from engine.leaderboard import leaderboard
@@ -24,12 +24,7 @@ from engine.medio import read_volume
 from engine.results import case_values
 from engine.scoring.cases import LesionSettings
 from engine.scoring.lesions import lesion_wise
-from engine.submissions import (
-    SubmissionRefused,
-    challenge_definition,
-    register_challenge,
-    submit,
-)
+from engine.submissions import SubmissionRefused, register_challenge, submit
 from engine.synthetic import synth_dataset
 from engine.worker import Worker
 from runners.docker import DockerRunner
@@ -69,6 +64,7 @@ def test_a_dataset_version_the_challenge_does_not_expect_is_refused(tmp_path):
                    f"dataset: {{path: data/validation, version: '{'0' * 64}'}}\n    quota")
     with scene.sessions() as session, pytest.raises(ChallengeError) as refused:
         register_challenge(session, scene.challenge_file)
+        session.commit()
     assert str(refused.value) == (
         f"test-liver.yaml, line 12, phases[0].dataset.version: phase validation: the dataset "
         f"at {tmp_path / 'data/validation'} is version {actual[:12]}, the challenge expects "
@@ -77,6 +73,7 @@ def test_a_dataset_version_the_challenge_does_not_expect_is_refused(tmp_path):
     edit_challenge(scene, f"version: '{'0' * 64}'", f"version: '{actual}'")
     with scene.sessions() as session:
         assert register_challenge(session, scene.challenge_file).id == "test-liver"
+        session.commit()
 
 
 def test_a_phase_that_opens_in_the_future_refuses_until_it_opens(tmp_path, images, tars):
@@ -96,6 +93,7 @@ def test_a_phase_that_opens_in_the_future_refuses_until_it_opens(tmp_path, image
         opened = submit(session, "test-liver", "later", "t", pinned,
                         now=datetime(2999, 1, 1, tzinfo=UTC))
         assert opened.status == "queued"
+        session.commit()
 
 
 # -- one evaluated phase, ranked three ways --------------------------------------------------
@@ -114,6 +112,7 @@ def evaluated(images, tmp_path_factory):
                       pin(images["threshold"], root)).id
         ablated = submit(session, "test-liver", "validation", "ablated",
                          pin(images["no-smoothing"], root)).id
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 4
     with scene.sessions() as session:
         for submission_id in (full, ablated):
@@ -178,6 +177,7 @@ def rerank(scene, scheme: str, aggregate: str) -> list:
         f"ranking:\n  scheme: {scheme}\n  aggregate: {aggregate}\n", text, count=1))
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file, force=True)
+        session.commit()
         return leaderboard(session, "test-liver", "validation")
 
 
@@ -277,6 +277,7 @@ def test_a_multiclass_classification_challenge_end_to_end(tmp_path, images):
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "liver-lesion-type", "test", "t",
                      pin("epreuve-test/classifier-multiclass:latest", tmp_path)).id
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 4  # smoke (1 case), 8 cases in 3 shards
 
     cases = sorted(truth)

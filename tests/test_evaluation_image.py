@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.datasets import seal
+from engine.evaluation_image import run_evaluation_image
 from engine.medio import Volume, read_volume, write_nifti
-from engine.scoring.evaluation_image import run_evaluation_image
 from engine.synthetic import synth_dataset
 from runners.base import FailureReason
 from tests.conftest import REPO, build_image

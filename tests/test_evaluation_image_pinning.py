@@ -10,15 +10,12 @@ import uuid
 import docker
 import pytest
 
-from engine.challenges import ChallengeError
+from engine.challenges import ChallengeError, challenge_definition
 from engine.datasets import seal
 from engine.db import session_factory
-from engine.scoring.evaluation_image import (
-    EvaluationImageUnusable,
-    pinned_evaluation_image,
-    run_evaluation_image,
-)
-from engine.submissions import challenge_definition, register_challenge
+from engine.evaluation_image import run_evaluation_image
+from engine.scoring.evaluation_image import EvaluationImageUnusable, pinned_evaluation_image
+from engine.submissions import register_challenge
 from engine.synthetic import synth_dataset
 from runners.base import FailureReason
 from tests.test_image_intake_attacks import docker_build, image_id
@@ -60,7 +57,10 @@ def scene(tmp_path, docker_engine):
 def create(tmp_path, sessions, image: str):
     (tmp_path / "challenge.yaml").write_text(CHALLENGE.format(image=image))
     with sessions() as session:
-        return challenge_definition(register_challenge(session, tmp_path / "challenge.yaml"))
+        definition = challenge_definition(register_challenge(session,
+                                                              tmp_path / "challenge.yaml"))
+        session.commit()
+        return definition
 
 
 def test_the_evaluation_image_is_pinned_at_create_and_a_moved_tag_changes_nothing(scene):

@@ -258,10 +258,12 @@ def test_an_image_removed_after_submit_is_loaded_back_and_scores_the_same(
         with scene.sessions() as session:
             register_challenge(session, scene.challenge_file)
             kept_on_node = submit(session, "test-liver", "validation", "t", pinned).id
+            session.commit()
         worker = worker_for(scene)
         worker.run(until_idle=True)
         with scene.sessions() as session:
             vanished = submit(session, "test-liver", "validation", "t", pinned).id
+            session.commit()
         remove(tag, image_id)  # an operator's `docker rmi` after submit
         assert not present(client, image_id)
 
@@ -288,6 +290,7 @@ def test_a_corrupt_stored_image_is_the_platforms_failure(tmp_path, threshold, cl
         with scene.sessions() as session:
             register_challenge(session, scene.challenge_file)
             sub = submit(session, "test-liver", "validation", "t", pinned).id
+            session.commit()
         remove(tag, image_id)
         flip_a_byte(store.path(pinned.archive_sha256))
 

@@ -32,8 +32,9 @@ from engine import metrics, queue
 from engine.db import session_factory
 from engine.db.models import SubmissionRow, TeamRow, utcnow
 from engine.images import PinnedImage
+from engine.lifecycle import after_job, cancel
 from engine.statuses import JobStatus
-from engine.submissions import after_job, cancel, register_challenge, submit
+from engine.submissions import register_challenge, submit
 from gpu.telemetry import TelemetrySampler
 from tests.conftest import postgres_sessions
 from tests.engine_fixtures import make_scene
@@ -102,6 +103,7 @@ def busy(scene):
     with sessions() as session:
         ids = [submit(session, "test-liver", "validation", team, pinned(i)).id
                for i, team in enumerate(TEAMS)]
+        session.commit()
     with sessions() as session:
         job = queue.lease(session, "w-one")
         step(session, job, "w-one", JobStatus.RUNNING, JobStatus.SCORING, JobStatus.FAILED,
@@ -114,6 +116,7 @@ def busy(scene):
         after_job(session, job, "test")  # two main jobs queued
         session.commit()
         cancel(session, ids[2], "test")
+        session.commit()
         job = queue.lease(session, "w-two")
         step(session, job, "w-two", JobStatus.RUNNING)
     return ids

@@ -262,6 +262,7 @@ def test_a_degenerate_mask_from_a_container_is_charged_to_the_team(tmp_path, adv
         register_challenge(session, tmp_path / "challenge.yaml")
         submission = submit(session, "degenerate-grid", "test", "team",
                             pin("epreuve-test/degenerate-grid:latest", tmp_path))
+        session.commit()
     worker.run(until_idle=True)
     with sessions() as session:
         jobs = session.scalars(select(JobRow).where(

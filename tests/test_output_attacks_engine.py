@@ -59,6 +59,7 @@ def test_a_hostile_output_tree_fails_the_job_once_as_output_invalid(tmp_path, ad
         register_challenge(session, tmp_path / "challenge.yaml")
         submission = submit(session, "hostile-outputs", "test", "team",
                             pin("epreuve-test/hostile-outputs:latest", tmp_path))
+        session.commit()
     worker.run(until_idle=True)
     with sessions() as session:
         assert session.get(SubmissionRow, submission.id).status == "failed"

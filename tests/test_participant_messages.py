@@ -151,6 +151,7 @@ def test_a_real_wrong_shape_submission_in_a_hidden_phase(scene, docker_engine):
     with sessions() as session:
         checked = dry_run(session, settings, tag, "hidden-liver", "hidden")
         sub = submit(session, "hidden-liver", "hidden", "t", pin(tag, root)).id
+        session.commit()
     # check stops where the smoke job stops: on the same case, with the same reason
     assert [run["cases"] for run in checked["runs"]] == [["case-002"]]
     assert not checked["ok"] and checked["reason"] == "OUTPUT_INVALID"

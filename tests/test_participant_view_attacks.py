@@ -138,6 +138,7 @@ def test_a_sparse_file_named_after_a_hidden_case_leaks_nothing(scene, adversaria
                        root / "image")
     with sessions() as session:
         sub = submit(session, "hidden-views", "hidden", "t", pin(tag, root)).id
+        session.commit()
     runner = DockerRunner(state_dir=settings.state_dir / "runs")
     Worker(sessions, settings, runner, scoring_workers=1).run(until_idle=True)
     with sessions() as session:

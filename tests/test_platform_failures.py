@@ -15,7 +15,6 @@ import docker
 import pytest
 from sqlalchemy import select
 
-from engine import queue
 from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow
 from engine.leaderboard import leaderboard
 from engine.reports import submission_report
@@ -142,6 +141,7 @@ def test_a_test_set_failing_verification_is_the_platforms_failure(tmp_path, imag
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pinned)
+        session.commit()
     tamper(scene.root / "data/validation/ground_truth/case-002/label.nii.gz")
 
     assert worker_for(scene).run(until_idle=True) == MAX_ATTEMPTS  # no container ever ran
@@ -153,6 +153,7 @@ def test_a_test_set_failing_verification_is_the_platforms_failure(tmp_path, imag
             f"({version[:12]}):\n  changed: ground_truth/case-002/label.nii.gz"))
         # the quota of one is still free: the platform's failure cost the team nothing
         assert submit(session, "test-liver", "validation", "t", pinned).id == sub.id + 1
+        session.commit()
 
 
 def relabel_one_voxel(path):
@@ -176,6 +177,7 @@ def test_a_test_set_resealed_after_the_phase_was_created_is_refused_by_the_worke
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pin(images["threshold"], tars))
         created_with = session.get(SubmissionRow, sub.id).phase.dataset_version
+        session.commit()
     dataset = scene.root / "data/validation"
     relabel_one_voxel(dataset / "ground_truth/case-002/label.nii.gz")
     resealed = seal(dataset).version  # intact again, but not the data the phase was made with
@@ -202,6 +204,7 @@ def test_infrastructure_failures_do_not_count_against_the_quota(tmp_path, images
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pinned)
+        session.commit()
     assert worker_for(scene, unreachable_daemon(scene)).run(until_idle=True) == MAX_ATTEMPTS
     with scene.sessions() as session:
         job = only_job(session, sub.id)
@@ -212,6 +215,7 @@ def test_infrastructure_failures_do_not_count_against_the_quota(tmp_path, images
         view = submission_report(session, sub.id, participant=True)
         assert (view["status"], view["reason"]) == ("failed", "INFRASTRUCTURE")
         assert submit(session, "test-liver", "validation", "t", pinned).id == sub.id + 1
+        session.commit()
 
 
 def gpu_scene(tmp_path):
@@ -232,6 +236,7 @@ def test_a_gpu_job_waits_on_a_node_without_gpus(tmp_path, images, tars):
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pin(images["threshold"], tars))
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 0  # never leased here, never failed
     with scene.sessions() as session:
         job = only_job(session, sub.id)
@@ -248,16 +253,17 @@ def test_gpus_taken_between_lease_and_allocation_are_the_platforms_failure(
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pin(images["threshold"], tars))
-    worker = worker_for(scene)
-    locks = tmp_path / "gpu-locks"
-    worker.gpus = GPUAllocator(["GPU-00000000-fake-0000-0000-000000000000"], locks)
+        session.commit()
+    worker = Worker(scene.sessions, scene.settings,
+                    DockerRunner(state_dir=scene.settings.state_dir / "runs"), scoring_workers=1,
+                    gpus=["GPU-00000000-fake-0000-0000-000000000000"])  # an injected inventory
+    for _ in range(MAX_ATTEMPTS):
+        ticket = worker.coordinator.lease(worker.gpus.free_count())
+        assert ticket is not None and ticket.submission_id == sub.id and ticket.gpus == 1
+        with GPUAllocator(worker.gpus.uuids, worker.gpus.lock_dir).allocate(1):  # another worker
+            worker.process(ticket)
+    assert worker.coordinator.lease(1) is None
     with scene.sessions() as session:
-        for _ in range(MAX_ATTEMPTS):
-            job = queue.lease(session, worker.owner, gpus_available=worker.gpus.free_count())
-            assert job is not None and job.submission_id == sub.id
-            with GPUAllocator(worker.gpus.uuids, locks).allocate(1):  # the other worker
-                worker.process(session, job)
-        assert queue.lease(session, worker.owner, gpus_available=1) is None
         assert_failed_by_the_platform(session, sub.id, "1 GPU(s) wanted, 0 free of 1")
 
 
@@ -274,6 +280,7 @@ def test_an_evaluation_image_that_fails_is_the_platforms_failure(tmp_path, image
     with scene.sessions() as session:
         register_challenge(session, challenge)
         sub = submit(session, "eval-liver", "test", "t", pin(images["threshold"], tars))
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == MAX_ATTEMPTS
     with scene.sessions() as session:
         assert_failed_by_the_platform(session, sub.id, (
@@ -289,6 +296,7 @@ def test_an_evaluation_image_leaving_out_a_metric_fails_that_case(tmp_path, imag
     with scene.sessions() as session:
         register_challenge(session, challenge)
         sub = submit(session, "eval-liver", "test", "t", pin(images["threshold"], tars))
+        session.commit()
     assert worker_for(scene).run(until_idle=True) == 2  # smoke (case-001), main (002, 003)
     with scene.sessions() as session:
         assert session.get(SubmissionRow, sub.id).status == "succeeded"
@@ -315,6 +323,7 @@ def test_a_main_job_the_platform_failed_fails_the_submission_free_of_quota(tmp_p
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pinned)
+        session.commit()
     assert worker_for(scene).run(max_jobs=1) == 1  # the smoke job, case-001
     assert worker_for(scene, unreachable_daemon(scene)).run(until_idle=True) == MAX_ATTEMPTS
     with scene.sessions() as session:
@@ -329,3 +338,4 @@ def test_a_main_job_the_platform_failed_fails_the_submission_free_of_quota(tmp_p
         assert submission.counts_against_quota is False
         assert leaderboard(session, "test-liver", "validation") == []  # no worst values shown
         assert submit(session, "test-liver", "validation", "t", pinned).id == sub.id + 1
+        session.commit()

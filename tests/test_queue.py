@@ -70,6 +70,7 @@ def test_smoke_jobs_first_then_oldest(sessions):
         order = [queue.lease(session, "w").case_ids for _ in range(3)]
         assert order == [["s0"], ["m0"], ["m1"]]
         assert queue.lease(session, "w") is None
+        session.commit()
 
 
 def test_gpu_jobs_wait_for_a_node_with_gpus(sessions):
@@ -89,8 +90,10 @@ def test_concurrent_workers_never_share_a_job(sessions):
     def work(name: str) -> None:
         with sessions() as session:
             while (job := queue.lease(session, name)) is not None:
+                session.commit()  # each lease its own unit of work, as a coordinator's
                 with lock:
                     taken.append(job.id)
+            session.commit()
 
     threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(6)]
     for thread in threads:
@@ -141,6 +144,7 @@ def test_a_dead_owner_on_this_host_is_swept_at_once(sessions):
         job = queue.lease(session, dead, duration=timedelta(hours=1))
         assert queue.sweep(session, "sweeper") == []  # the queue alone sees no process
         assert queue.sweep(session, "sweeper", owner_dead=dead_on_this_host) == [job.id]
+        session.commit()
 
 
 def test_a_swept_job_is_no_longer_ours(sessions):
@@ -152,6 +156,7 @@ def test_a_swept_job_is_no_longer_ours(sessions):
         session.refresh(job)
         with pytest.raises(queue.LeaseLost):
             queue.transition(session, job, "running", "elsewhere:1:1")
+        session.commit()
 
 
 def test_heartbeats_renew_the_lease(sessions):
@@ -163,6 +168,7 @@ def test_heartbeats_renew_the_lease(sessions):
         session.refresh(job)
         assert job.lease_expires_at > before + timedelta(minutes=4)
         assert queue.sweep(session, "sweeper", now=utcnow()) == []
+        session.commit()
 
 
 def test_queue_position_and_estimate(sessions):
@@ -227,6 +233,7 @@ def test_only_the_lease_holder_may_release_a_job(sessions):
             queue.release_for_retry(session, job, "someone-else:2:2", "INFRASTRUCTURE", "x")
         session.refresh(job)
         assert (job.status, job.lease_owner, job.attempts) == ("leased", "w:1:1", 1)
+        session.commit()
 
 
 def test_a_job_out_of_attempts_fails_with_its_reason_and_message(sessions):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.units import parse_size
-from runners.base import FailureReason, GiB, MiB, RunSpec
+from runners.base import FailureReason, GiB, InvalidRunSpec, MiB, RunSpec, require_paths
 from runners.cgroups import RunCgroup, make_run_cgroup
 from runners.docker import (
     REMAPPED_USER,
@@ -135,8 +135,9 @@ def test_gpus_are_requested_by_uuid_and_always_named_in_the_environment(tmp_path
 def test_run_spec_rejects_nonsense(tmp_path):
     with pytest.raises(ValueError, match="memory_bytes"):
         RunSpec(image="x", memory_bytes=0)
-    with pytest.raises(ValueError, match="does not exist"):
-        RunSpec(image="x", input_dir=tmp_path / "missing")
+    spec = RunSpec(image="x", input_dir=tmp_path / "missing")  # plain data: no disk touched
+    with pytest.raises(InvalidRunSpec, match="does not exist"):
+        require_paths(spec)  # where a runner starts a run
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -30,6 +30,7 @@ def test_a_pinned_image_gone_from_the_node_is_never_the_teams_failure(tmp_path, 
         register_challenge(session, scene.challenge_file)
         pinned = pin(tag, tmp_path)
         sub = submit(session, "test-liver", "validation", "t", pinned).id
+        session.commit()
     subprocess.run(["docker", "rmi", "-f", pinned.image_id], check=True, capture_output=True)
 
     worker = Worker(scene.sessions, scene.settings,

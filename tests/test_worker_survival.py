@@ -19,12 +19,13 @@ import textwrap
 import pytest
 from sqlalchemy import select
 
-from engine import queue
+from engine import evaluation, queue
 from engine import worker as worker_module
 from engine.db.models import CaseResultRow, JobRow, SubmissionRow
 from engine.reports import submission_report
 from engine.submissions import register_challenge, submit
 from engine.worker import Worker, claim_work_dir, dead_on_this_host
+from engine.worker import agent as agent_module
 from runners.base import RunResult, RunSpec
 from runners.docker import DockerRunner, owner_alive, owner_token
 from tests.conftest import REPO, build_image
@@ -82,6 +83,7 @@ def two_submissions(scene, threshold, tars) -> tuple[int, int]:
         pinned = pin(threshold, tars)
         victim = submit(session, "test-liver", "validation", "victim", pinned)
         other = submit(session, "test-liver", "validation", "other", pinned)
+        session.commit()
         return victim.id, other.id
 
 
@@ -91,7 +93,7 @@ def fault_in(where: str, victim: int, monkeypatch, runner: DockerRunner):
     if where == "runner":
         return RaisingForOneSubmission(runner, victim)
     if where == "staging":
-        real_stage = worker_module.stage
+        real_stage = agent_module.stage
 
         def stage(dataset, case_ids, destination):
             job = int(destination.parent.name.split("-")[1])  # .../job-<id>-<attempt>/input
@@ -99,16 +101,16 @@ def fault_in(where: str, victim: int, monkeypatch, runner: DockerRunner):
                 raise OSError(28, "No space left on device", str(destination))
             return real_stage(dataset, case_ids, destination)
 
-        monkeypatch.setattr(worker_module, "stage", stage)
+        monkeypatch.setattr(agent_module, "stage", stage)
     if where == "scoring":
-        real_score = worker_module.score_cases
+        real_score = evaluation.score_cases
 
         def score_cases(pairs, *args, **kwargs):
             if any(marker in str(pair.prediction) for pair in pairs):
                 raise ZeroDivisionError("scorer bug")
             return real_score(pairs, *args, **kwargs)
 
-        monkeypatch.setattr(worker_module, "score_cases", score_cases)
+        monkeypatch.setattr(evaluation, "score_cases", score_cases)
     return runner
 
 
@@ -157,11 +159,12 @@ def test_a_validator_crashing_on_hostile_output_is_the_outputs_fault(tmp_path, t
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t", pin(threshold, tars)).id
+        session.commit()
 
     def crashing_validator(*args, **kwargs):
         raise MemoryError("a header claiming 2**60 voxels")
 
-    monkeypatch.setattr(worker_module, "validate_segmentation", crashing_validator)
+    monkeypatch.setattr(evaluation, "validate_segmentation", crashing_validator)
     worker = Worker(scene.sessions, scene.settings,
                     DockerRunner(state_dir=scene.settings.state_dir / "runs"), scoring_workers=1)
     assert worker.run(until_idle=True) == 1
@@ -180,6 +183,7 @@ def test_a_job_swept_out_of_attempts_finishes_its_submission(tmp_path, threshold
         register_challenge(session, scene.challenge_file)
         pinned = pin(threshold, tars)
         sub = submit(session, "test-liver", "validation", "t", pinned).id
+        session.commit()
     worker = Worker(scene.sessions, scene.settings,
                     DockerRunner(state_dir=scene.settings.state_dir / "runs"))
     with scene.sessions() as session:
@@ -187,6 +191,7 @@ def test_a_job_swept_out_of_attempts_finishes_its_submission(tmp_path, threshold
             assert queue.lease(session, DEAD_OWNER) is not None
             assert len(queue.sweep(session, "test", owner_dead=dead_on_this_host)) == 1
         assert queue.lease(session, DEAD_OWNER).attempts == 3  # and a third dies too
+        session.commit()
 
     assert worker.run_once() is False  # swept out of attempts: nothing left to run
 
@@ -199,6 +204,7 @@ def test_a_job_swept_out_of_attempts_finishes_its_submission(tmp_path, threshold
         assert (job.status, job.reason) == ("failed", "INFRASTRUCTURE")
         # the platform's failure did not use the team's only submission of the day
         assert submit(session, "test-liver", "validation", "t", pinned).id > sub
+        session.commit()
 
 
 KILLED_WORKER = textwrap.dedent("""
@@ -264,6 +270,7 @@ def test_a_crash_in_a_shard_keeps_the_cases_written_whole(tmp_path, threshold, t
         register_challenge(session, scene.challenge_file)
         sub = submit(session, "test-liver", "validation", "t",
                      pin("epreuve-test/partial:latest", tars)).id
+        session.commit()
     worker = Worker(scene.sessions, scene.settings,
                     DockerRunner(state_dir=scene.settings.state_dir / "runs"), scoring_workers=1)
     assert worker.run(until_idle=True) == 2  # the smoke job, then one shard of three

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from engine import queue
+from engine import lifecycle, queue
 from engine.api import ratelimit
 from engine.api.access import (
     participant_view,
@@ -45,12 +45,11 @@ from engine.api.pagination import (
     page_of,
     paged_rows,
 )
-from engine.challenges import Challenge, Phase
+from engine.challenges import Challenge, Phase, challenge_definition
 from engine.db.models import CaseResultRow, PhaseRow, SubmissionRow
 from engine.reports import shown_message, submission_report
 from engine.reruns import rerun
 from engine.statuses import SubmissionStatus
-from engine.submissions import cancel_submission, challenge_definition
 from engine.tokens import Forbidden, Role
 
 router = APIRouter(prefix="/api/v1/submissions", tags=["submissions"])
@@ -266,7 +265,7 @@ def cancel(submission_id: RowId, session: DbSession,
     submission = visible_submission(session, principal, submission_id)
     if principal.role != Role.PARTICIPANT:
         require_manages(principal, submission.phase.challenge_id, "cancel a submission")
-    cancel_submission(session, submission.id, principal.actor)
+    lifecycle.cancel(session, submission.id, principal.actor)
     return _summary(submission, principal)
 
 

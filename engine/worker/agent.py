@@ -1,0 +1,219 @@
+"""The node agent: lease a job, run it, report it. No database here.
+
+    lease a ticket (with the GPUs free) -> verify the dataset seal -> stage the shard's
+    inputs (never ground truth) -> allocate GPUs -> started -> prepare the image
+    -> run the container (heartbeats renew the lease meanwhile) -> complete (the
+    coordinator validates, scores and writes, all or nothing) -> release
+
+Killing the worker at any moment loses nothing: a container it left is removed by the
+next runner to start on the node (its owner process is dead), its lease is swept back to
+the queue (at once when the owner is known dead, otherwise when the lease expires), its
+work directory is removed by the next worker to start, and since the coordinator writes
+the results in the same transaction that ends the job, no case is ever written twice.
+
+A worker survives anything one job does: any exception while staging, running or
+completing ends THAT job as INFRASTRUCTURE (retried, never counted against the team),
+with the traceback kept where only organisers look, and the worker goes on to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.config import Settings
+from engine.datasets import DatasetError, SealedDataset, VerificationCache, stage
+from engine.errors import LeaseLost
+from engine.evaluation import run_spec, verified_dataset
+from engine.image_presence import ImageUnavailable, ensure_image
+from engine.store import BlobStore, open_store
+from engine.worker.protocol import (
+    Coordinator,
+    JobOutcome,
+    JobTicket,
+    PlatformFailure,
+    messages_platform,
+    platform_step,
+)
+from engine.worker.workdirs import claim_work_dir, remove_dead_workers_dirs, remove_tree
+from gpu.allocator import GPUAllocator, NotEnoughGPUs
+from gpu.inventory import list_gpus
+from gpu.telemetry import TelemetrySampler
+from runners.base import Runner, RunResult
+from runners.docker import DockerUnavailable, owner_token
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One worker process on a node: runs one job at a time, reports to a Coordinator."""
+
+    def __init__(self, coordinator: Coordinator, runner: Runner, settings: Settings, *,
+                 owner: str | None = None,
+                 gpus: GPUAllocator | Sequence[str] | None = None,
+                 heartbeat_seconds: float = 10.0, maintenance_seconds: float = 5.0,
+                 store: BlobStore | None = None):
+        self.coordinator = coordinator
+        self.store = store or open_store(settings.store_dir)  # images, loaded by digest
+        self.runner = runner
+        self.settings = settings
+        self.owner = owner or owner_token()
+        self.actor = f"worker {self.owner}"
+        self.heartbeat_seconds = heartbeat_seconds
+        self.maintenance_seconds = maintenance_seconds
+        self._maintained_at: float | None = None
+        self.verify_cache = VerificationCache(settings.state_dir / "verify")
+        self.gpus = gpus if isinstance(gpus, GPUAllocator) else GPUAllocator(
+            [g.uuid for g in list_gpus()] if gpus is None else list(gpus),
+            settings.state_dir / "gpus")
+        remove_dead_workers_dirs(settings.work_dir)
+        self.work_dir = claim_work_dir(settings.work_dir, self.owner)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Lease and process one job (sweeping first when it is due). False when there
+        was nothing to do."""
+        self.maintain()
+        ticket = self.coordinator.lease(self.gpus.free_count())
+        if ticket is None:
+            return False
+        self.survive(ticket)
+        return True
+
+    def maintain(self, *, now: bool = False) -> None:
+        """The coordinator's sweep, at most every `maintenance_seconds` (not on every poll)."""
+        clock = time.monotonic()
+        if (not now and self._maintained_at is not None
+                and clock - self._maintained_at < self.maintenance_seconds):
+            return
+        self._maintained_at = clock
+        self.coordinator.maintenance()
+
+    def run(self, stop: threading.Event | None = None, *, until_idle: bool = False,
+            idle_seconds: float = 2.0, max_jobs: int | None = None) -> int:
+        done = 0
+        stop = stop or threading.Event()
+        while not stop.is_set() and (max_jobs is None or done < max_jobs):
+            if self.run_once():
+                done += 1
+            elif until_idle:
+                self.maintain(now=True)  # idle only once nothing is left to sweep back
+                if not self.run_once():
+                    break
+                done += 1
+            else:
+                stop.wait(idle_seconds)
+        return done
+
+    def survive(self, ticket: JobTicket) -> None:
+        """Process one job; whatever it raises ends that job, never the worker."""
+        try:
+            self.process(ticket)
+        except LeaseLost as exc:
+            log.info("job %s was taken back: %s", ticket.job_id, exc)
+        except PlatformFailure as exc:
+            self._give_back(ticket, exc.stage, exc.detail)
+        except Exception as exc:
+            self._give_back(ticket, "handling the job", "".join(traceback.format_exception(exc)))
+
+    def _give_back(self, ticket: JobTicket, stage: str, detail: str) -> None:
+        log.error("job %s failed on the platform's side while %s:\n%s", ticket.job_id, stage,
+                  detail)
+        try:
+            self.coordinator.retry(ticket, messages_platform(stage), detail)
+        except LeaseLost:
+            pass  # swept or cancelled meanwhile: not ours to end
+        except Exception:  # the coordinator itself: the lease expires and the sweep retries
+            log.exception("job %s could not be released; its lease will expire", ticket.job_id)
+
+    # -- one job ------------------------------------------------------------------------
+
+    def prepare_image(self, ticket: JobTicket) -> None:
+        """The pinned image on this node, loaded from the store by digest if it vanished
+        (run under the heartbeat: a large load takes minutes). A failure is the platform's
+        (INFRASTRUCTURE), never the team's IMAGE_INVALID."""
+        try:
+            ensure_image(self.runner, self.store, ticket.image_id, ticket.image_archive_sha256)
+        except DockerUnavailable:
+            pass  # no daemon to ask: the run reports it, as for any run (INFRASTRUCTURE)
+        except ImageUnavailable as exc:  # missing or corrupt in the store: organisers act
+            raise PlatformFailure("loading the image", exc) from exc
+
+    def process(self, ticket: JobTicket) -> None:
+        try:
+            dataset = self._dataset(ticket)
+        except DatasetError as exc:
+            self.coordinator.retry(ticket, f"the test set failed verification: {exc}")
+            return
+        job_dir = self.work_dir / f"job-{ticket.job_id}-{ticket.attempt}"
+        output_dir = (self.settings.outputs_dir / f"submission-{ticket.submission_id}"
+                      / f"job-{ticket.job_id}")
+        shutil.rmtree(output_dir, ignore_errors=True)
+        try:
+            with platform_step("staging the inputs"):
+                staged = stage(dataset, list(ticket.case_ids), job_dir / "input")
+            try:
+                allocation = self.gpus.allocate(ticket.gpus)
+            except NotEnoughGPUs as exc:
+                self.coordinator.retry(ticket, str(exc))
+                return
+            with allocation:
+                self.coordinator.started(ticket)
+                result, gpu_usage = self._run(ticket, staged, output_dir, allocation.uuids)
+            self.coordinator.complete(ticket, JobOutcome(result, gpu_usage, str(output_dir)))
+        finally:
+            remove_tree(job_dir)
+
+    def _dataset(self, ticket: JobTicket) -> SealedDataset:
+        return verified_dataset(ticket.dataset_path, ticket.dataset_version, self.verify_cache,
+                                what=f"job {ticket.job_id}")
+
+    def _run(self, ticket: JobTicket, staged: Path, output_dir: Path,
+             gpu_uuids: tuple[str, ...]) -> tuple[RunResult, dict]:
+        spec = run_spec(ticket.limits, ticket.image_id, staged, output_dir,
+                        len(ticket.case_ids), gpu_uuids, labels=dict(ticket.labels),
+                        user=ticket.image_user)
+        with self._heartbeats(ticket) as lost:
+            with platform_step("preparing the image"):
+                self.prepare_image(ticket)
+            sampler = TelemetrySampler(gpu_uuids).start()
+            try:
+                with platform_step("running the container"):
+                    result = self.runner.run(spec, cancel=lost)
+            finally:
+                usage = sampler.stop()
+        if lost.is_set():
+            raise LeaseLost(f"job {ticket.job_id} was taken back while it ran")
+        return result, {uuid: vars(u) for uuid, u in usage.items()}
+
+    @contextlib.contextmanager
+    def _heartbeats(self, ticket: JobTicket):
+        """Renew the lease while the body runs; the event yielded is set when it was lost."""
+        lost, done = threading.Event(), threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(ticket, lost, done), daemon=True,
+                                name="epreuve-heartbeat")
+        beat.start()
+        try:
+            yield lost
+        finally:
+            done.set()
+            beat.join()
+
+    def _heartbeat(self, ticket: JobTicket, lost: threading.Event,
+                   done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_seconds):
+            try:
+                alive = self.coordinator.heartbeat(ticket)
+            except Exception:  # the coordinator is unreachable: the lease may still hold
+                log.exception("heartbeat of job %s failed", ticket.job_id)
+                continue
+            if not alive:
+                lost.set()  # swept or cancelled: stop the container
+                return

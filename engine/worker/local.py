@@ -1,0 +1,35 @@
+"""One machine: an agent wired to a `DbCoordinator` in the same process (the CLI's
+`epreuve worker`, the demo, the tests). The agent itself still sees only tickets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine import queue
+from engine.config import Settings
+from engine.store import BlobStore
+from engine.worker.agent import Agent
+from engine.worker.coordinator import DbCoordinator
+from engine.worker.workdirs import dead_on_this_host
+from gpu.allocator import GPUAllocator
+from runners.base import Runner
+from runners.docker import owner_token
+
+
+class Worker(Agent):
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, runner: Runner, *,
+                 lease_duration: timedelta = queue.DEFAULT_LEASE,
+                 heartbeat_seconds: float = 10.0, scoring_workers: int | None = None,
+                 gpus: GPUAllocator | Sequence[str] | None = None,
+                 maintenance_seconds: float = 5.0, store: BlobStore | None = None):
+        owner = owner_token()
+        coordinator = DbCoordinator(sessions, settings, owner, owner_dead=dead_on_this_host,
+                                    lease_duration=lease_duration, runner=runner,
+                                    scoring_workers=scoring_workers)
+        super().__init__(coordinator, runner, settings, owner=owner, gpus=gpus,
+                         heartbeat_seconds=heartbeat_seconds,
+                         maintenance_seconds=maintenance_seconds, store=store)
+        coordinator.work_dir = self.work_dir  # the evaluation image's scratch: ours

@@ -1,0 +1,107 @@
+"""The seam between a node that runs containers and the side that owns the queue.
+
+A node's agent (agent.py) sees only frozen `JobTicket`s and reports `JobOutcome`s through
+a `Coordinator`: lease (with the GPUs it has free), heartbeat, started, complete, retry,
+and maintenance (sweeping). `DbCoordinator` (coordinator.py) does it over the database,
+in this process; an HTTP coordinator does the same over the network for remote nodes.
+Nothing here imports the database: a node need not have one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.errors import LeaseLost
+from engine.evaluation import EvaluatorFailed, SandboxLimits
+from runners.base import RunResult
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    """One attempt at one job: everything a node needs to run it, and nothing more
+    (the dataset is named for its inputs only: ground truth is not the node's business)."""
+
+    job_id: int
+    attempt: int  # fences the reports: only the current attempt's are accepted
+    kind: str
+    submission_id: int
+    case_ids: tuple[str, ...]
+    image_id: str
+    image_user: str | None  # the numeric uid:gid resolved at intake, or None
+    image_archive_sha256: str | None  # the image's archive in the store (None: not stored)
+    limits: SandboxLimits
+    gpus: int
+    dataset_path: str
+    dataset_version: str  # the version the job was queued for: its inputs, never others
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a node reports of a run: the result as measured, GPU usage, where the outputs
+    were collected."""
+
+    result: RunResult
+    gpu_usage: Mapping[str, dict]
+    output_dir: str
+
+
+class Coordinator(Protocol):
+    """Every call is one unit of work on the coordinator's side. A call about a job that
+    is no longer this attempt's (swept, cancelled) raises `LeaseLost`."""
+
+    def lease(self, capacity: int) -> JobTicket | None:
+        """The next job this node can run with `capacity` free GPUs, or None."""
+        ...
+
+    def heartbeat(self, ticket: JobTicket) -> bool:
+        """Renew the lease; False when the job was taken back (stop the container)."""
+        ...
+
+    def started(self, ticket: JobTicket) -> None:
+        ...
+
+    def complete(self, ticket: JobTicket, outcome: JobOutcome) -> None:
+        """Validate and score the outputs, write the results and the job's end, and move
+        the submission on, all or nothing."""
+        ...
+
+    def retry(self, ticket: JobTicket, message: str, detail: str | None = None) -> None:
+        """The platform failed this job (INFRASTRUCTURE): queue it again, or fail it when out
+        of attempts. `message` is for the team; `detail` (a traceback) for organisers only."""
+        ...
+
+    def maintenance(self) -> None:
+        """Sweep: re-queue the jobs of vanished workers, end those out of attempts."""
+        ...
+
+
+class PlatformFailure(RuntimeError):
+    """Something of ours failed while a job was handled: INFRASTRUCTURE for that job."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {type(cause).__name__}")
+        self.stage = stage
+        self.detail = "".join(traceback.format_exception(cause))
+
+
+@contextlib.contextmanager
+def platform_step(name: str):
+    """Label an unexpected failure with the step it happened in (the organisers' view)."""
+    try:
+        yield
+    except (LeaseLost, PlatformFailure, EvaluatorFailed):
+        raise
+    except Exception as exc:
+        raise PlatformFailure(name, exc) from exc
+
+
+def messages_platform(stage: str) -> str:
+    """What a team reads when the platform failed them: no traceback, no host detail."""
+    return (f"The platform failed while {stage} (an internal error, not caused by your "
+            "submission). The job is retried automatically and never counts against your "
+            "quota.")

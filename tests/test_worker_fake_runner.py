@@ -1,0 +1,221 @@
+"""The worker's whole loop with a fake runner and a fake GPU inventory: no Docker.
+
+The fake runner implements the Runner protocol and writes its outputs into the output
+directory as a container would (a threshold mask per case), or fails as it is told. The
+GPU inventory is injected (two made-up UUIDs): a job that wants one GPU gets one, holds
+it while it runs, and gives it back. The database and the scoring are real.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from engine.db.models import CaseResultRow, JobRow, SubmissionRow
+from engine.images import PinnedImage
+from engine.leaderboard import leaderboard
+from engine.medio import Volume, read_volume, write_nifti
+from engine.submissions import register_challenge, submit
+from engine.worker import JobTicket, Worker
+from gpu.allocator import GPUAllocator, NotEnoughGPUs
+from runners.base import FailureReason, RunResult, RunSpec, RunStatus, failed, require_paths
+from tests.engine_fixtures import make_scene
+
+FAKE_GPUS = ["GPU-00000000-fake-0000-0000-000000000001",
+             "GPU-00000000-fake-0000-0000-000000000002"]
+IMAGE = PinnedImage(image_id="sha256:" + "ab" * 32, tar_sha256="cd" * 32, layers=[],
+                    reference="fake/segmenter:latest", architecture="amd64", user="1000:1000",
+                    size_bytes=1 << 20)
+
+
+@dataclass
+class FakeRunner:
+    """A Runner that segments by threshold, like the example image, in this process.
+    `fail` maps a run's index (0: the first run) to how that run ends instead."""
+
+    gpu_locks: Path
+    fail: dict[int, str] = field(default_factory=dict)
+    specs: list[RunSpec] = field(default_factory=list)
+    held: list[bool] = field(default_factory=list)  # was each run's GPU held while it ran?
+
+    def inspect_image(self, reference: str) -> dict:
+        return {"Id": IMAGE.image_id, "Architecture": "amd64", "Os": "linux", "Config": {}}
+
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+        require_paths(spec)
+        index = len(self.specs)
+        self.specs.append(spec)
+        self.held += [self._held(uuid) for uuid in spec.gpu_uuids]
+        how = self.fail.get(index)
+        if how == "raise":
+            raise RuntimeError("a bug of ours in the runner")
+        if how == "exit":
+            return failed(FailureReason.NONZERO_EXIT, "the container exited with code 1",
+                          exit_code=1, wall_seconds=0.1)
+        written = self._segment(spec)
+        return RunResult(status=RunStatus.SUCCEEDED, reason=None, message="succeeded",
+                         exit_code=0, wall_seconds=0.2 * written, output_files=written,
+                         image_id=spec.image, user=spec.user)
+
+    def _segment(self, spec: RunSpec) -> int:
+        listing = json.loads((spec.input_dir / "cases.json").read_text())["cases"]
+        for case in listing:
+            image = read_volume(spec.input_dir / case["case_id"] / case["files"][0])
+            array = np.asarray(image.array, dtype=float)
+            mask = (array > np.percentile(array, 90)).astype(np.uint8)
+            write_nifti(Volume(mask, image.affine),
+                        spec.output_dir / case["case_id"] / "mask.nii.gz")
+        return len(listing)
+
+    def _held(self, uuid: str) -> bool:
+        try:
+            GPUAllocator([uuid], self.gpu_locks).allocate(1).release()
+        except NotEnoughGPUs:
+            return True
+        return False
+
+
+def gpu_scene(tmp_path: Path):
+    scene = make_scene(tmp_path, validation_cases=3, cases_per_run=2)
+    text = scene.challenge_file.read_text().replace(
+        "limits: {memory: 1g, cpus: 1, time_per_case: 60s, output_quota: 64m}\n    visibility",
+        "limits: {memory: 1g, cpus: 1, time_per_case: 60s, output_quota: 64m, gpus: 1}\n"
+        "    visibility", 1)
+    assert "gpus: 1}" in text
+    scene.challenge_file.write_text(text)
+    with scene.sessions() as session:
+        register_challenge(session, scene.challenge_file)
+        sub = submit(session, "test-liver", "validation", "gpu-team", IMAGE).id
+        session.commit()
+    return scene, sub
+
+
+def fake_worker(scene, runner: FakeRunner) -> Worker:
+    return Worker(scene.sessions, scene.settings, runner, scoring_workers=1, gpus=FAKE_GPUS)
+
+
+def test_gpu_jobs_get_a_gpu_hold_it_give_it_back_and_reach_the_leaderboard(tmp_path):
+    scene, sub = gpu_scene(tmp_path)
+    runner = FakeRunner(scene.settings.state_dir / "gpus")
+    worker = fake_worker(scene, runner)
+    assert worker.gpus.uuids == FAKE_GPUS
+
+    assert worker.run(until_idle=True) == 2  # the smoke case, then one shard of two
+
+    assert [len(spec.gpu_uuids) for spec in runner.specs] == [1, 1]
+    assert all(spec.gpu_uuids[0] in FAKE_GPUS for spec in runner.specs)
+    assert runner.held == [True, True]  # held while the container ran...
+    assert worker.gpus.free_count() == 2  # ...and released after
+    assert {spec.user for spec in runner.specs} == {"1000:1000"}  # the uid:gid of intake
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, sub)
+        assert (submission.status, submission.reason) == ("succeeded", None)
+        jobs = session.scalars(select(JobRow).where(JobRow.submission_id == sub)).all()
+        assert [(j.kind, j.status, j.gpus) for j in jobs] == [
+            ("smoke", "succeeded", 1), ("main", "succeeded", 1)]
+        results = session.scalars(select(CaseResultRow).order_by(CaseResultRow.case_id)).all()
+        assert [(r.case_id, r.valid) for r in results] == [
+            ("case-001", True), ("case-002", True), ("case-003", True)]
+        assert all(0.0 < r.metrics["dice[1]"] <= 1.0 for r in results)
+        (entry,) = leaderboard(session, "test-liver", "validation")
+        assert entry.team == "gpu-team"
+
+
+def test_a_run_that_fails_ends_the_submission_with_its_reason(tmp_path):
+    scene, sub = gpu_scene(tmp_path)
+    runner = FakeRunner(scene.settings.state_dir / "gpus", fail={0: "exit"})
+    worker = fake_worker(scene, runner)
+
+    assert worker.run(until_idle=True) == 1  # the smoke job failed: nothing else is run
+
+    assert worker.gpus.free_count() == 2
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, sub)
+        assert (submission.status, submission.reason) == ("failed", "NONZERO_EXIT")
+        (result,) = session.scalars(select(CaseResultRow)).all()
+        assert (result.valid, result.reason) == (False, "NONZERO_EXIT")
+        assert leaderboard(session, "test-liver", "validation") == []
+
+
+def test_a_runner_that_raises_is_retried_as_the_platforms_failure(tmp_path):
+    scene, sub = gpu_scene(tmp_path)
+    runner = FakeRunner(scene.settings.state_dir / "gpus", fail={0: "raise"})
+    worker = fake_worker(scene, runner)
+
+    assert worker.run(until_idle=True) == 3  # the smoke job twice (retried), then the shard
+
+    assert worker.gpus.free_count() == 2
+    with scene.sessions() as session:
+        submission = session.get(SubmissionRow, sub)
+        assert submission.status == "succeeded"
+        smoke = session.scalars(select(JobRow).where(JobRow.kind == "smoke")).one()
+        assert (smoke.status, smoke.attempts) == ("succeeded", 2)
+
+
+def test_reports_of_an_attempt_that_was_swept_are_refused(tmp_path):
+    """A late report of an old attempt changes nothing: the attempt fences it."""
+    from engine.errors import LeaseLost
+    from engine.worker import JobOutcome
+
+    scene, _ = gpu_scene(tmp_path)
+    runner = FakeRunner(scene.settings.state_dir / "gpus")
+    worker = fake_worker(scene, runner)
+    ticket = worker.coordinator.lease(2)
+    assert isinstance(ticket, JobTicket) and ticket.attempt == 1
+    worker.coordinator.retry(ticket, "the node went away")
+    again = worker.coordinator.lease(2)
+    assert (again.job_id, again.attempt) == (ticket.job_id, 2)
+    outcome = JobOutcome(failed(FailureReason.TIMEOUT, "late"), {}, str(tmp_path / "none"))
+    with pytest.raises(LeaseLost):
+        worker.coordinator.complete(ticket, outcome)
+    with pytest.raises(LeaseLost):
+        worker.coordinator.started(ticket)
+    worker.coordinator.started(again)  # the current attempt goes on
+
+
+def test_a_node_agent_loads_no_database_code():
+    """A remote node has no database: importing the agent must not need one (the import
+    contract checks the imports written; this checks what Python actually loads)."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, engine.worker.agent; print(sorted({m.split('.')[0] "
+         "for m in sys.modules if m.startswith(('sqlalchemy', 'alembic', 'engine.db'))}))"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout.strip() == "[]"
+
+
+class IdleCoordinator:
+    """A Coordinator with nothing to hand out, counting its sweeps."""
+
+    def __init__(self):
+        self.sweeps = 0
+        self.leases = 0
+
+    def lease(self, capacity: int):
+        self.leases += 1
+        return None
+
+    def maintenance(self) -> None:
+        self.sweeps += 1
+
+
+def test_the_agent_sweeps_at_most_every_few_seconds_not_on_every_poll(tmp_path):
+    from engine.config import Settings
+    from engine.worker import Agent
+
+    settings = Settings(data_dir=tmp_path, database_url="sqlite://", state_dir=tmp_path / "s")
+    coordinator = IdleCoordinator()
+    agent = Agent(coordinator, FakeRunner(tmp_path / "locks"), settings, gpus=FAKE_GPUS,
+                  maintenance_seconds=3600)
+    assert [agent.run_once() for _ in range(5)] == [False] * 5
+    assert (coordinator.leases, coordinator.sweeps) == (5, 1)
+    assert agent.run(until_idle=True) == 0  # idle only once a last sweep found nothing
+    assert coordinator.sweeps == 2
