@@ -92,6 +92,7 @@ def scene(request, tmp_path):
     scene = make_scene(tmp_path, database_url=url)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
+        session.commit()
     return scene
 
 
