@@ -22,7 +22,7 @@ from engine.image_presence import ImageUnavailable, ensure_image
 from engine.images import ImageInvalid, pin_tar
 from engine.store import DirectoryStore, open_store
 from engine.submissions import register_challenge, submit
-from engine.worker import messages_platform
+from engine.worker.protocol import messages_platform
 from runners.docker import DockerRunner
 from tests.conftest import REPO, build_image
 from tests.engine_fixtures import make_scene, pin

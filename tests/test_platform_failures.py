@@ -184,9 +184,13 @@ def test_a_test_set_resealed_after_the_phase_was_created_is_refused_by_the_worke
 
     worker_for(scene).run(until_idle=True)
     with scene.sessions() as session:
+        job_id = only_job(session, sub.id).id
         assert_failed_by_the_platform(session, sub.id, (
-            f"the test set failed verification: the dataset at {dataset} is version "
-            f"{resealed[:12]}; the phase was created with {created_with[:12]}"))
+            f"the test set failed verification: job {job_id} was queued for dataset version "
+            f"{created_with[:12]}, but the phase's dataset was re-sealed since (now "
+            f"{resealed[:12]}): it is not run against different inputs. The submission ends "
+            "as the platform's failure, never counted against the team's quota, and needs a "
+            "re-run: the team submits again"))
 
 
 def unreachable_daemon(scene) -> DockerRunner:
