@@ -32,7 +32,8 @@ from engine.db.models import (
 )
 from engine.leaderboard import leaderboard
 from engine.medio import read_volume
-from engine.results import compute_aggregates, flatten, worst_metrics
+from engine.evaluation import flatten, worst_metrics
+from engine.results import compute_aggregates
 from engine.scoring.segmentation import SegmentationSettings, score_segmentation
 from engine.statuses import JobKind, JobStatus, SubmissionStatus
 from engine.submissions import challenge_definition, find_phase, get_or_create_team
