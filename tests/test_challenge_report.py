@@ -30,9 +30,9 @@ from engine.db.models import (
     SubmissionRow,
     utcnow,
 )
+from engine.evaluation import flatten, worst_metrics
 from engine.leaderboard import leaderboard
 from engine.medio import read_volume
-from engine.evaluation import flatten, worst_metrics
 from engine.results import compute_aggregates
 from engine.scoring.segmentation import SegmentationSettings, score_segmentation
 from engine.statuses import JobKind, JobStatus, SubmissionStatus
