@@ -20,6 +20,7 @@ from engine.db.models import CaseResultRow, ImageRow, JobRow, SubmissionRow, utc
 from engine.results import compute_aggregates, metric_keys
 from engine.statuses import JobStatus, SubmissionStatus
 from engine.submissions import challenge_definition
+from engine.web import create_site
 from runners.base import FailureReason
 from tests.api_fixtures import (
     HIDDEN_CASE_MESSAGE,
@@ -54,7 +55,8 @@ def site(tmp_path_factory):
             session, "ch-a", "validation", HOSTILE_TEAM, image, failed=False)
         session.commit()
     world.submissions["running"] = _running(world, HOSTILE_TEAM)
-    server = start_server(world, ApiOptions(rate=Rate(burst=10_000, per_second=1000.0)))
+    options = ApiOptions(rate=Rate(burst=10_000, per_second=1000.0))
+    server = start_server(world, app=create_site(world.settings, options))
     yield server
     server.stop()
 

@@ -34,7 +34,6 @@ class ApiOptions:
     body_cap_exempt: tuple[str, ...] = ("/api/v1/uploads",)  # stream and cap their own
     rate: Rate = field(default_factory=Rate)  # per token, per expensive route family
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
-    pages: bool = True  # the browser pages (engine/web/)
 
 
 def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI:
@@ -55,10 +54,6 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
     # resumable image uploads and submission creation; images are checked after the request
     app.include_router(uploads.build_router(settings, authenticated(),
                                             sessions=app.state.sessions))
-    if options.pages:
-        from engine import web  # the browser pages, from the same services and rules
-
-        web.install(app)
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
                            allow_methods=["GET", "POST", "PUT"],

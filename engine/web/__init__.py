@@ -7,6 +7,10 @@
     /dashboard                          organisers: queue, running jobs, failures, workers
     /sign-in, /sign-out                 a token kept in an HttpOnly cookie
 
+`create_site` is the server `epreuve serve` runs: the API (engine/api/app.create_app) with
+the pages added. The pages depend on the API's rules, never the reverse (import-linter's
+acyclic contract), so the API's factory does not import them.
+
 Every page is rendered by Jinja2 with autoescape on; scripts are files under /static (the
 Content-Security-Policy allows no inline script); every POST form carries a CSRF token.
 """
@@ -18,6 +22,9 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from engine.api.app import ApiOptions, create_app
+from engine.config import Settings
+
 STATIC = Path(__file__).parent / "static"
 
 
@@ -28,3 +35,10 @@ def install(app: FastAPI) -> None:
     for module in (signin, pages, dashboard):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def create_site(settings: Settings, options: ApiOptions | None = None) -> FastAPI:
+    """The API and the browser pages in one application."""
+    app = create_app(settings, options)
+    install(app)
+    return app
