@@ -43,9 +43,9 @@ HOSTILE_TEAM = "<script>alert(1)</script>"
 HOSTILE_LOG = '<img src=x onerror="alert(2)"> RUNNING-LOG-LINE'
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp("web"), "sqlite")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def site(request, tmp_path_factory):
+    world = build_world(tmp_path_factory.mktemp(f"web-{request.param}"), request.param)
     with world.sessions() as session:
         image = session.scalar(select(ImageRow))
         from engine.submissions import get_or_create_team
@@ -362,6 +362,7 @@ def test_a_participant_cannot_rerun_or_cancel_another_teams(site):
 
 def test_pages_carry_a_policy_without_inline_script(site):
     client = httpx.Client(base_url=site.url, timeout=30)
+    assert "set-cookie" not in client.get("/").headers  # no form, no cookie for the public
     for path in ("/", "/challenges/ch-a", "/sign-in", "/submissions/1"):
         answer = client.get(path)
         policy = answer.headers["content-security-policy"]

@@ -61,11 +61,22 @@ environment = Environment(loader=FileSystemLoader(TEMPLATES),
 environment.filters.update(inert=label, when=_when, duration=_duration, number=_number)
 
 
+class _Lazy:
+    """A value computed when a template prints it: a page without a form sets no cookie."""
+
+    def __init__(self, compute) -> None:
+        self.compute = compute
+
+    def __str__(self) -> str:
+        return self.compute()
+
+
 def render(request: Request, template: str, status_code: int = 200, **context: Any
            ) -> HTMLResponse:
     principal = getattr(request.state, "page_principal", None)
     html = environment.get_template(template).render(
-        request=request, principal=principal, csrf=csrf_token(request), **context)
+        request=request, principal=principal, csrf=_Lazy(lambda: csrf_token(request)),
+        **context)
     response = HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
     remember_signin_nonce(request, response)
     return response
