@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from engine import plots
 from engine.datasets import load
-from engine.db.models import AggregateRow, JobRow
+from engine.db.models import AggregateRow, JobRow, SubmissionRow
 from engine.leaderboard import Entry, latest_per_team, leaderboard, stability
 from engine.results import case_values, results_by_case
 from engine.submissions import challenge_definition, find_phase
@@ -85,13 +85,10 @@ def _interval(summary: dict | None) -> tuple[float, float] | None:
     return float(summary["ci_low"]), float(summary["ci_high"])
 
 
-def gather(session: Session, challenge_id: str, phase_slug: str, *,
-           resamples: int = DEFAULT_RESAMPLES) -> Report:
-    phase_row, phase = find_phase(session, challenge_id, phase_slug)
-    challenge = challenge_definition(phase_row.challenge)
-    entries = leaderboard(session, challenge_id, phase_slug)
-    submissions = {s.id: s for s in latest_per_team(session, phase_row.id)}
-    keys = [ref.key for ref in challenge.ranking.metrics]
+def table_rows(session: Session, entries: list[Entry], submissions: dict[int, SubmissionRow],
+               keys: list[str]) -> list[Row]:
+    """The leaderboard's lines with their intervals, case counts and GPU energy (the report
+    and the web leaderboard print the same table)."""
     rows = []
     for entry in entries:
         summaries = {a.metric: a.summary for a in session.scalars(
@@ -99,6 +96,17 @@ def gather(session: Session, challenge_id: str, phase_slug: str, *,
         n_cases = max((s.get("n", 0) for s in summaries.values()), default=None)
         rows.append(Row(entry, {k: _interval(summaries.get(k)) for k in keys}, n_cases,
                         energy_joules(submissions[entry.submission_id].jobs)))
+    return rows
+
+
+def gather(session: Session, challenge_id: str, phase_slug: str, *,
+           resamples: int = DEFAULT_RESAMPLES) -> Report:
+    phase_row, phase = find_phase(session, challenge_id, phase_slug)
+    challenge = challenge_definition(phase_row.challenge)
+    entries = leaderboard(session, challenge_id, phase_slug)
+    submissions = {s.id: s for s in latest_per_team(session, phase_row.id)}
+    keys = [ref.key for ref in challenge.ranking.metrics]
+    rows = table_rows(session, entries, submissions, keys)
     report = Report(challenge_id, phase_row.challenge.title, phase_slug, phase.title or "",
                     phase.hides_cases, keys, rows, challenge.ranking.scheme,
                     challenge.ranking.aggregate)

@@ -657,14 +657,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, min=0, max=65535),
 ) -> None:
-    """Run the HTTP API (uvicorn) on the configured database: the embedded SQLite by
-    default, PostgreSQL by EPREUVE_DATABASE_URL. /docs shows the routes."""
+    """Run the HTTP API and the browser pages (uvicorn) on the configured database: the
+    embedded SQLite by default, PostgreSQL by EPREUVE_DATABASE_URL. /docs shows the API's
+    routes; / is the challenges' pages."""
     import uvicorn
 
-    from engine.api.app import create_app
     from engine.config import load_settings
+    from engine.web import create_site
 
-    uvicorn.run(create_app(load_settings()), host=host, port=port, proxy_headers=False,
+    uvicorn.run(create_site(load_settings()), host=host, port=port, proxy_headers=False,
                 server_header=False)
 
 

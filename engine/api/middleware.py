@@ -102,7 +102,10 @@ class SecurityHeaders:
                 headers = [(k, v) for k, v in message.get("headers", [])
                            if k.lower() not in {k2 for k2, _ in SECURITY_HEADERS}]
                 headers += SECURITY_HEADERS
-                headers.append((b"content-security-policy", DOCS_CSP if docs else API_CSP))
+                # a page sets its own policy (engine/web/rendering.py): kept, not doubled
+                if not any(k.lower() == b"content-security-policy" for k, _ in headers):
+                    headers.append((b"content-security-policy",
+                                    DOCS_CSP if docs else API_CSP))
                 if authenticated:
                     headers = [(k, v) for k, v in headers if k.lower() != b"cache-control"]
                     headers.append((b"cache-control", b"no-store"))
