@@ -308,6 +308,36 @@ def _sessions():
     return settings, session_factory(settings.database_url)
 
 
+# `submit`, `status`, `leaderboard` and `cancel` go through a server's API when one is named
+SERVER_OPTION = typer.Option(None, "--server", envvar="EPREUVE_SERVER",
+                             help="Go through this Épreuve server's API instead of the local "
+                                  "engine (submit: the upload resumes).")
+TOKEN_OPTION = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
+                            help="Your token for --server.")
+
+
+def _api(server: str, token: str | None):
+    from engine.client import Api
+
+    if not token:
+        _fail("--server needs a token: --token or EPREUVE_TOKEN", 2)
+    return Api(server, token)
+
+
+def report_from_api(detail: dict) -> dict:
+    """A submission as the API details it, in the shape of engine.reports.submission_report
+    (what the renderers read): the server has already cut it to what the token may see."""
+    report = {"submission": detail["id"], **{key: detail.get(key) for key in (
+        "team", "challenge", "phase", "status", "reason", "message", "created_at",
+        "finished_at", "prize_eligible", "prize_note", "image")},
+        "jobs": detail.get("jobs") or [], "aggregates": detail.get("aggregates") or {}}
+    if detail.get("queue"):
+        report["queue"] = detail["queue"]
+    if detail.get("events") is not None:
+        report["events"] = detail["events"]
+    return report
+
+
 def _fail(message: str, code: int = 1):
     _error(message)
     raise typer.Exit(code)
@@ -367,10 +397,8 @@ def submit(
     team: str = typer.Option("local", "--team", "-t"),
     source_url: str | None = typer.Option(None, help="Public URL of the code (prizes)."),
     license_id: str | None = typer.Option(None, "--license", help="SPDX license of the code."),
-    server: str | None = typer.Option(None, "--server", envvar="EPREUVE_SERVER",
-                                      help="Submit to this Épreuve server (upload resumes)."),
-    token: str | None = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
-                                     help="Your participant token for --server."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """Submit an image to a phase: validated, pinned, queued (smoke job first)."""
     if server:
@@ -493,10 +521,20 @@ def status(
                                      "participant may see in this phase."),
     output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
     as_json: bool = typer.Option(False, "--json", help="As --format json."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """The queue, or one submission: state, typed reason, position and ETA, results."""
+    from engine.rendering import status_blocks
     from engine.reports import queue_overview, submission_report
 
+    if server:
+        if submission_id is None:
+            _fail("with --server, name a submission: the queue is the organisers' view", 2)
+        with _api(server, token) as api:
+            report = report_from_api(api.submission(submission_id))
+        show(console, chosen_format(output_format, as_json), report, status_blocks)
+        return
     _, sessions = _sessions()
     with sessions() as session:
         if submission_id is None:
@@ -505,20 +543,25 @@ def status(
             report = submission_report(session, submission_id, participant=participant)
             if report is None:
                 _fail(f"no submission {submission_id}")
-    from engine.rendering import status_blocks
-
     show(console, chosen_format(output_format, as_json), report, status_blocks)
 
 
 @app.command("cancel")
 def cancel_command(
     submission_id: int = typer.Argument(...),
-    why: str = typer.Option("", help="Recorded in the submission's history."),
+    why: str = typer.Option("", help="Recorded in the submission's history (locally)."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """Cancel a submission: queued jobs never run; a running container is stopped."""
     from engine.lifecycle import cancel
     from engine.submissions import SubmissionRefused
 
+    if server:
+        with _api(server, token) as api:
+            ended = api.cancel(submission_id)
+        console.print(f"submission {ended['id']} {ended['status']}")
+        return
     _, sessions = _sessions()
     with sessions() as session:
         try:
@@ -537,12 +580,22 @@ def leaderboard_command(
                                   "report how firm the ranking is (Kendall's tau)."),
     output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
     as_json: bool = typer.Option(False, "--json", help="As --format json."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """A phase's ranking under the challenge's scheme, with failed-case counts and runtime."""
     from engine.leaderboard import leaderboard
     from engine.rendering import leaderboard_blocks, leaderboard_report
     from engine.submissions import SubmissionRefused
 
+    if server:
+        if stability:
+            _fail("--stability resamples per-case results: run it on the server's side", 2)
+        with _api(server, token) as api:
+            board = {"challenge": challenge, "phase": phase,
+                     "entries": api.leaderboard_entries(challenge, phase), "stability": None}
+        show(console, chosen_format(output_format, as_json), board, leaderboard_blocks)
+        return
     _, sessions = _sessions()
     firmness = None
     with sessions() as session:

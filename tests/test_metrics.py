@@ -72,7 +72,8 @@ def values(families, name: str) -> dict[tuple, float]:
 
 
 def pinned(n: int) -> PinnedImage:
-    return PinnedImage(image_id=f"sha256:{n:064x}", tar_sha256=f"{n:064x}", layers=[],
+    return PinnedImage(image_id=f"sha256:{n:064x}", tar_sha256=f"{n:064x}",
+                       archive_sha256=None, layers=[],
                        reference=f"team/image:{n}", architecture="amd64", user="1000:1000",
                        size_bytes=1)
 

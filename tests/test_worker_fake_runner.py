@@ -29,7 +29,8 @@ from tests.engine_fixtures import make_scene
 
 FAKE_GPUS = ["GPU-00000000-fake-0000-0000-000000000001",
              "GPU-00000000-fake-0000-0000-000000000002"]
-IMAGE = PinnedImage(image_id="sha256:" + "ab" * 32, tar_sha256="cd" * 32, layers=[],
+IMAGE = PinnedImage(image_id="sha256:" + "ab" * 32, tar_sha256="cd" * 32, archive_sha256=None,
+                    layers=[],
                     reference="fake/segmenter:latest", architecture="amd64", user="1000:1000",
                     size_bytes=1 << 20)
 
@@ -46,6 +47,9 @@ class FakeRunner:
 
     def inspect_image(self, reference: str) -> dict:
         return {"Id": IMAGE.image_id, "Architecture": "amd64", "Os": "linux", "Config": {}}
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id == IMAGE.image_id
 
     def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
         require_paths(spec)
