@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -316,12 +317,21 @@ TOKEN_OPTION = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
                             help="Your token for --server.")
 
 
+@contextlib.contextmanager
 def _api(server: str, token: str | None):
-    from engine.client import Api
+    """An API session for one command; a 404 reads as such (a submission of another team
+    is not found either: the server never says whether it exists)."""
+    from engine.client import Api, ApiError
 
     if not token:
         _fail("--server needs a token: --token or EPREUVE_TOKEN", 2)
-    return Api(server, token)
+    try:
+        with Api(server, token) as api:
+            yield api
+    except ApiError as exc:
+        if not exc.not_found:
+            raise
+        _fail(f"not found: {exc} (or not visible to this token)")
 
 
 def report_from_api(detail: dict) -> dict:

@@ -43,6 +43,12 @@ class ApiError(EpreuveError):
         self.http_status = status
         self.error_type = error_type
         self.reason = reason
+        if status == Unavailable.http_status:  # the server's platform is not there
+            self.exit_code = Unavailable.exit_code
+
+    @property
+    def not_found(self) -> bool:
+        return self.http_status == NotFound.http_status
 
 
 class ServerUnreachable(Unavailable):
