@@ -60,6 +60,9 @@ app.add_typer(dataset_app, name="dataset")
 challenge_app = typer.Typer(help="Challenges: create from a YAML file; the file's reference.",
                             no_args_is_help=True)
 app.add_typer(challenge_app, name="challenge")
+store_app = typer.Typer(help="The image store: what it keeps, and removing the rest (gc).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
 token_app = typer.Typer(help="API tokens: create (shown once), list, revoke.",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -729,6 +732,34 @@ def serve(
 
     uvicorn.run(create_app(load_settings()), host=host, port=port, proxy_headers=False,
                 server_header=False)
+
+
+@store_app.command("gc")
+def store_gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove "
+                                 "nothing."),
+    grace_days: float = typer.Option(30.0, "--grace-days", min=0.0, help="Remove a blob no "
+                                     "rule keeps only once unused for this many days."),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="As --format json."),
+) -> None:
+    """Remove what the retention policy does not keep (docs/retention.md): images of final
+    phases, ranked images and those of submissions not yet ended are always kept."""
+    from datetime import timedelta
+
+    from engine import retention
+    from engine.rendering import gc_blocks
+    from engine.store import open_store
+
+    settings, sessions = _sessions()
+    store = open_store(settings.store_dir)
+    policy = retention.Policy(grace=timedelta(days=grace_days))
+    with sessions() as session:
+        gc_plan = retention.plan(session, store, policy)
+    if not dry_run:
+        retention.carry_out(store, gc_plan)
+    show(console, chosen_format(output_format, as_json),
+         retention.report(gc_plan, dry_run=dry_run, policy=policy), gc_blocks)
 
 
 @token_app.command("create")
