@@ -161,3 +161,37 @@ def test_an_infrastructure_retry_keeps_the_attempts_provenance(ran, tmp_path):
         record = job.run_result["provenance"]
     assert record["node_name"] == "node-7" and record["image"]["image_id"] == image.image_id
     assert record["outputs"]["sha256"] == {} and record["run_spec"] == {}
+
+
+def test_the_api_submission_detail_shows_it_under_the_same_rules(ran):
+    """A real server on loopback over the run's database: the organiser reads the whole
+    record, the team the same cut as `status --participant`."""
+    import httpx
+
+    from engine.tokens import create_token
+    from tests.api_fixtures import World, start_server
+
+    scene, submission_id, _, _, _ = ran
+    with scene.sessions() as session:
+        _, organiser = create_token(session, "organiser", challenges=["test-liver"])
+        _, team = create_token(session, "participant", team="blue")
+        expected = submission_report(session, submission_id, participant=True)
+        session.commit()
+    server = start_server(World(scene.root, scene.settings, scene.sessions))
+    try:
+        def jobs(secret: str) -> list[dict]:
+            answer = httpx.get(f"{server.url}/api/v1/submissions/{submission_id}",
+                               headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["jobs"]
+
+        full = [job["provenance"] for job in jobs(organiser)]
+        shown = [job["provenance"] for job in jobs(team)]
+    finally:
+        server.stop()
+    assert all(record["run_spec"]["input_dir"] for record in full)
+    assert all(record["dataset"]["manifest_sha256"] for record in full)
+    assert shown == [job["provenance"] for job in expected["jobs"]]
+    assert all("input_dir" not in record["run_spec"] and "version" not in record["dataset"]
+               for record in shown)
+    assert str(scene.root) not in repr(shown)
