@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -59,6 +60,9 @@ app.add_typer(dataset_app, name="dataset")
 challenge_app = typer.Typer(help="Challenges: create from a YAML file; the file's reference.",
                             no_args_is_help=True)
 app.add_typer(challenge_app, name="challenge")
+store_app = typer.Typer(help="The image store: what it keeps, and removing the rest (gc).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
 token_app = typer.Typer(help="API tokens: create (shown once), list, revoke.",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -308,6 +312,45 @@ def _sessions():
     return settings, session_factory(settings.database_url)
 
 
+# `submit`, `status`, `leaderboard` and `cancel` go through a server's API when one is named
+SERVER_OPTION = typer.Option(None, "--server", envvar="EPREUVE_SERVER",
+                             help="Go through this Épreuve server's API instead of the local "
+                                  "engine (submit: the upload resumes).")
+TOKEN_OPTION = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
+                            help="Your token for --server.")
+
+
+@contextlib.contextmanager
+def _api(server: str, token: str | None):
+    """An API session for one command; a 404 reads as such (a submission of another team
+    is not found either: the server never says whether it exists)."""
+    from engine.client import Api, ApiError
+
+    if not token:
+        _fail("--server needs a token: --token or EPREUVE_TOKEN", 2)
+    try:
+        with Api(server, token) as api:
+            yield api
+    except ApiError as exc:
+        if not exc.not_found:
+            raise
+        _fail(f"not found: {exc} (or not visible to this token)")
+
+
+def report_from_api(detail: dict) -> dict:
+    """A submission as the API details it, in the shape of engine.reports.submission_report
+    (what the renderers read): the server has already cut it to what the token may see."""
+    report = {"submission": detail["id"], **{key: detail.get(key) for key in (
+        "team", "challenge", "phase", "status", "reason", "message", "created_at",
+        "finished_at", "prize_eligible", "prize_note", "image")},
+        "jobs": detail.get("jobs") or [], "aggregates": detail.get("aggregates") or {}}
+    if detail.get("queue"):
+        report["queue"] = detail["queue"]
+    if detail.get("events") is not None:
+        report["events"] = detail["events"]
+    return report
+
+
 def _fail(message: str, code: int = 1):
     _error(message)
     raise typer.Exit(code)
@@ -367,10 +410,8 @@ def submit(
     team: str = typer.Option("local", "--team", "-t"),
     source_url: str | None = typer.Option(None, help="Public URL of the code (prizes)."),
     license_id: str | None = typer.Option(None, "--license", help="SPDX license of the code."),
-    server: str | None = typer.Option(None, "--server", envvar="EPREUVE_SERVER",
-                                      help="Submit to this Épreuve server (upload resumes)."),
-    token: str | None = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
-                                     help="Your participant token for --server."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """Submit an image to a phase: validated, pinned, queued (smoke job first)."""
     if server:
@@ -493,10 +534,20 @@ def status(
                                      "participant may see in this phase."),
     output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
     as_json: bool = typer.Option(False, "--json", help="As --format json."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """The queue, or one submission: state, typed reason, position and ETA, results."""
+    from engine.rendering import status_blocks
     from engine.reports import queue_overview, submission_report
 
+    if server:
+        if submission_id is None:
+            _fail("with --server, name a submission: the queue is the organisers' view", 2)
+        with _api(server, token) as api:
+            report = report_from_api(api.submission(submission_id))
+        show(console, chosen_format(output_format, as_json), report, status_blocks)
+        return
     _, sessions = _sessions()
     with sessions() as session:
         if submission_id is None:
@@ -505,20 +556,25 @@ def status(
             report = submission_report(session, submission_id, participant=participant)
             if report is None:
                 _fail(f"no submission {submission_id}")
-    from engine.rendering import status_blocks
-
     show(console, chosen_format(output_format, as_json), report, status_blocks)
 
 
 @app.command("cancel")
 def cancel_command(
     submission_id: int = typer.Argument(...),
-    why: str = typer.Option("", help="Recorded in the submission's history."),
+    why: str = typer.Option("", help="Recorded in the submission's history (locally)."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """Cancel a submission: queued jobs never run; a running container is stopped."""
     from engine.lifecycle import cancel
     from engine.submissions import SubmissionRefused
 
+    if server:
+        with _api(server, token) as api:
+            ended = api.cancel(submission_id)
+        console.print(f"submission {ended['id']} {ended['status']}")
+        return
     _, sessions = _sessions()
     with sessions() as session:
         try:
@@ -537,12 +593,22 @@ def leaderboard_command(
                                   "report how firm the ranking is (Kendall's tau)."),
     output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
     as_json: bool = typer.Option(False, "--json", help="As --format json."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
 ) -> None:
     """A phase's ranking under the challenge's scheme, with failed-case counts and runtime."""
     from engine.leaderboard import leaderboard
     from engine.rendering import leaderboard_blocks, leaderboard_report
     from engine.submissions import SubmissionRefused
 
+    if server:
+        if stability:
+            _fail("--stability resamples per-case results: run it on the server's side", 2)
+        with _api(server, token) as api:
+            board = {"challenge": challenge, "phase": phase,
+                     "entries": api.leaderboard_entries(challenge, phase), "stability": None}
+        show(console, chosen_format(output_format, as_json), board, leaderboard_blocks)
+        return
     _, sessions = _sessions()
     firmness = None
     with sessions() as session:
@@ -667,6 +733,34 @@ def serve(
 
     uvicorn.run(create_site(load_settings()), host=host, port=port, proxy_headers=False,
                 server_header=False)
+
+
+@store_app.command("gc")
+def store_gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be removed; remove "
+                                 "nothing."),
+    grace_days: float = typer.Option(30.0, "--grace-days", min=0.0, help="Remove a blob no "
+                                     "rule keeps only once unused for this many days."),
+    output_format: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="As --format json."),
+) -> None:
+    """Remove what the retention policy does not keep (docs/retention.md): images of final
+    phases, ranked images and those of submissions not yet ended are always kept."""
+    from datetime import timedelta
+
+    from engine import retention
+    from engine.rendering import gc_blocks
+    from engine.store import open_store
+
+    settings, sessions = _sessions()
+    store = open_store(settings.store_dir)
+    policy = retention.Policy(grace=timedelta(days=grace_days))
+    with sessions() as session:
+        gc_plan = retention.plan(session, store, policy)
+    if not dry_run:
+        retention.carry_out(store, gc_plan)
+    show(console, chosen_format(output_format, as_json),
+         retention.report(gc_plan, dry_run=dry_run, policy=policy), gc_blocks)
 
 
 @token_app.command("create")

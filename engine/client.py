@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -30,6 +31,7 @@ TUS = {"Tus-Resumable": "1.0.0"}
 CHUNK_BYTES = 32 << 20  # one PATCH request: large enough to be fast, small to lose little
 READ_BYTES = 1 << 20
 RETRIES = 5
+LEADERBOARD_PAGE = 200
 Progress = Callable[[int, int], None]  # (bytes sent, total)
 
 
@@ -41,6 +43,12 @@ class ApiError(EpreuveError):
         self.http_status = status
         self.error_type = error_type
         self.reason = reason
+        if status == Unavailable.http_status:  # the server's platform is not there
+            self.exit_code = Unavailable.exit_code
+
+    @property
+    def not_found(self) -> bool:
+        return self.http_status == NotFound.http_status
 
 
 class ServerUnreachable(Unavailable):
@@ -86,9 +94,22 @@ class Api:
     def submission(self, submission_id: int) -> dict:
         return self.request("GET", f"/api/v1/submissions/{submission_id}").json()
 
-    def leaderboard(self, challenge: str, phase: str) -> dict:
-        return self.request("GET", f"/api/v1/challenges/{challenge}/phases/{phase}"
-                                   "/leaderboard").json()
+    def leaderboard(self, challenge: str, phase: str, *, limit: int = 50,
+                    offset: int = 0) -> dict:
+        return self.request("GET", f"/api/v1/challenges/{quote(challenge, safe='')}/phases/"
+                                   f"{quote(phase, safe='')}/leaderboard",
+                            params={"limit": limit, "offset": offset}).json()
+
+    def leaderboard_entries(self, challenge: str, phase: str) -> list[dict]:
+        """Every entry, page after page."""
+        entries: list[dict] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = self.leaderboard(challenge, phase, limit=LEADERBOARD_PAGE, offset=offset)
+            entries += page["items"]
+            following = page.get("next_offset")
+            offset = following if isinstance(following, int) and following > offset else None
+        return entries
 
     def cancel(self, submission_id: int) -> dict:
         return self.request("POST", f"/api/v1/submissions/{submission_id}/cancel").json()

@@ -230,7 +230,8 @@ def outputs_digest(output_sha256: Mapping[str, Mapping[str, str]]) -> str:
 
 
 def job_provenance(*, image: Any, challenge: Any, phase: Any, manifest_sha256: str | None,
-                   spec: RunSpec, node: Mapping[str, Any], started_at: datetime | None,
+                   spec: RunSpec | Mapping[str, Any] | None, node: Mapping[str, Any],
+                   started_at: datetime | None,
                    finished_at: datetime | None,
                    output_sha256: Mapping[str, Mapping[str, str]],
                    case_ids: Iterable[str] = (), run_result: RunResult | None = None,
@@ -241,8 +242,11 @@ def job_provenance(*, image: Any, challenge: Any, phase: Any, manifest_sha256: s
     has id and definition_sha256 (a ChallengeRow); `phase` has slug and dataset_version
     (a PhaseRow); `manifest_sha256` is the sealed dataset's version as verified for this
     run; `node` is `node_facts(...)`; `output_sha256` maps each case to {file: sha256}.
+    `spec` is the RunSpec, or its `run_spec_data` as a node reported it, or None when the
+    job ended before a spec was made (its GPUs are then unknown).
     """
     known = {g["uuid"]: g for g in node.get("gpus", [])}
+    spec_data = _spec_data(spec)
     return {
         "format": PROVENANCE_FORMAT,
         "image": {"image_id": image.image_id, "tar_sha256": image.tar_sha256,
@@ -251,14 +255,23 @@ def job_provenance(*, image: Any, challenge: Any, phase: Any, manifest_sha256: s
                     "case_ids": list(case_ids)},
         "challenge": {"id": challenge.id, "phase": phase.slug,
                       "definition_sha256": challenge.definition_sha256},
-        "run_spec": run_spec_data(spec),
+        "run_spec": spec_data,
         "ran": {"image_id": run_result.image_id if run_result else None,
                 "user": run_result.user if run_result else None},
         "engine": copy.deepcopy(node.get("engine")),
         "docker": copy.deepcopy(node.get("docker")),
-        "gpus": [copy.deepcopy(known.get(uuid, {"uuid": uuid})) for uuid in spec.gpu_uuids],
+        "gpus": [copy.deepcopy(known.get(uuid, {"uuid": uuid}))
+                 for uuid in spec_data.get("gpu_uuids") or []],
         "node_name": node.get("node_name"),
         "started_at": _plain(started_at),
         "finished_at": _plain(finished_at),
         "outputs": {"sha256": _plain(output_sha256), "digest": outputs_digest(output_sha256)},
     }
+
+
+def _spec_data(spec: RunSpec | Mapping[str, Any] | None) -> dict[str, Any]:
+    if spec is None:
+        return {}
+    if isinstance(spec, RunSpec):
+        return run_spec_data(spec)
+    return _plain(spec)

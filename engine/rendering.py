@@ -377,6 +377,25 @@ def leaderboard_report(challenge: str, phase: str, entries: list,
             "stability": stability}
 
 
+def gc_blocks(report: dict[str, Any]) -> list[Block]:
+    """`epreuve store gc`: engine.retention.report's data."""
+    verb = "would remove" if report["dry_run"] else "removed"
+    blocks: list[Block] = [Note(
+        f"{verb} {len(report['removed'])} blob(s), {human_bytes(report['bytes_freed'])}, "
+        f"and {report['stale_incoming_removed']} stale temporary file(s) "
+        f"(grace period: {report['grace_days']:g} days)", "bold")]
+    if report["removed"]:
+        blocks.append(Listing(verb, ("sha256", "size", "last used", "what"),
+                              [(r["sha256"][:16], human_bytes(r["bytes"]),
+                                r["last_used"][:19], r["what"]) for r in report["removed"]],
+                              right=frozenset({"size"})))
+    if report["kept"]:
+        blocks.append(Listing("kept", ("why", "blobs"),
+                              [(why, str(count)) for why, count in report["kept"].items()],
+                              right=frozenset({"blobs"})))
+    return blocks
+
+
 def leaderboard_blocks(board: dict[str, Any]) -> list[Block]:
     """`epreuve leaderboard`: {"challenge", "phase", "entries": [Entry as a dict],
     "stability": None or leaderboard.stability's result}."""

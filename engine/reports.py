@@ -19,6 +19,7 @@ which can carry names the container chose (a sparse file named after a hidden ca
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from sqlalchemy import func, select
@@ -33,6 +34,7 @@ from engine.submissions import find_phase
 from runners.base import FailureReason
 from runners.messages import human_bytes
 
+HOST_PATHS_OF_SPEC = ("input_dir", "output_dir")  # a node's directories: never a team's
 # messages about the run as a whole: they never name a case or describe its data
 RUN_LEVEL_REASONS = {FailureReason.TIMEOUT.value, FailureReason.OOM_KILLED.value,
                      FailureReason.OUTPUT_QUOTA.value, FailureReason.NONZERO_EXIT.value,
@@ -142,7 +144,8 @@ def submission_report(session: Session, submission_id: int, *,
         report["queue"] = {"jobs_ahead": position,
                            "estimated_start_seconds": None if wait is None else
                            round(wait.total_seconds())}
-    report["jobs"] = [{**_job(job, show_logs), "message": shown(job.reason, job.message)}
+    report["jobs"] = [{**_job(job, show_logs), "message": shown(job.reason, job.message),
+                       "provenance": _provenance(job, phase if participant else None)}
                       for job in submission.jobs]
     report["aggregates"] = {a.metric: a.summary for a in session.scalars(
         select(AggregateRow).where(AggregateRow.submission_id == submission.id))}
@@ -163,6 +166,36 @@ def submission_report(session: Session, submission_id: int, *,
                                 | ((EventRow.entity == "job") & EventRow.entity_id.in_(
                                     [j.id for j in submission.jobs]))).order_by(EventRow.id))]
     return report
+
+
+def _provenance(job: JobRow, participant_phase: Phase | None) -> dict[str, Any] | None:
+    record = (job.run_result or {}).get("provenance")
+    if not isinstance(record, dict) or participant_phase is None:
+        return record
+    return participant_provenance(record, participant_phase)
+
+
+def participant_provenance(record: dict[str, Any], phase: Phase) -> dict[str, Any]:
+    """A job's provenance as its team may read it: the node's name, engine, Docker, kernel
+    and GPUs (model, driver, CUDA) and the RunSpec's limits, but no host path (the spec's
+    mounts, the runtimes' binaries), no seal of the hidden test set (as for the report's
+    dataset_version), and no case names or per-case hashes where the phase hides cases."""
+    shown = copy.deepcopy(record)
+    spec = shown.get("run_spec")
+    if isinstance(spec, dict):
+        for path in HOST_PATHS_OF_SPEC:
+            spec.pop(path, None)
+    docker = shown.get("docker")
+    if isinstance(docker, dict) and isinstance(docker.get("runtimes"), dict):
+        docker["runtimes"] = sorted(docker["runtimes"])  # names, not where they live
+    dataset = shown.get("dataset")
+    if isinstance(dataset, dict):
+        cases = dataset.get("case_ids") or []
+        shown["dataset"] = {"cases": len(cases)} if phase.hides_cases else {"case_ids": cases}
+    outputs = shown.get("outputs")
+    if isinstance(outputs, dict) and phase.hides_cases:
+        shown["outputs"] = {"digest": outputs.get("digest")}
+    return shown
 
 
 def _job(job: JobRow, show_logs: bool) -> dict[str, Any]:

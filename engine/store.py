@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -200,18 +201,32 @@ class DirectoryStore:
                 if SHA256.match(blob.name):
                     yield blob.name
 
+    def modified_at(self, sha256: str) -> datetime:
+        """When the blob's file was last written (placed): its age for retention."""
+        try:
+            return datetime.fromtimestamp(self.path(sha256).stat().st_mtime, UTC)
+        except FileNotFoundError:
+            raise BlobMissing(f"no blob sha256:{checked_digest(sha256)} in the store") from None
+
+    def stale_incoming(self, older_than_seconds: float = 3600.0) -> list[Path]:
+        """Temporary files no writer has written to for that long (a crash mid-write): a
+        writer that is alive writes all the time, so its file is never this old."""
+        if not self.incoming.is_dir():
+            return []
+        cutoff = time.time() - older_than_seconds
+        stale = []
+        for entry in sorted(self.incoming.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
+                    stale.append(entry)
+        return stale
+
     def remove_stale_incoming(self, older_than_seconds: float = 3600.0) -> int:
         """Remove temporary files left by writers that died (a crash mid-write)."""
-        removed = 0
-        if not self.incoming.is_dir():
-            return removed
-        cutoff = time.time() - older_than_seconds
-        for entry in self.incoming.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
-                    entry.unlink()
-                    removed += 1
-        return removed
+        stale = self.stale_incoming(older_than_seconds)
+        for entry in stale:
+            entry.unlink(missing_ok=True)
+        return len(stale)
 
 
 def open_store(root: Path) -> DirectoryStore:

@@ -3,8 +3,8 @@
 Whole-GPU allocation makes device-level readings the job's own. A sampler
 thread reads NVML once per interval; energy is the difference of the device's
 total energy counter (mJ) between the start and the end of the run, exact
-rather than integrated from samples. The samples also feed Prometheus gauges, and
-`on_sample` (engine.metrics.gpu_sample_recorder: the dcgm-named metrics) when given.
+rather than integrated from samples. Each sample also goes to `on_sample` when given
+(engine.gpu_metrics.gpu_sample_recorder: the DCGM-named gauges /metrics serves).
 Without GPUs (or NVML) the summary is empty.
 """
 
@@ -16,11 +16,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import Gauge
-
-GPU_UTILISATION = Gauge("epreuve_gpu_utilisation_percent", "GPU utilisation", ["uuid"])
-GPU_MEMORY = Gauge("epreuve_gpu_memory_used_bytes", "GPU memory in use", ["uuid"])
-GPU_POWER = Gauge("epreuve_gpu_power_watts", "GPU power draw", ["uuid"])
 log = logging.getLogger(__name__)
 
 
@@ -100,9 +95,6 @@ class TelemetrySampler:
                 usage.samples += 1
                 usage.peak_memory_bytes = max(usage.peak_memory_bytes, int(memory))
                 usage.peak_power_watts = max(usage.peak_power_watts, power)
-                GPU_UTILISATION.labels(uuid).set(utilisation)
-                GPU_MEMORY.labels(uuid).set(memory)
-                GPU_POWER.labels(uuid).set(power)
                 self._report(uuid, handle, utilisation, memory, power)
 
     def _report(self, uuid: str, handle, utilisation, memory, power) -> None:

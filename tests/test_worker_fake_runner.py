@@ -226,3 +226,29 @@ def test_the_agent_sweeps_at_most_every_few_seconds_not_on_every_poll(tmp_path):
     assert (coordinator.leases, coordinator.sweeps) == (5, 1)
     assert agent.run(until_idle=True) == 0  # idle only once a last sweep found nothing
     assert coordinator.sweeps == 2
+
+
+def test_a_gpu_jobs_samples_reach_the_dcgm_gauges_and_its_provenance(tmp_path, monkeypatch):
+    """The node agent's telemetry sampler feeds engine.gpu_metrics (NVML is the one stand-in:
+    no GPU exists here), and each attempt's provenance names the GPU it ran on."""
+    import socket
+    import sys
+
+    from engine import gpu_metrics
+    from tests.test_metrics import FakeNVML
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(1_000))
+    gpu_metrics.GPU_SAMPLES.clear()
+    scene, sub = gpu_scene(tmp_path)
+    worker = fake_worker(scene, FakeRunner(scene.settings.state_dir / "gpus"))
+    assert worker.run(until_idle=True) == 2
+
+    heard = {(s.node, s.uuid) for s in gpu_metrics.GPU_SAMPLES.fresh()}
+    assert heard and heard <= {(socket.gethostname(), uuid) for uuid in FAKE_GPUS}
+    with scene.sessions() as session:
+        for job in session.scalars(select(JobRow).where(JobRow.submission_id == sub)):
+            record = job.run_result["provenance"]
+            assert [g["uuid"] for g in record["gpus"]] == record["run_spec"]["gpu_uuids"]
+            assert record["run_spec"]["gpu_uuids"][0] in FAKE_GPUS
+            assert set(job.run_result["gpus"]) == set(record["run_spec"]["gpu_uuids"])
+    gpu_metrics.GPU_SAMPLES.clear()

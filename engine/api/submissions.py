@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
@@ -86,6 +86,10 @@ class JobOut(BaseModel):
     wall_seconds: float | None
     cpu_seconds: float | None
     peak_memory_bytes: int | None
+    provenance: dict[str, Any] | None = Field(
+        None, description="What the last attempt ran and where (docs/provenance.md); for a "
+        "participant without host paths, the test set's seal, or case names where the phase "
+        "hides them")
 
 
 class EventOut(BaseModel):

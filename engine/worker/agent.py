@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -31,7 +32,9 @@ from engine.config import Settings
 from engine.datasets import DatasetError, SealedDataset, VerificationCache, stage
 from engine.errors import LeaseLost
 from engine.evaluation import run_spec, verified_dataset
+from engine.gpu_metrics import gpu_sample_recorder
 from engine.image_presence import ImageUnavailable, ensure_image
+from engine.provenance import node_facts, run_spec_data
 from engine.store import BlobStore, open_store
 from engine.worker.protocol import (
     Coordinator,
@@ -45,7 +48,7 @@ from engine.worker.workdirs import claim_work_dir, remove_dead_workers_dirs, rem
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from gpu.inventory import list_gpus
 from gpu.telemetry import TelemetrySampler
-from runners.base import Runner, RunResult
+from runners.base import Runner, RunResult, RunSpec
 from runners.docker import DockerUnavailable, owner_token
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,20 @@ class Agent:
             settings.state_dir / "gpus")
         remove_dead_workers_dirs(settings.work_dir)
         self.work_dir = claim_work_dir(settings.work_dir, self.owner)
+        self._node: dict | None = None
+        self.gpu_samples = gpu_sample_recorder(socket.gethostname())  # the DCGM-named gauges
+
+    @property
+    def node(self) -> dict:
+        """This node's facts for provenance, asked once per agent (Docker, git, NVML); an
+        unreachable daemon leaves them empty rather than failing a job's report."""
+        if self._node is None:
+            try:
+                self._node = node_facts(self.runner)
+            except Exception as exc:  # no daemon, no runner api: the facts are unknown
+                log.warning("the node's facts could not be collected: %s", exc)
+                return {}
+        return self._node
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -127,7 +144,7 @@ class Agent:
         log.error("job %s failed on the platform's side while %s:\n%s", ticket.job_id, stage,
                   detail)
         try:
-            self.coordinator.retry(ticket, messages_platform(stage), detail)
+            self.coordinator.retry(ticket, messages_platform(stage), detail, node=self.node)
         except LeaseLost:
             pass  # swept or cancelled meanwhile: not ours to end
         except Exception:  # the coordinator itself: the lease expires and the sweep retries
@@ -150,7 +167,8 @@ class Agent:
         try:
             dataset = self._dataset(ticket)
         except DatasetError as exc:
-            self.coordinator.retry(ticket, f"the test set failed verification: {exc}")
+            self.coordinator.retry(ticket, f"the test set failed verification: {exc}",
+                                   node=self.node)
             return
         job_dir = self.work_dir / f"job-{ticket.job_id}-{ticket.attempt}"
         output_dir = (self.settings.outputs_dir / f"submission-{ticket.submission_id}"
@@ -162,12 +180,15 @@ class Agent:
             try:
                 allocation = self.gpus.allocate(ticket.gpus)
             except NotEnoughGPUs as exc:
-                self.coordinator.retry(ticket, str(exc))
+                self.coordinator.retry(ticket, str(exc), node=self.node)
                 return
             with allocation:
                 self.coordinator.started(ticket)
-                result, gpu_usage = self._run(ticket, staged, output_dir, allocation.uuids)
-            self.coordinator.complete(ticket, JobOutcome(result, gpu_usage, str(output_dir)))
+                spec = self._spec(ticket, staged, output_dir, allocation.uuids)
+                result, gpu_usage = self._run(ticket, spec)
+            self.coordinator.complete(ticket, JobOutcome(
+                result, gpu_usage, str(output_dir), node=self.node,
+                run_spec=run_spec_data(spec)))
         finally:
             remove_tree(job_dir)
 
@@ -175,15 +196,17 @@ class Agent:
         return verified_dataset(ticket.dataset_path, ticket.dataset_version, self.verify_cache,
                                 what=f"job {ticket.job_id}")
 
-    def _run(self, ticket: JobTicket, staged: Path, output_dir: Path,
-             gpu_uuids: tuple[str, ...]) -> tuple[RunResult, dict]:
-        spec = run_spec(ticket.limits, ticket.image_id, staged, output_dir,
+    def _spec(self, ticket: JobTicket, staged: Path, output_dir: Path,
+              gpu_uuids: tuple[str, ...]) -> RunSpec:
+        return run_spec(ticket.limits, ticket.image_id, staged, output_dir,
                         len(ticket.case_ids), gpu_uuids, labels=dict(ticket.labels),
                         user=ticket.image_user)
+
+    def _run(self, ticket: JobTicket, spec: RunSpec) -> tuple[RunResult, dict]:
         with self._heartbeats(ticket) as lost:
             with platform_step("preparing the image"):
                 self.prepare_image(ticket)
-            sampler = TelemetrySampler(gpu_uuids).start()
+            sampler = TelemetrySampler(spec.gpu_uuids, on_sample=self.gpu_samples).start()
             try:
                 with platform_step("running the container"):
                     result = self.runner.run(spec, cancel=lost)

@@ -12,9 +12,10 @@ dead owner: liveness of local processes is a node's knowledge, not the queue's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,6 +34,8 @@ from engine.evaluation import (
     verified_dataset,
 )
 from engine.lifecycle import after_job
+from engine.metrics import observe_job_runtime
+from engine.provenance import job_provenance
 from engine.statuses import JobKind, JobStatus
 from engine.worker.protocol import (
     Coordinator,
@@ -42,7 +45,7 @@ from engine.worker.protocol import (
     messages_platform,
     platform_step,
 )
-from runners.base import FailureReason, Runner
+from runners.base import FailureReason, Runner, RunResult
 from runners.image_user import numeric_pair
 
 __all__ = ["Coordinator", "DbCoordinator", "JobOutcome", "JobTicket", "LeaseLost",
@@ -88,9 +91,16 @@ class DbCoordinator:
                              self.owner, started_at=utcnow())
             session.commit()
 
-    def retry(self, ticket: JobTicket, message: str, detail: str | None = None) -> None:
-        record = None if detail is None else {"infrastructure_detail": detail[-DETAIL_KEPT:]}
-        self._release(ticket, message, record)
+    def retry(self, ticket: JobTicket, message: str, detail: str | None = None, *,
+              node: Mapping[str, Any] | None = None,
+              outcome: JobOutcome | None = None) -> None:
+        """`outcome` when the run happened and the failure came after (scoring, the seal);
+        `node` the node's facts when it did not (a node's own failure before a report)."""
+        record = {} if outcome is None else {**outcome.result.to_dict(),
+                                               "gpus": dict(outcome.gpu_usage)}
+        if detail is not None:
+            record["infrastructure_detail"] = detail[-DETAIL_KEPT:]
+        self._release(ticket, message, record, outcome=outcome, node=node)
 
     def maintenance(self) -> None:
         """Re-queue the jobs of vanished workers; a job out of attempts ends like any other:
@@ -109,7 +119,7 @@ class DbCoordinator:
         if result.reason is FailureReason.INFRASTRUCTURE:
             self._release(ticket, result.message, {
                 **result.to_dict(), "gpus": dict(outcome.gpu_usage),
-                "infrastructure_detail": result.detail[-DETAIL_KEPT:]})
+                "infrastructure_detail": result.detail[-DETAIL_KEPT:]}, outcome=outcome)
             return
         with self.sessions() as session:
             job = self._held(session, ticket)
@@ -122,7 +132,7 @@ class DbCoordinator:
             dataset = verified_dataset(*reference, self.verify_cache,
                                        what=f"job {ticket.job_id}")
         except DatasetError as exc:
-            self.retry(ticket, f"the test set failed verification: {exc}")
+            self.retry(ticket, f"the test set failed verification: {exc}", outcome=outcome)
             return
         try:
             with platform_step("validating and scoring the outputs"):
@@ -130,12 +140,12 @@ class DbCoordinator:
                                       Path(outcome.output_dir), runner=self.runner,
                                       work_dir=self.work_dir, workers=self.scoring_workers)
         except EvaluatorFailed as exc:
-            self.retry(ticket, str(exc))
+            self.retry(ticket, str(exc), outcome=outcome)
             return
-        self._write(ticket, outcome, challenge, cases)
+        self._write(ticket, outcome, challenge, cases, dataset.version)
 
     def _write(self, ticket: JobTicket, outcome: JobOutcome, challenge: Challenge,
-               cases: list[ScoredCase]) -> None:
+               cases: list[ScoredCase], manifest_sha256: str) -> None:
         """Every case result, the job's end and what follows: all or nothing."""
         result = outcome.result
         with self.sessions() as session:
@@ -147,7 +157,11 @@ class DbCoordinator:
                     valid=case.valid, reason=case.reason, message=case.message,
                     metrics=case.metrics, runtime_seconds=shared,
                     runtime_exact=len(cases) == 1, output_sha256=case.output_sha256))
-            run_record = {**result.to_dict(), "gpus": dict(outcome.gpu_usage)}
+            run_record = {**result.to_dict(), "gpus": dict(outcome.gpu_usage),
+                          "provenance": attempt_provenance(
+                              job, node=outcome.node, spec=outcome.run_spec, result=result,
+                              manifest_sha256=manifest_sha256,
+                              output_sha256={c.case_id: c.output_sha256 for c in cases})}
             ended = dict(run_result=run_record, finished_at=utcnow(), lease_owner=None)
             failed = run_failed(result)
             first_invalid = next((c for c in cases if not c.valid), None)
@@ -166,19 +180,33 @@ class DbCoordinator:
                                  **ended)
             after_job(session, job, self.actor)
             session.commit()
+        observe_job_runtime(str(ticket.kind), result.wall_seconds)
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _release(self, ticket: JobTicket, message: str, run_record: dict | None) -> None:
-        """INFRASTRUCTURE: queue the job again, or fail it (and move its submission on)."""
+    def _release(self, ticket: JobTicket, message: str, run_record: dict, *,
+                 outcome: JobOutcome | None = None,
+                 node: Mapping[str, Any] | None = None) -> None:
+        """INFRASTRUCTURE: queue the job again, or fail it (and move its submission on).
+        The attempt keeps its provenance either way: what ran where, and what it wrote."""
         with self.sessions() as session:
             job = self._held(session, ticket)
+            result = None if outcome is None else outcome.result
+            run_record = {**run_record, "provenance": attempt_provenance(
+                job, node=outcome.node if outcome is not None else node or {},
+                spec=None if outcome is None else outcome.run_spec, result=result,
+                # the node verified the seal of the job's version before it ran
+                manifest_sha256=job.dataset_version if outcome is not None else None,
+                output_sha256={})}  # nothing was scored: no output is vouched for
             queue.release_for_retry(session, job, self.owner,
                                     FailureReason.INFRASTRUCTURE.value, message,
                                     run_result=run_record)
-            if job.status == JobStatus.FAILED:
+            ended = job.status == JobStatus.FAILED
+            if ended:
                 after_job(session, job, self.actor)
             session.commit()
+        if ended and result is not None:
+            observe_job_runtime(str(ticket.kind), result.wall_seconds)
 
     def _held(self, session: Session, ticket: JobTicket) -> JobRow:
         """The ticket's job, still leased to us for this very attempt; else LeaseLost."""
@@ -202,3 +230,20 @@ class DbCoordinator:
             dataset_version=job.dataset_version,
             labels={"org.epreuve.job": str(job.id),
                     "org.epreuve.submission": str(submission.id)})
+
+
+def attempt_provenance(job: JobRow, *, node: Mapping[str, Any],
+                       spec: Mapping[str, Any] | None, result: RunResult | None,
+                       manifest_sha256: str | None,
+                       output_sha256: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """The provenance record of one attempt (docs/provenance.md): the node's facts and the
+    RunSpec as the node reported them, the rest from our own rows. Without a run (the node
+    failed before one) the start and end are the job's, as the queue saw them."""
+    submission = job.submission
+    phase = submission.phase
+    return job_provenance(
+        image=submission.image, challenge=phase.challenge, phase=phase,
+        manifest_sha256=manifest_sha256, spec=spec, node=node,
+        started_at=result.started_at if result is not None else job.started_at,
+        finished_at=result.finished_at if result is not None else utcnow(),
+        output_sha256=output_sha256, case_ids=job.case_ids, run_result=result)

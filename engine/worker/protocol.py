@@ -13,7 +13,7 @@ import contextlib
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.errors import LeaseLost
 from engine.evaluation import EvaluatorFailed, SandboxLimits
@@ -43,11 +43,14 @@ class JobTicket:
 @dataclass(frozen=True)
 class JobOutcome:
     """What a node reports of a run: the result as measured, GPU usage, where the outputs
-    were collected."""
+    were collected, and for the provenance record (engine/provenance.py) the node's own
+    facts (`node_facts`) and the exact RunSpec it ran (`run_spec_data`), both as data."""
 
     result: RunResult
     gpu_usage: Mapping[str, dict]
     output_dir: str
+    node: Mapping[str, Any] = field(default_factory=dict)
+    run_spec: Mapping[str, Any] | None = None
 
 
 class Coordinator(Protocol):
@@ -70,9 +73,11 @@ class Coordinator(Protocol):
         the submission on, all or nothing."""
         ...
 
-    def retry(self, ticket: JobTicket, message: str, detail: str | None = None) -> None:
+    def retry(self, ticket: JobTicket, message: str, detail: str | None = None, *,
+              node: Mapping[str, Any] | None = None) -> None:
         """The platform failed this job (INFRASTRUCTURE): queue it again, or fail it when out
-        of attempts. `message` is for the team; `detail` (a traceback) for organisers only."""
+        of attempts. `message` is for the team; `detail` (a traceback) for organisers only;
+        `node` is the node's facts, for the attempt's provenance."""
         ...
 
     def maintenance(self) -> None:
