@@ -44,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from engine.api.auth import Principal, authenticated
 from engine.api.errors import AUTH_RESPONSES, ErrorBody
 from engine.datasets import DatasetError, VerificationCache
-from engine.db.models import ImageRow
+from engine.db.models import ImageRow, JobRow
 from engine.errors import Conflict, LeaseLost, NotFound
 from engine.evaluation import verified_dataset
 from engine.statuses import JobStatus
@@ -221,12 +221,18 @@ def claim(body: ClaimRequest, service: Service, worker: Worker) -> Any:
 
 @router.post("/jobs/{job_id}/start", response_model=Renewed)
 def start(fence: Fence, service: Service, worker: Worker) -> Renewed:
+    """Confirms the node has the job (GitLab's lost-assignment lesson): a claimed attempt
+    never confirmed is swept when its lease ends. A repeated confirmation (its answer was
+    lost) is answered, not applied again."""
     coordinator, ticket = service.held(fence)
+    with service.sessions() as session:
+        status = session.scalar(select(JobRow.status).where(JobRow.id == ticket.job_id))
+    if status != JobStatus.LEASED:
+        return Renewed(status=str(status))
     try:
         coordinator.started(ticket)
     except LeaseLost:
-        raise StaleAttempt(f"job {fence.job_id} cannot start: it was started already or "
-                           "taken back") from None
+        raise StaleAttempt(f"job {fence.job_id} was taken back: stop it") from None
     return Renewed(status=JobStatus.RUNNING)
 
 
