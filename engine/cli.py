@@ -473,6 +473,8 @@ def worker(
                                      "worker`), with --server."),
     gpus: str = typer.Option("all", "--gpus", help="GPUs this worker may use: all, a count, "
                              "or UUIDs separated by commas."),
+    poll_seconds: float = typer.Option(20, "--poll-seconds", help="With --server: how long "
+                                       "one claim waits for a job (long poll, at most 30)."),
 ) -> None:
     """Run jobs from the queue until stopped (Ctrl-C), or until idle."""
     import signal
@@ -485,12 +487,17 @@ def worker(
     if server:
         if not token:
             _fail("--server needs a worker token: --token or EPREUVE_TOKEN", 2)
+        import logging
+
         from engine.config import load_settings
         from engine.worker.http import HttpCoordinator, RemoteAgent
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         settings = load_settings()  # the node's own data dir: its database is never opened
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
-        agent = RemoteAgent(HttpCoordinator(server, token), runner, settings, gpus=chosen,
+        coordinator = HttpCoordinator(server, token, wait_seconds=min(poll_seconds, 30.0))
+        agent = RemoteAgent(coordinator, runner, settings, gpus=chosen,
                             heartbeat_seconds=heartbeat_seconds)
     else:
         from engine.worker import Worker
