@@ -67,7 +67,7 @@ class Node:
 
     def upload(self, archive: bytes) -> httpx.Response:
         return self.http.put(f"{API}/outputs/{self.ticket['job_id']}", content=archive,
-                             headers={**self.fence, "Content-Type": "application/x-tar"})
+                             headers={**self.fence, "Content-Type": "application/octet-stream"})
 
     def complete(self, result: RunResult) -> httpx.Response:
         return self.post("complete", json={"result": result.to_dict(), "gpu_usage": {}})

@@ -338,8 +338,9 @@ def _chunks(source):
 @router.put("/outputs/{job_id}", response_model=Renewed,
             responses={422: {"model": ErrorBody, "description": "Not a plain tree within the "
                              "quota (reason OUTPUT_INVALID or OUTPUT_QUOTA): nothing kept"}},
-            openapi_extra={"requestBody": {"content": {"application/x-tar": {}},
-                                           "required": True}})
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                        "description": "a tar"}}}}})
 async def outputs(request: Request, fence: Fence, service: Service, worker: Worker) -> Renewed:
     _, ticket = await run_in_threadpool(service.held, fence)
     quota = ticket.limits.output_quota

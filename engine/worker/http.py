@@ -117,7 +117,7 @@ class HttpCoordinator:
             archive = pack_outputs(output_dir, Path(scratch) / "outputs.tar")
             self._call(ticket, "PUT", f"{API}/outputs/{ticket.job_id}",
                        content=lambda: _file_chunks(archive),
-                       headers={"Content-Type": "application/x-tar"})
+                       headers={"Content-Type": "application/octet-stream"})
         self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/complete",
                    json={"result": outcome.result.to_dict(),
                          "gpu_usage": json.loads(json.dumps(outcome.gpu_usage, default=str))},
