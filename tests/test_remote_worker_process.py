@@ -181,3 +181,56 @@ def _metrics(server) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(server.server.config.app.state.metrics_registry).decode()
+
+
+def test_a_node_without_the_image_fetches_it_by_digest_verifies_it_and_loads_it_once(tmp_path):
+    """The node's daemon lacks the pinned image (an image of this test's own, removed from
+    the daemon after intake): the agent fetches the archive from the server by digest into
+    its image cache, the daemon loads it, and a second job loads nothing."""
+    import uuid
+
+    from engine.evaluation import SandboxLimits
+    from engine.worker.http import HttpCoordinator, RemoteAgent
+    from engine.worker.protocol import JobTicket
+    from runners import make_runner
+    from tests.engine_fixtures import sqlite_settings
+
+    marker, image_id = uuid.uuid4().hex[:12], None
+    tag = f"epreuve-test/remote-fetch:{marker}"
+    context = tmp_path / "fetch-image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM epreuve-example/threshold:latest\nLABEL org.epreuve.test=remote-{marker}\n")
+    subprocess.run(["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
+                   check=True, capture_output=True,
+                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    try:
+        world, _, token = server_world(tmp_path / "server", tag)
+        with world.sessions() as session:
+            from engine.db.models import ImageRow
+
+            image = session.scalars(select(ImageRow)).one()
+            image_id, digest = image.image_id, image.archive_sha256
+        subprocess.run(["docker", "rmi", "-f", image_id], check=True, capture_output=True)
+        server = start_server(world, ApiOptions(rate=Rate(burst=10_000, per_second=1000.0)))
+        node = sqlite_settings(tmp_path / "node")
+        runner = make_runner("docker", state_dir=node.state_dir / "runs")
+        agent = RemoteAgent(HttpCoordinator(server.url, token), runner, node, gpus=[])
+        ticket = JobTicket(job_id=1, attempt=1, kind="main", submission_id=1, case_ids=(),
+                           image_id=image_id, image_user=None, image_archive_sha256=digest,
+                           limits=SandboxLimits(1, 1, 1, 1, 1, 1, 1), gpus=0,
+                           dataset_path="", dataset_version="")
+        try:
+            assert not runner.has_image(image_id)
+            agent.prepare_image(ticket)
+            assert runner.has_image(image_id)
+            assert agent.store.has(digest) and agent.store.verify(digest)  # the node's cache
+            agent.prepare_image(ticket)  # already there: nothing fetched or loaded again
+            assert [d for d in agent.store.digests()] == [digest]
+        finally:
+            server.stop()
+    finally:
+        # only this test's own image: by its tag, and by its id once loaded again untagged
+        for name in (tag, image_id):
+            if name:
+                subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
