@@ -253,3 +253,28 @@ def test_an_image_archive_is_served_by_digest_only_for_pinned_images(live):
     served = node.http.get(f"{API}/images/{blob.sha256}")
     assert (served.status_code, served.content) == (200, b"an image archive")
     assert node.http.get(f"{API}/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_a_node_caches_an_attempts_inputs_by_version_and_refetches_a_changed_file(live, tmp_path):
+    from engine.datasets import stage
+    from engine.worker.http import HttpCoordinator, RemoteAgent
+    from tests.engine_fixtures import sqlite_settings
+
+    queued_submission(live.world, "ch-a", "team-a")
+    coordinator = HttpCoordinator(live.url, live.world.tokens["worker"], wait_seconds=0)
+    ticket = coordinator.lease(0)
+    agent = RemoteAgent(coordinator, None, sqlite_settings(tmp_path / "node"), gpus=[])
+    dataset = agent._dataset(ticket)
+    assert dataset.version == ticket.dataset_version
+    cached = [p for p in dataset.root.rglob("*") if p.is_file()]
+    assert cached and all(p.relative_to(dataset.root).parts[:2] == ("inputs", "case-001")
+                          for p in cached)
+    first = cached[0]
+    expected = first.read_bytes()
+    first.chmod(0o644)
+    first.write_bytes(b"changed on the node")
+    agent._dataset(ticket)  # verified file by file: the changed one is fetched again
+    assert first.read_bytes() == expected
+    staged = stage(dataset, list(ticket.case_ids), tmp_path / "input")
+    assert (staged / "cases.json").exists() and (staged / "case-001").is_dir()
+    coordinator.close()
