@@ -51,7 +51,7 @@ from engine.statuses import JobStatus
 from engine.store import CHUNK, BlobMissing, checked_digest, open_store
 from engine.tokens import new_secret
 from engine.worker.coordinator import DbCoordinator
-from engine.worker.protocol import JobOutcome, JobTicket
+from engine.worker.protocol import JobOutcome, JobTicket, PlatformFailure, messages_platform
 from engine.worker.wire import (
     OutputsRefused,
     extract_outputs,
@@ -393,5 +393,8 @@ def complete(body: Completion, fence: Fence, service: Service, worker: Worker) -
         coordinator.complete(ticket, JobOutcome(result, body.gpu_usage, str(output_dir)))
     except LeaseLost:
         raise StaleAttempt(f"job {fence.job_id} was taken back while it was scored") from None
+    except PlatformFailure as exc:  # ours, while scoring: the job is retried, never the team's
+        log.error("scoring job %s failed while %s:\n%s", fence.job_id, exc.stage, exc.detail)
+        coordinator.retry(ticket, messages_platform(exc.stage), exc.detail)
     ended = coordinator.ended_by_us(fence.job_id, fence.attempt)
     return Ended(status=ended or JobStatus.SCORING)

@@ -113,16 +113,19 @@ class HttpCoordinator:
         """Upload the outputs (one tar), then complete with the result as data; the server
         scores. The node's copy of the outputs is removed once the server has them."""
         output_dir = Path(outcome.output_dir)
-        with tempfile.TemporaryDirectory(prefix="epreuve-outputs-") as scratch:
-            archive = pack_outputs(output_dir, Path(scratch) / "outputs.tar")
-            self._call(ticket, "PUT", f"{API}/outputs/{ticket.job_id}",
-                       content=lambda: _file_chunks(archive),
-                       headers={"Content-Type": "application/octet-stream"})
-        self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/complete",
-                   json={"result": outcome.result.to_dict(),
-                         "gpu_usage": json.loads(json.dumps(outcome.gpu_usage, default=str))},
-                   timeout=max(600.0, self.lease_seconds))
-        shutil.rmtree(output_dir, ignore_errors=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="epreuve-outputs-") as scratch:
+                archive = pack_outputs(output_dir, Path(scratch) / "outputs.tar")
+                self._call(ticket, "PUT", f"{API}/outputs/{ticket.job_id}",
+                           content=lambda: _file_chunks(archive),
+                           headers={"Content-Type": "application/octet-stream"})
+            self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/complete",
+                       json={"result": outcome.result.to_dict(),
+                             "gpu_usage": json.loads(json.dumps(outcome.gpu_usage,
+                                                                default=str))},
+                       timeout=max(600.0, self.lease_seconds))
+        finally:  # the server has them, or the attempt is over: never kept on the node
+            shutil.rmtree(output_dir, ignore_errors=True)
         self._tokens.pop((ticket.job_id, ticket.attempt), None)
 
     def retry(self, ticket: JobTicket, message: str, detail: str | None = None) -> None:
@@ -225,7 +228,15 @@ class RemoteAgent(Agent):
 
     def _dataset(self, ticket: JobTicket) -> SealedDataset:
         """The attempt's inputs in the node's cache, each file verified against the sha256
-        the server's manifest gives: a dataset of inputs only."""
+        the server's manifest gives: a dataset of inputs only. Fetched under the heartbeat
+        (a large test set takes longer than a lease)."""
+        with self._heartbeats(ticket) as lost:
+            dataset = self._fetched_inputs(ticket)
+        if lost.is_set():
+            raise LeaseLost(f"job {ticket.job_id} was taken back while its inputs were fetched")
+        return dataset
+
+    def _fetched_inputs(self, ticket: JobTicket) -> SealedDataset:
         listing = self.coordinator.inputs(ticket)
         version = str(listing.get("version", ""))
         if version != ticket.dataset_version or not VERSION.match(version):
