@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -234,3 +236,59 @@ def test_a_node_without_the_image_fetches_it_by_digest_verifies_it_and_loads_it_
         for name in (tag, image_id):
             if name:
                 subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
+
+
+def serve_process(world: World, port: int) -> subprocess.Popen:
+    """`epreuve serve` on the scene's database and data dir, as its own process."""
+    settings = world.settings
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO),
+           "EPREUVE_DATA_DIR": str(settings.data_dir), "EPREUVE_STATE_DIR": str(settings.state_dir),
+           "EPREUVE_DATABASE_URL": settings.database_url}
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for("the server to answer", answers, timeout=60)
+    return process
+
+
+def test_a_server_killed_and_restarted_mid_job_loses_nothing(tmp_path, slow_image):
+    """SIGKILL `epreuve serve` while the worker's container runs; start it again on the same
+    port. The worker keeps the container running and retries its reports: the submission
+    ends with one result per case."""
+    world, submission_id, token = server_world(tmp_path / "server", slow_image,
+                                               validation_cases=2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = serve_process(world, port)
+    worker = worker_process(f"http://127.0.0.1:{port}", token, tmp_path / "node", "--until-idle")
+    try:
+        def smoke_status() -> str:
+            with world.sessions() as session:
+                return session.scalars(select(JobRow.status).where(JobRow.kind == "smoke")).one()
+
+        wait_for("the smoke job to run", lambda: smoke_status() == "running")
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+        server = serve_process(world, port)
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output
+    finally:
+        for process in (server, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    assert "again in" in output, output  # a report met the dead server and was retried
+    assert submission_status(world, submission_id) == "succeeded", output
+    with world.sessions() as session:
+        smoke = session.scalars(select(JobRow).where(JobRow.kind == "smoke")).one()
+        assert smoke.attempts == 1  # the same attempt finished: nothing was run twice
+        rows = session.scalars(select(CaseResultRow).where(
+            CaseResultRow.submission_id == submission_id)).all()
+        assert sorted(r.case_id for r in rows) == ["case-001", "case-002"]
