@@ -278,3 +278,21 @@ def test_a_node_caches_an_attempts_inputs_by_version_and_refetches_a_changed_fil
     staged = stage(dataset, list(ticket.case_ids), tmp_path / "input")
     assert (staged / "cases.json").exists() and (staged / "case-001").is_dir()
     coordinator.close()
+
+
+def test_an_upload_of_an_attempt_that_was_swept_is_never_scored_for_the_next(live):
+    """Each attempt uploads to its own place: the next attempt is scored on its own outputs
+    (here none: the case is missing), never on what the swept one sent."""
+    submission_id = queued_submission(live.world, "ch-a", "team-a")
+    old = Node(live)
+    old.claim()
+    old.post("start")
+    assert old.upload(mask_tar(live, ["case-001"])).status_code == 200
+    expire_and_sweep(live, old.ticket["job_id"])
+    new = Node(live)
+    new.claim()
+    new.post("start")
+    assert new.complete(succeeded(0)).json()["status"] in ("succeeded", "failed")
+    assert results_of(live, submission_id) == [("case-001", False)]
+    left = [p.name for p in live.world.settings.outputs_dir.rglob("*") if p.is_dir()]
+    assert not [name for name in left if "attempt" in name]  # the swept upload is gone

@@ -163,8 +163,28 @@ class WorkerService:
                                "current attempt (or its token is wrong): stop it") from None
 
     def output_dir(self, ticket: JobTicket) -> Path:
+        """Where the job's outputs are scored from and kept (engine/rescore.py reads them)."""
         return (self.settings.outputs_dir / f"submission-{ticket.submission_id}"
                 / f"job-{ticket.job_id}")
+
+    def uploaded_dir(self, ticket: JobTicket) -> Path:
+        """An attempt's own upload: a stale attempt can never write where another's is."""
+        return self.output_dir(ticket).with_name(f".job-{ticket.job_id}-attempt-"
+                                                 f"{ticket.attempt}")
+
+    def promote_outputs(self, ticket: JobTicket) -> Path:
+        """The completing attempt's upload becomes the job's outputs (none: an empty tree,
+        every case missing); other attempts' uploads are dropped."""
+        final = self.output_dir(ticket)
+        uploaded = self.uploaded_dir(ticket)
+        shutil.rmtree(final, ignore_errors=True)
+        if uploaded.is_dir():
+            os.replace(uploaded, final)
+        else:
+            final.mkdir(parents=True)
+        for stale in final.parent.glob(f".job-{ticket.job_id}-attempt-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
 
     # -- the server's clock ------------------------------------------------------------
 
@@ -344,7 +364,7 @@ def _chunks(source):
 async def outputs(request: Request, fence: Fence, service: Service, worker: Worker) -> Renewed:
     _, ticket = await run_in_threadpool(service.held, fence)
     quota = ticket.limits.output_quota
-    target = service.output_dir(ticket)
+    target = service.uploaded_dir(ticket)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=target.parent) as spool:
         size = 0
@@ -386,8 +406,7 @@ def complete(body: Completion, fence: Fence, service: Service, worker: Worker) -
     except (KeyError, TypeError, ValueError) as exc:
         raise OutputsRefused(FailureReason.INFRASTRUCTURE,
                              f"the run result is malformed: {type(exc).__name__}") from None
-    output_dir = service.output_dir(ticket)
-    output_dir.mkdir(parents=True, exist_ok=True)  # none uploaded: every case is missing
+    output_dir = service.promote_outputs(ticket)
     coordinator.heartbeat(ticket)  # scoring starts with a whole lease ahead
     try:
         coordinator.complete(ticket, JobOutcome(result, body.gpu_usage, str(output_dir)))
