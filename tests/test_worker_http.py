@@ -296,3 +296,19 @@ def test_an_upload_of_an_attempt_that_was_swept_is_never_scored_for_the_next(liv
     assert results_of(live, submission_id) == [("case-001", False)]
     left = [p.name for p in live.world.settings.outputs_dir.rglob("*") if p.is_dir()]
     assert not [name for name in left if "attempt" in name]  # the swept upload is gone
+
+
+def test_the_worker_command_needs_a_token_with_a_server_and_reads_gpus(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.cli import _chosen_gpus, app
+
+    monkeypatch.setenv("EPREUVE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("EPREUVE_TOKEN", raising=False)
+    done = CliRunner().invoke(app, ["worker", "--server", "http://127.0.0.1:9"])
+    assert done.exit_code == 2 and "needs a worker token" in done.output
+    assert _chosen_gpus("all") is None
+    assert _chosen_gpus("GPU-a, GPU-b") == ["GPU-a", "GPU-b"]
+    refused = CliRunner().invoke(app, ["worker", "--server", "http://127.0.0.1:9", "--token",
+                                       "epv_x", "--gpus", "../etc"])
+    assert refused.exit_code == 2 and "--gpus takes" in refused.output
