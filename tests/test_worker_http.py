@@ -312,3 +312,20 @@ def test_the_worker_command_needs_a_token_with_a_server_and_reads_gpus(monkeypat
     refused = CliRunner().invoke(app, ["worker", "--server", "http://127.0.0.1:9", "--token",
                                        "epv_x", "--gpus", "../etc"])
     assert refused.exit_code == 2 and "--gpus takes" in refused.output
+
+
+def test_the_node_image_cache_evicts_the_least_recently_used_past_its_budget(tmp_path):
+    import os
+
+    from engine.store import DirectoryStore
+    from engine.worker.http import evict_least_recently_used
+
+    store = DirectoryStore(tmp_path / "image-cache")
+    old, used, new = (store.put(io.BytesIO(bytes([n]) * 1000)).sha256 for n in (1, 2, 3))
+    for when, digest in enumerate((old, used, new)):
+        os.utime(store.path(digest), (1_000_000 + when, 1_000_000 + when))
+    os.utime(store.path(used))  # used just now
+    assert evict_least_recently_used(store, 2500, keep=new) == [old]
+    assert sorted(store.digests()) == sorted([used, new])
+    assert evict_least_recently_used(store, 0, keep=new) == [used]  # never the one in use
+    assert list(store.digests()) == [new]

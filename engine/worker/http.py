@@ -35,7 +35,7 @@ import httpx
 from engine.datasets import DatasetError, SealedDataset
 from engine.errors import EpreuveError, LeaseLost, Unavailable
 from engine.image_presence import ImageUnavailable, ensure_image
-from engine.store import BlobStore, DirectoryStore, checked_digest
+from engine.store import DirectoryStore, checked_digest
 from engine.worker.agent import Agent
 from engine.worker.protocol import JobOutcome, JobTicket, PlatformFailure
 from engine.worker.wire import (
@@ -48,6 +48,7 @@ from runners.docker import DockerUnavailable
 
 log = logging.getLogger(__name__)
 API = "/api/v1/worker"
+DEFAULT_IMAGE_CACHE_BYTES = 50 << 30
 VERSION = re.compile(r"^[0-9a-f]{16,128}$")
 RELATIVE = re.compile(r"^inputs/[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # the case
                       r"(/[A-Za-z0-9._][A-Za-z0-9._ -]{0,254})+$")  # its files
@@ -221,10 +222,14 @@ class RemoteAgent(Agent):
 
     coordinator: HttpCoordinator
 
-    def __init__(self, coordinator: HttpCoordinator, runner, settings, **kwargs):
+    store: DirectoryStore
+
+    def __init__(self, coordinator: HttpCoordinator, runner, settings, *,
+                 image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES, **kwargs):
         kwargs.setdefault("store", DirectoryStore(settings.data_dir / "image-cache"))
         super().__init__(coordinator, runner, settings, **kwargs)
         self.inputs_cache = settings.data_dir / "inputs-cache"
+        self.image_cache_bytes = image_cache_bytes  # the archives' disk budget (LRU)
 
     def _dataset(self, ticket: JobTicket) -> SealedDataset:
         """The attempt's inputs in the node's cache, each file verified against the sha256
@@ -256,7 +261,7 @@ class RemoteAgent(Agent):
         digest = ticket.image_archive_sha256
         try:
             if digest and not self.runner.has_image(ticket.image_id):
-                _cached_blob(self.coordinator, self.store, digest)
+                _cached_blob(self.coordinator, self.store, digest, self.image_cache_bytes)
             ensure_image(self.runner, self.store, ticket.image_id, digest)
         except DockerUnavailable:
             pass  # no daemon to ask: the run reports it (INFRASTRUCTURE)
@@ -286,13 +291,39 @@ def _cached_input(coordinator: HttpCoordinator, ticket: JobTicket, root: Path,
         Path(name).unlink(missing_ok=True)
 
 
-def _cached_blob(coordinator: HttpCoordinator, store: BlobStore, digest: str) -> None:
-    if store.has(digest):
-        return
-    with tempfile.TemporaryFile() as spool:
-        coordinator.download_image(digest, spool)
-        spool.seek(0)
-        store.put(spool, expected_sha256=checked_digest(digest))
+def _cached_blob(coordinator: HttpCoordinator, store: DirectoryStore, digest: str,
+                 budget: int) -> None:
+    """The archive in the node's image cache: fetched (verified against its digest on the
+    way in) where missing, marked as just used, and the least recently used others evicted
+    past the cache's disk budget."""
+    digest = checked_digest(digest)
+    if not store.has(digest):
+        with tempfile.TemporaryFile() as spool:
+            coordinator.download_image(digest, spool)
+            spool.seek(0)
+            store.put(spool, expected_sha256=digest)
+    os.utime(store.path(digest))  # its last use: what eviction goes by
+    evict_least_recently_used(store, budget, keep=digest)
+
+
+def evict_least_recently_used(store: DirectoryStore, budget: int, *, keep: str) -> list[str]:
+    """Delete the least recently used archives until the cache is within `budget` bytes
+    (never `keep`, the one about to be loaded). Returns the digests evicted."""
+    entries = []
+    for digest in store.digests():
+        info = store.path(digest).stat()
+        entries.append((info.st_mtime, digest, info.st_size))
+    total = sum(size for _, _, size in entries)
+    evicted = []
+    for _, digest, size in sorted(entries):
+        if total <= budget:
+            break
+        if digest == keep:
+            continue
+        store.delete(digest)
+        evicted.append(digest)
+        total -= size
+    return evicted
 
 
 def _sha256(path: Path) -> str:
