@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -502,29 +503,78 @@ def _submit_to_server(server: str, token: str | None, image: str, challenge: str
 def worker(
     until_idle: bool = typer.Option(False, "--until-idle", help="Stop when the queue is empty."),
     max_jobs: int | None = typer.Option(None, help="Stop after this many jobs."),
-    lease_seconds: float = typer.Option(60, help="Lease length; heartbeats renew it."),
+    lease_seconds: float = typer.Option(60, help="Lease length; heartbeats renew it (local "
+                                        "worker: a remote one gets the server's)."),
     heartbeat_seconds: float = typer.Option(10, help="Seconds between heartbeats."),
+    server: str | None = typer.Option(None, "--server", envvar="EPREUVE_SERVER",
+                                      help="Take jobs from this server over HTTP (a remote "
+                                      "node: no database, no shared disk)."),
+    token: str | None = typer.Option(None, "--token", envvar="EPREUVE_TOKEN",
+                                     help="A worker token (`epreuve token create --role "
+                                     "worker`), with --server."),
+    gpus: str = typer.Option("all", "--gpus", help="GPUs this worker may use: all, a count, "
+                             "or UUIDs separated by commas."),
+    poll_seconds: float = typer.Option(20, "--poll-seconds", help="With --server: how long "
+                                       "one claim waits for a job (long poll, at most 30)."),
 ) -> None:
     """Run jobs from the queue until stopped (Ctrl-C), or until idle."""
     import signal
     import threading
     from datetime import timedelta
 
-    from engine.worker import Worker
     from runners import make_runner
 
-    settings, sessions = _sessions()
-    runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
-    agent = Worker(sessions, settings, runner, lease_duration=timedelta(seconds=lease_seconds),
-                   heartbeat_seconds=heartbeat_seconds)
+    chosen = _chosen_gpus(gpus)
+    if server:
+        if not token:
+            _fail("--server needs a worker token: --token or EPREUVE_TOKEN", 2)
+        import logging
+
+        from engine.config import load_settings
+        from engine.worker.http import HttpCoordinator, RemoteAgent
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        settings = load_settings()  # the node's own data dir: its database is never opened
+        runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
+        coordinator = HttpCoordinator(server, token, wait_seconds=min(poll_seconds, 30.0))
+        agent = RemoteAgent(coordinator, runner, settings, gpus=chosen,
+                            heartbeat_seconds=heartbeat_seconds)
+    else:
+        from engine.worker import Worker
+
+        settings, sessions = _sessions()
+        runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
+        agent = Worker(sessions, settings, runner,
+                       lease_duration=timedelta(seconds=lease_seconds),
+                       heartbeat_seconds=heartbeat_seconds, gpus=chosen)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU(s); waiting for jobs")
+    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU(s); waiting for jobs"
+                  + (f" from {server}" if server else ""))
     try:
         done = agent.run(stop, until_idle=until_idle, max_jobs=max_jobs)
     except KeyboardInterrupt:
         done = None
     console.print(f"worker stopped{'' if done is None else f' after {done} job(s)'}")
+
+
+def _chosen_gpus(text: str) -> list[str] | None:
+    """--gpus: None (every GPU of the node), the first N, or the UUIDs given."""
+    value = text.strip()
+    if value == "all":
+        return None
+    if value.isdigit():
+        from gpu.inventory import list_gpus
+
+        found = [g.uuid for g in list_gpus()]
+        if int(value) > len(found):
+            _fail(f"--gpus {value}: this node has {len(found)} GPU(s)", 2)
+        return found[:int(value)]
+    uuids = [part.strip() for part in value.split(",") if part.strip()]
+    if not uuids or not all(re.fullmatch(r"[A-Za-z0-9-]{1,100}", u) for u in uuids):
+        _fail("--gpus takes all, a count, or GPU UUIDs separated by commas", 2)
+    return uuids
 
 
 @app.command()

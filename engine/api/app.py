@@ -10,12 +10,14 @@ database session committed at its end (database.py).
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from engine.api import challenges, health, leaderboards, submissions, teams, uploads
+from engine.api import challenges, health, leaderboards, submissions, teams, uploads, workers
 from engine.api.auth import authenticated
 from engine.api.errors import install_error_handlers
 from engine.api.middleware import BodyCap, SecurityHeaders
@@ -31,9 +33,19 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class ApiOptions:
     max_body_bytes: int = MIB  # JSON and YAML bodies
-    body_cap_exempt: tuple[str, ...] = ("/api/v1/uploads",)  # stream and cap their own
+    # stream and cap their own
+    body_cap_exempt: tuple[str, ...] = ("/api/v1/uploads", "/api/v1/worker/outputs/")
     rate: Rate = field(default_factory=Rate)  # per token, per expensive route family
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
+    worker_lease: timedelta = timedelta(seconds=60)  # a remote attempt's lease; heartbeats renew
+    sweep_seconds: float = 5.0  # how often the server re-queues expired leases
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    app.state.worker_service.start_sweeper()  # leases expire on the server's clock
+    yield
+    app.state.worker_service.stop_sweeper()
 
 
 def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI:
@@ -41,15 +53,19 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
     app = FastAPI(title="Épreuve", version=API_VERSION, openapi_url="/openapi.json",
                   docs_url="/docs", redoc_url=None,
                   description="Containerised evaluation of medical-imaging challenges. "
-                              "Send a token as `Authorization: Bearer epv_...`.")
+                              "Send a token as `Authorization: Bearer epv_...`.",
+                  lifespan=_lifespan)
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)
     app.state.rate_limits = TokenBuckets(options.rate)
     # the app's own registry (the process-wide one is shared by everything in the process),
     # holding the engine's collectors: submissions, jobs, queue, workers, GPUs, requests
     app.state.metrics_registry = build_registry(app.state.sessions)
+    # remote workers: the sweeper starts here, or with the first worker call (no lifespan)
+    app.state.worker_service = workers.WorkerService(app.state, options.worker_lease,
+                                                     options.sweep_seconds)
     install_error_handlers(app)
-    for module in (health, challenges, leaderboards, submissions, teams):
+    for module in (health, challenges, leaderboards, submissions, teams, workers):
         app.include_router(module.router)
     # resumable image uploads and submission creation; images are checked after the request
     app.include_router(uploads.build_router(settings, authenticated(),

@@ -17,13 +17,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine import queue
 from engine.challenges import Challenge, challenge_definition
 from engine.config import Settings
 from engine.datasets import DatasetError, VerificationCache
-from engine.db.models import CaseResultRow, JobRow, utcnow
+from engine.db.models import CaseResultRow, EventRow, JobRow, utcnow
 from engine.errors import LeaseLost
 from engine.evaluation import (
     EvaluatorFailed,
@@ -181,6 +182,37 @@ class DbCoordinator:
             after_job(session, job, self.actor)
             session.commit()
         observe_job_runtime(str(ticket.kind), result.wall_seconds)
+
+    # -- for a coordinator that serves remote nodes (engine/api/workers.py) ------------
+
+    def held_ticket(self, job_id: int, attempt: int) -> JobTicket:
+        """The ticket of a job still leased to us for this attempt, built from the database
+        (never from a node's copy); else LeaseLost."""
+        with self.sessions() as session:
+            stub = JobTicket(job_id=job_id, attempt=attempt, kind="", submission_id=0,
+                             case_ids=(), image_id="", image_user=None,
+                             image_archive_sha256=None, limits=None,  # type: ignore[arg-type]
+                             gpus=0, dataset_path="", dataset_version="")
+            return self._ticket(self._held(session, stub))
+
+    def ended_by_us(self, job_id: int, attempt: int) -> str | None:
+        """The state this owner (one attempt: its token's hash) already moved the job to
+        (an end, or back to the queue), or None: a repeated completion is answered, never
+        applied twice."""
+        with self.sessions() as session:
+            return session.scalar(
+                select(EventRow.to_state)
+                .where(EventRow.entity == "job", EventRow.entity_id == job_id,
+                       EventRow.actor == self.owner,
+                       EventRow.to_state.in_([*queue.TERMINAL, JobStatus.QUEUED]))
+                .order_by(EventRow.id.desc()).limit(1))
+
+    def scoring_now(self, job_id: int, attempt: int) -> bool:
+        """This attempt's completion is being scored (a repeated request meanwhile)."""
+        with self.sessions() as session:
+            job = session.get(JobRow, job_id)
+            return (job is not None and job.attempts == attempt
+                    and job.status == JobStatus.SCORING and job.lease_owner == self.owner)
 
     # -- helpers ------------------------------------------------------------------------
 
