@@ -101,11 +101,16 @@ class LogChunk(BaseModel):
 class Completion(BaseModel):
     result: dict[str, Any]
     gpu_usage: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # for the provenance record: the node's facts and the RunSpec it ran, as data (bounded
+    # by the 1 MiB body cap of these routes)
+    node: dict[str, Any] = Field(default_factory=dict)
+    run_spec: dict[str, Any] | None = None
 
 
 class RetryRequest(BaseModel):
     message: str = Field(max_length=4000)
     detail: str | None = Field(None, max_length=100_000)
+    node: dict[str, Any] = Field(default_factory=dict)
 
 
 class Ended(BaseModel):
@@ -285,7 +290,7 @@ def retry(body: RetryRequest, fence: Fence, service: Service, worker: Worker) ->
     if already is not None:
         return Ended(status=already, repeated=True)
     coordinator, ticket = service.held(fence)
-    coordinator.retry(ticket, body.message, body.detail)
+    coordinator.retry(ticket, body.message, body.detail, node=body.node)
     return Ended(status=coordinator.ended_by_us(fence.job_id, fence.attempt) or "queued")
 
 
@@ -409,7 +414,8 @@ def complete(body: Completion, fence: Fence, service: Service, worker: Worker) -
     output_dir = service.promote_outputs(ticket)
     coordinator.heartbeat(ticket)  # scoring starts with a whole lease ahead
     try:
-        coordinator.complete(ticket, JobOutcome(result, body.gpu_usage, str(output_dir)))
+        coordinator.complete(ticket, JobOutcome(result, body.gpu_usage, str(output_dir),
+                                                node=body.node, run_spec=body.run_spec))
     except LeaseLost:
         raise StaleAttempt(f"job {fence.job_id} was taken back while it was scored") from None
     except PlatformFailure as exc:  # ours, while scoring: the job is retried, never the team's

@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +121,21 @@ class HttpCoordinator:
                            content=lambda: _file_chunks(archive),
                            headers={"Content-Type": "application/octet-stream"})
             self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/complete",
-                       json={"result": outcome.result.to_dict(),
-                             "gpu_usage": json.loads(json.dumps(outcome.gpu_usage,
-                                                                default=str))},
+                       json=json.loads(json.dumps({
+                           "result": outcome.result.to_dict(), "gpu_usage": outcome.gpu_usage,
+                           "node": outcome.node, "run_spec": outcome.run_spec}, default=str)),
                        timeout=max(600.0, self.lease_seconds))
         finally:  # the server has them, or the attempt is over: never kept on the node
             shutil.rmtree(output_dir, ignore_errors=True)
         self._tokens.pop((ticket.job_id, ticket.attempt), None)
 
-    def retry(self, ticket: JobTicket, message: str, detail: str | None = None) -> None:
+    def retry(self, ticket: JobTicket, message: str, detail: str | None = None, *,
+              node: Mapping[str, Any] | None = None) -> None:
         self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/retry",
-                   json={"message": message[:4000],
-                         "detail": None if detail is None else detail[-100_000:]})
+                   json=json.loads(json.dumps({
+                       "message": message[:4000],
+                       "detail": None if detail is None else detail[-100_000:],
+                       "node": dict(node or {})}, default=str)))
         self._tokens.pop((ticket.job_id, ticket.attempt), None)
 
     def maintenance(self) -> None:
