@@ -64,7 +64,10 @@ def latest_per_team(session: Session, phase_id: int) -> list[SubmissionRow]:
     return list(latest.values())
 
 
-def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[Entry]:
+def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
+                substitute: dict[int, dict[str, dict]] | None = None) -> list[Entry]:
+    """`substitute`: {submission id: {case id: {"valid", "metrics"}}} in place of the stored
+    results (a reproduction's effect on the rank; segmentation only). Nothing is written."""
     phase_row, _ = find_phase(session, challenge_id, phase_slug)
     submissions = latest_per_team(session, phase_row.id)
     if not submissions:
@@ -85,7 +88,8 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
     else:
         dataset = load(phase_row.dataset_path)
         aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
-        rows = {s.id: results_by_case(session, s) for s in submissions}
+        rows = {s.id: {**results_by_case(session, s), **_substituted(substitute, s.id)}
+                for s in submissions}
         paired = None if challenge.ranking.scheme == "aggregate-then-rank" else \
             common_cases(submissions)
         for ref in refs:
@@ -112,6 +116,21 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
             n_failed=n_failed, runtime_per_case=runtime, prize_eligible=s.prize_eligible,
             dataset_version=s.dataset_version, stale=is_stale(s)))
     return sorted(entries, key=lambda e: (e.rank, e.submission_id))
+
+
+@dataclass
+class _Substituted:
+    """A case's values in place of its stored row (what case_values reads)."""
+
+    valid: bool
+    metrics: dict
+
+
+def _substituted(substitute: dict[int, dict[str, dict]] | None,
+                 submission_id: int) -> dict[str, _Substituted]:
+    cases = (substitute or {}).get(submission_id, {})
+    return {case_id: _Substituted(bool(c["valid"]), dict(c["metrics"]))
+            for case_id, c in cases.items()}
 
 
 def common_cases(submissions: list[SubmissionRow]) -> list[str]:
