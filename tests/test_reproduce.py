@@ -20,6 +20,7 @@ import tarfile
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 from sqlalchemy import select
 
@@ -33,12 +34,45 @@ from engine.reproduce import EXIT_CODES, compare
 from engine.statuses import Verdict
 from engine.store import open_store
 from engine.submissions import register_challenge, submit
+from engine.worker import Worker
+from runners.docker import DockerRunner
 from tests.conftest import REPO, build_image
 from tests.engine_fixtures import make_scene, pin
-from tests.test_images_by_digest import own_image, present, remove, tag_of
-from tests.test_platform_failures import worker_for
 
 EPREUVE = str(Path(sys.executable).parent / "epreuve")
+DOCKER = "unix:///var/run/docker.sock"
+OFFLINE_BUILD = {"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/usr/local/bin:/bin"}
+
+
+def own_image(context: Path, base: str, *lines: str) -> str:
+    """An image of this module alone (a unique label on `base`), tagged; its id."""
+    token = uuid.uuid4().hex[:12]
+    tag = f"epreuve-reproduce-test/{token}:latest"
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "Dockerfile").write_text("\n".join([f"FROM {base}", f"LABEL test={token}",
+                                                   *lines]) + "\n")
+    subprocess.run(["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
+                   check=True, capture_output=True, env=OFFLINE_BUILD)
+    return docker.DockerClient(base_url=DOCKER).api.inspect_image(tag)["Id"]
+
+
+def tag_of(image_id: str) -> str:
+    (tag,) = docker.DockerClient(base_url=DOCKER).api.inspect_image(image_id)["RepoTags"]
+    return tag
+
+
+def present_id(image_id: str) -> bool:
+    try:
+        return docker.DockerClient(base_url=DOCKER).api.inspect_image(image_id)["Id"] \
+            == image_id
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def remove(*references: str) -> None:
+    """Only what this module built (by id or by its own tag)."""
+    for reference in references:
+        subprocess.run(["docker", "rmi", "-f", reference], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +95,9 @@ def finished(docker_engine, tmp_path_factory):
                 ids[team] = submit(session, "test-liver", "validation", team,
                                    pin(tag_of(image_id), root, store)).id
                 session.commit()
-        worker_for(scene).run(until_idle=True)
+        Worker(scene.sessions, scene.settings,
+               DockerRunner(state_dir=scene.settings.state_dir / "runs"),
+               scoring_workers=1).run(until_idle=True)
         with scene.sessions() as session:
             assert [session.get(SubmissionRow, i).status for i in ids.values()] == \
                 ["succeeded", "succeeded"]
@@ -70,12 +106,6 @@ def finished(docker_engine, tmp_path_factory):
                "beta": beta}, "bundle": bundle, "threshold": threshold}
     finally:
         remove(*(tag_of(i) for i in (alpha, beta) if present_id(i)), alpha, beta)
-
-
-def present_id(image_id: str) -> bool:
-    import docker
-
-    return present(docker.DockerClient(base_url="unix:///var/run/docker.sock"), image_id)
 
 
 def cli(*args: str, data_dir: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -112,9 +142,8 @@ def changed_source(root: Path, base: str) -> Path:
 
 
 def built_ids(before: set[str]) -> set[str]:
-    import docker
-
-    client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+    """Images `--build` made (labelled so) that were not there before."""
+    client = docker.DockerClient(base_url=DOCKER)
     return {i.id for i in client.images.list(filters={"label":
                                                      "org.epreuve.built-from-source=1"})} - before
 
@@ -215,7 +244,8 @@ def test_reviewers_reproduce_the_bundle_on_a_fresh_machine_identical(finished, t
             assert f"{case_id}: identical" in proc.stdout
         assert present_id(alpha)  # loaded from the bundle's image.tar, checked by digest
         assert not (fresh / "state" / "epreuve.db").exists()  # no database was made
-        assert sorted(p.name for p in fresh.iterdir()) == ["bundle.tar", "data", "state"]
+        assert sorted(p.name for p in fresh.iterdir()) == ["bundle.tar", "data", "state",
+                                                         "validation-release.tar.gz"]
         assert Path(bundle).is_file()
     finally:
         subprocess.run(["docker", "tag", alpha, tag], capture_output=True)
