@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from engine.challenges import challenge_definition
 from engine.dataset_versions import is_stale
 from engine.datasets import load
-from engine.db.models import AggregateRow, SubmissionRow
+from engine.db.models import AggregateRow, ReproductionRow, SubmissionRow
 from engine.results import case_values, results_by_case
 from engine.scoring.ranking import (
     aggregate_then_rank,
@@ -51,6 +51,7 @@ class Entry:
     prize_eligible: bool
     dataset_version: str = ""  # the version its results were computed on
     stale: bool = False  # older than the phase's current version
+    source_check: str = "not checked"  # the open-source prize check: verified | differs
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -103,6 +104,7 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
             for s in submissions:
                 scores[s.id][ref.key] = float(aggregate(own[names[s.id]]))
     final = rankings[0] if len(rankings) == 1 else consensus(rankings)
+    source_checks = source_check_outcomes(session, [s.id for s in submissions])
     entries = []
     for s in submissions:
         summaries = aggregates[s.id]
@@ -114,7 +116,8 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
             metric_ranks={ref.key: r[names[s.id]] for ref, r in zip(refs, rankings,
                                                                     strict=True)},
             n_failed=n_failed, runtime_per_case=runtime, prize_eligible=s.prize_eligible,
-            dataset_version=s.dataset_version, stale=is_stale(s)))
+            dataset_version=s.dataset_version, stale=is_stale(s),
+            source_check=source_checks.get(s.id, "not checked")))
     return sorted(entries, key=lambda e: (e.rank, e.submission_id))
 
 
@@ -131,6 +134,18 @@ def _substituted(substitute: dict[int, dict[str, dict]] | None,
     cases = (substitute or {}).get(submission_id, {})
     return {case_id: _Substituted(bool(c["valid"]), dict(c["metrics"]))
             for case_id, c in cases.items()}
+
+
+def source_check_outcomes(session: Session, submission_ids: list[int]) -> dict[int, str]:
+    """The open-source prize check of each submission: its latest re-run of an image built
+    from its published source (`epreuve reproduce ID --build DIR`): verified (identical or
+    within tolerance) or differs; a submission never checked is absent."""
+    outcomes: dict[int, str] = {}
+    for row in session.scalars(select(ReproductionRow).where(
+            ReproductionRow.submission_id.in_(submission_ids),
+            ReproductionRow.source == "built").order_by(ReproductionRow.id)):
+        outcomes[row.submission_id] = "differs" if row.verdict == "differs" else "verified"
+    return outcomes
 
 
 def common_cases(submissions: list[SubmissionRow]) -> list[str]:

@@ -36,7 +36,7 @@ from engine.store import open_store
 from engine.submissions import register_challenge, submit
 from engine.worker import Worker
 from runners.docker import DockerRunner
-from tests.conftest import REPO, build_image
+from tests.conftest import REPO, build_image, postgres_sessions
 from tests.engine_fixtures import make_scene, pin
 
 EPREUVE = str(Path(sys.executable).parent / "epreuve")
@@ -84,7 +84,10 @@ def finished(docker_engine, tmp_path_factory):
                             "epreuve-example/threshold:latest")
     alpha = own_image(root / "alpha", threshold)
     beta = own_image(root / "beta", threshold, 'CMD ["--no-smoothing"]')
-    scene = make_scene(root)
+    database_url = os.environ.get("EPREUVE_TEST_POSTGRES_URL")
+    if database_url:  # the platform on real PostgreSQL, a clean schema
+        postgres_sessions()
+    scene = make_scene(root, database_url=database_url)
     store = open_store(scene.settings.store_dir)
     ids = {}
     try:
@@ -108,11 +111,21 @@ def finished(docker_engine, tmp_path_factory):
         remove(*(tag_of(i) for i in (alpha, beta) if present_id(i)), alpha, beta)
 
 
-def cli(*args: str, data_dir: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, data_dir: Path, cwd: Path | None = None,
+        database_url: str | None = None) -> subprocess.CompletedProcess:
+    """`epreuve ...` as a user runs it; no database URL given: none but the data dir's."""
     env = {**os.environ, "EPREUVE_DATA_DIR": str(data_dir), "COLUMNS": "200"}
     env.pop("EPREUVE_DATABASE_URL", None)
+    if database_url:
+        env["EPREUVE_DATABASE_URL"] = database_url
     return subprocess.run([EPREUVE, *args], env=env, capture_output=True, text=True,
                           timeout=600, cwd=cwd)
+
+
+def platform_cli(scene, *args: str) -> subprocess.CompletedProcess:
+    """`epreuve ...` on the platform of the module's challenge."""
+    return cli(*args, data_dir=scene.settings.data_dir,
+               database_url=scene.settings.database_url)
 
 
 def recorded_results(scene, submission_id: int) -> list[tuple]:
@@ -154,7 +167,7 @@ def built_ids(before: set[str]) -> set[str]:
 def test_reproduce_on_the_platform_is_identical_and_recorded_beside_the_original(finished):
     scene, alpha = finished["scene"], finished["ids"]["alpha"]
     before = recorded_results(scene, alpha)
-    proc = cli("reproduce", str(alpha), "--json", data_dir=scene.settings.data_dir)
+    proc = platform_cli(scene, "reproduce", str(alpha), "--json")
     assert proc.returncode == EXIT_CODES[Verdict.IDENTICAL] == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["verdict"] == "identical"
@@ -176,8 +189,7 @@ def test_an_image_built_from_changed_source_differs_naming_cases_metrics_and_ran
     before = built_ids(set())
     context = changed_source(finished["root"], tag_of(finished["images"]["alpha"]))
     try:
-        proc = cli("reproduce", str(alpha), "--build", str(context), "--json",
-                   data_dir=scene.settings.data_dir)
+        proc = platform_cli(scene, "reproduce", str(alpha), "--build", str(context), "--json")
         assert proc.returncode == EXIT_CODES[Verdict.DIFFERS] == 5, proc.stderr
         report = json.loads(proc.stdout)
         summary = report["summary"]
@@ -192,11 +204,41 @@ def test_an_image_built_from_changed_source_differs_naming_cases_metrics_and_ran
         with scene.sessions() as session:
             row = session.get(ReproductionRow, report["reproduction_id"])
             assert (row.source, row.verdict) == ("built", "differs")
-        text = cli("reproduce", str(alpha), "--build", str(context),
-                   data_dir=scene.settings.data_dir)
+        text = platform_cli(scene, "reproduce", str(alpha), "--build", str(context))
         assert text.returncode == 5
         assert "verdict: differs" in text.stdout and "metrics that moved:" in text.stdout
         assert "case-001: differs" in text.stdout
+        # the open-source prize check, recorded on the submission, beside prize eligibility
+        assert source_checks(scene) == {"alpha": "differs", "beta": "not checked"}
+        status = json.loads(platform_cli(scene, "status", str(alpha), "--json").stdout)
+        assert [(r["source"], r["verdict"]) for r in status["reproductions"]][-1] == \
+            ("built", "differs")
+        table = platform_cli(scene, "leaderboard", "test-liver", "validation").stdout
+        assert "source check" in table and "differs" in table
+    finally:
+        remove(*built_ids(before))
+
+
+def source_checks(scene) -> dict[str, str]:
+    board = json.loads(platform_cli(scene, "leaderboard", "test-liver", "validation",
+                                    "--json").stdout)
+    return {e["team"]: e["source_check"] for e in board["entries"]}
+
+
+def test_the_prize_check_verifies_an_image_built_from_the_same_source(finished):
+    scene, alpha = finished["scene"], finished["ids"]["alpha"]
+    before = built_ids(set())
+    context = finished["root"] / "same-source"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {tag_of(finished['images']['alpha'])}\n"
+                                        "LABEL rebuilt=from-source\n")
+    try:
+        proc = platform_cli(scene, "reproduce", str(alpha), "--build", str(context), "--json")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["verdict"] == "identical"
+        assert report["image_id"] != finished["images"]["alpha"]  # another image, same bytes out
+        assert source_checks(scene) == {"alpha": "verified", "beta": "not checked"}
     finally:
         remove(*built_ids(before))
 
@@ -412,7 +454,7 @@ def test_a_negative_or_unknown_tolerance_is_refused_in_the_challenge_file():
 def test_freeze_writes_the_final_record_and_nothing_changes_after(finished, tmp_path):
     scene, ids = finished["scene"], finished["ids"]
     before = {i: recorded_results(scene, i) for i in ids.values()}
-    proc = cli("challenge", "freeze", "test-liver", data_dir=scene.settings.data_dir)
+    proc = platform_cli(scene, "challenge", "freeze", "test-liver")
     assert proc.returncode == 0, proc.stderr
     record = scene.settings.data_dir / "releases" / "test-liver" / "final-record"
     lines = (record / "validation" / "results.csv").read_text().splitlines()
@@ -449,12 +491,11 @@ def test_freeze_writes_the_final_record_and_nothing_changes_after(finished, tmp_
             session.rollback()
     for command in (["cancel", str(ids["beta"])],
                     ["rescore", "test-liver", "validation", "--submission", str(ids["alpha"])]):
-        proc = cli(*command, data_dir=scene.settings.data_dir)
+        proc = platform_cli(scene, *command)
         assert proc.returncode == 1 and "was frozen" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
-    again = cli("challenge", "freeze", "test-liver", data_dir=scene.settings.data_dir)
+    again = platform_cli(scene, "challenge", "freeze", "test-liver")
     assert again.returncode == 1 and "never overwritten" in again.stderr
     # reproducing stays open: it changes no result
-    assert cli("reproduce", str(ids["alpha"]), data_dir=scene.settings.data_dir
-               ).returncode == 0
+    assert platform_cli(scene, "reproduce", str(ids["alpha"])).returncode == 0
     assert {i: recorded_results(scene, i) for i in ids.values()} == before
