@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,22 @@ from sqlalchemy.orm import Session
 from engine.challenges import Challenge
 from engine.datasets import MANIFEST
 from engine.errors import EpreuveError, NotFound
-from engine.reproduce import REPLAYED, RecordedRun, ReproductionRefused, Shard, recorded_run
+from engine.image_presence import ensure_image
+from engine.reproduce import (
+    REPLAYED,
+    Comparison,
+    RecordedRun,
+    ReproductionRefused,
+    Shard,
+    compare,
+    dataset_for,
+    gpus_needed,
+    local_gpus,
+    recorded_run,
+    rerun,
+)
 from engine.store import BlobStore, DirectoryStore
+from runners.base import Runner
 
 BUNDLE_FORMAT = 1
 IMAGE, SUMS = "image.tar", "SHA256SUMS"
@@ -293,16 +309,10 @@ def released_dataset_root(data: Path) -> Path:
     return folders[0]
 
 
-def reproduce_bundle(path: Path, data: Path, runner, work_dir: Path, *,
-                     built_image: str | None = None):
+def reproduce_bundle(path: Path, data: Path, runner: Runner, work_dir: Path, *,
+                     built_image: str | None = None) -> tuple[Comparison, Bundle]:
     """Re-run a bundle's image (or `built_image`) on the released dataset in `data`:
     the same per-case comparison as on the platform, with no database. (comparison, bundle)"""
-    import shutil
-    import tempfile
-
-    from engine.image_presence import ensure_image
-    from engine.reproduce import compare, dataset_for, gpus_needed, local_gpus, rerun
-
     work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bundle-", dir=work_dir))
     try:

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from engine import queue
 from engine.challenges import Challenge, challenge_definition
 from engine.datasets import (
     DatasetVersionChanged,
@@ -339,8 +340,6 @@ def reproduce_submission(session: Session, settings, submission_id: int, runner:
         cases=[c.to_dict() for c in comparison.cases], runs=runs, actor=actor)
     session.add(row)
     session.flush()
-    from engine import queue
-
     queue.record(session, "submission", submission_id, submission.status, submission.status,
                  actor, f"reproduced ({row.source} image): {comparison.verdict.value}")
     return comparison, row.id

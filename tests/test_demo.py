@@ -34,7 +34,7 @@ def reviewers_reproduce_the_winner(tmp_path: Path, env: dict, winner: str) -> No
     bundle, archive = tmp_path / "winner.tar", tmp_path / "validation.tar.gz"
     for command in (["export", winner, "--to", str(bundle)],
                     ["dataset", "release", str(tmp_path / "data/demo/data/demo-liver/validation"),
-                     str(archive)]):
+                     "--to", str(archive)]):
         proc = subprocess.run([epreuve, *command], env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
