@@ -401,6 +401,20 @@ class EmptyMasks(Strict):
         return EmptyMaskPolicy(**self.model_dump())
 
 
+class ReproductionTolerance(Strict):
+    """How far one metric of a re-run (`epreuve reproduce`) may move from the recorded value
+    and still count as reproduced."""
+
+    metric: str = field(..., "a metric name (`dice`: every label), a key with its label "
+                        "(`dice[1]`), or an evaluator metric's name",
+                        pattern=r"^[A-Za-z0-9_.\-\[\]]{1,100}$")
+    absolute: float = field(..., "the largest absolute difference still counted as equal",
+                            minimum=0, maximum=1e9)
+
+
+DEFAULT_REPRODUCTION_TOLERANCE = 1e-6
+
+
 class Metrics(Strict):
     """How each case is scored."""
 
@@ -424,6 +438,13 @@ class Metrics(Strict):
     classes: list[str] = field([], "unused; classes are output.classes", max_length=0)
     threshold: float = field(0.5, "classification: probability from which a case is "
                              "positive", minimum=0, maximum=1)
+    reproduction_tolerance: float = field(
+        DEFAULT_REPRODUCTION_TOLERANCE, "`epreuve reproduce`: the largest absolute difference "
+        "of a metric between a re-run and the recorded run still counted as equal, for every "
+        "metric not listed in reproduction_tolerances", minimum=0, maximum=1e9)
+    reproduction_tolerances: list[ReproductionTolerance] = field(
+        [], "a tolerance per metric, in place of reproduction_tolerance (a key with its label "
+        "wins over the metric's name)", max_length=200)
 
     @field_validator("labels")
     @classmethod
@@ -432,6 +453,12 @@ class Metrics(Strict):
 
     def empty_policy(self) -> EmptyMaskPolicy:
         return self.empty_masks.policy()
+
+    def tolerance(self, key: str) -> float:
+        """The reproduction tolerance of a metric key (`dice[1]`, `auc`)."""
+        given = {t.metric: t.absolute for t in self.reproduction_tolerances}
+        name = key.split("[", 1)[0]
+        return given.get(key, given.get(name, self.reproduction_tolerance))
 
 
 class Ranking(Strict):

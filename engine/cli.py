@@ -741,6 +741,109 @@ def rescore(
             console.print(Text(f"  {case_id}: {why}"))
 
 
+def _actor() -> str:
+    return f"cli ({os.environ.get('USER', 'unknown')})"
+
+
+@app.command()
+def reproduce(
+    target: str = typer.Argument(..., help="A submission's id (on this platform), or a "
+                                 "bundle written by `epreuve export`."),
+    data: Path | None = typer.Option(None, "--data", help="With a bundle: the released "
+                                     "dataset (`dataset release`, extracted)."),
+    build: Path | None = typer.Option(None, "--build", file_okay=False, help="Build the "
+                                      "image from this published source (its Dockerfile) "
+                                      "and compare it with the submitted image's results."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-run a submission's image as it ran (its RunSpec, its dataset version) and compare
+    each case with the recorded results. Exit status: 0 identical, 4 within the challenge's
+    tolerance, 5 differs (1, 2, 3: refused, usage, no Docker Engine)."""
+    from engine.config import load_settings
+    from engine.reproduce import build_from_source, report, report_lines
+    from runners import make_runner
+
+    settings = load_settings()
+    runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
+    built = None if build is None else build_from_source(build, runner)
+    if target.isdigit():
+        if data is not None:
+            raise typer.BadParameter("--data goes with a bundle; a submission id is "
+                                     "reproduced on the platform's own dataset")
+        data_out = _reproduce_here(settings, int(target), runner, built)
+    else:
+        from engine.bundles import reproduce_bundle
+
+        if data is None:
+            raise typer.BadParameter("a bundle needs --data DIR: the released dataset")
+        comparison, bundle = reproduce_bundle(Path(target), data, runner, settings.work_dir,
+                                              built_image=built)
+        data_out = report(comparison, submission_id=bundle.run.submission_id,
+                          team=bundle.run.team, image_id=built or bundle.run.image_id)
+    if as_json:
+        print(json.dumps(data_out))
+    else:
+        for line in report_lines(data_out):
+            console.print(Text(terminal_text(line)))
+    raise typer.Exit(data_out["exit_code"])
+
+
+def _reproduce_here(settings, submission_id: int, runner, built: str | None) -> dict:
+    from engine.db import session_factory
+    from engine.reproduce import report, reproduce_submission
+    from engine.store import open_store
+
+    sessions = session_factory(settings.database_url)
+    with sessions() as session:
+        comparison, row_id = reproduce_submission(
+            session, settings, submission_id, runner, open_store(settings.store_dir),
+            actor=_actor(), built_image=built)
+        session.commit()
+        from engine.db.models import SubmissionRow
+
+        submission = session.get(SubmissionRow, submission_id)
+        return report(comparison, submission_id=submission_id, team=submission.team.name,
+                      image_id=built or submission.image.image_id, reproduction_id=row_id)
+
+
+@app.command("export")
+def export_command(
+    submission_id: int = typer.Argument(...),
+    to: Path = typer.Option(..., "--to", dir_okay=False, help="The bundle to write (.tar)."),
+) -> None:
+    """Write a finished submission's reproduction bundle: its image, the challenge, the
+    dataset's manifest (not the data), its run specs, results and provenance, SHA256SUMS.
+    `epreuve reproduce BUNDLE --data DIR` re-runs it anywhere."""
+    from engine.bundles import export_bundle
+    from engine.store import open_store
+
+    settings, sessions = _sessions()
+    with sessions() as session:
+        path = export_bundle(session, open_store(settings.store_dir), submission_id, to)
+    console.print(Text(f"bundle written to {path} ({path.stat().st_size // 1024} KiB); "
+                       "reproduce it with: epreuve reproduce "
+                       f"{path.name} --data RELEASED_DATASET_DIR"))
+
+
+@challenge_app.command("freeze")
+def challenge_freeze(
+    challenge: str = typer.Argument(...),
+    to: Path | None = typer.Option(None, "--to", file_okay=False, help="Where the final "
+                                   "record goes (default: beside the data release, "
+                                   "DATA_DIR/releases/CHALLENGE/final-record)."),
+) -> None:
+    """Close a challenge: write the final record (per-case results CSV, aggregates,
+    rankings, provenance, SHA256SUMS) and freeze every phase: its results never change."""
+    from engine.freeze import default_record_dir, freeze
+
+    settings, sessions = _sessions()
+    target = to or default_record_dir(settings.data_dir, challenge)
+    with sessions() as session:
+        written = freeze(session, challenge, target, actor=_actor())
+        session.commit()
+    console.print(Text(f"challenge {challenge} frozen; final record in {written}"))
+
+
 @app.command()
 def check(
     image: str = typer.Argument(..., help="Your image (a local reference)."),

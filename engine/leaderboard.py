@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from engine.challenges import challenge_definition
 from engine.dataset_versions import is_stale
 from engine.datasets import load
-from engine.db.models import AggregateRow, SubmissionRow
+from engine.db.models import AggregateRow, ReproductionRow, SubmissionRow
 from engine.results import case_values, results_by_case
 from engine.scoring.ranking import (
     aggregate_then_rank,
@@ -51,6 +51,7 @@ class Entry:
     prize_eligible: bool
     dataset_version: str = ""  # the version its results were computed on
     stale: bool = False  # older than the phase's current version
+    source_check: str = "not checked"  # the open-source prize check: verified | differs
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -64,7 +65,10 @@ def latest_per_team(session: Session, phase_id: int) -> list[SubmissionRow]:
     return list(latest.values())
 
 
-def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[Entry]:
+def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
+                substitute: dict[int, dict[str, dict]] | None = None) -> list[Entry]:
+    """`substitute`: {submission id: {case id: {"valid", "metrics"}}} in place of the stored
+    results (a reproduction's effect on the rank; segmentation only). Nothing is written."""
     phase_row, _ = find_phase(session, challenge_id, phase_slug)
     submissions = latest_per_team(session, phase_row.id)
     if not submissions:
@@ -85,7 +89,8 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
     else:
         dataset = load(phase_row.dataset_path)
         aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
-        rows = {s.id: results_by_case(session, s) for s in submissions}
+        rows = {s.id: {**results_by_case(session, s), **_substituted(substitute, s.id)}
+                for s in submissions}
         paired = None if challenge.ranking.scheme == "aggregate-then-rank" else \
             common_cases(submissions)
         for ref in refs:
@@ -99,6 +104,7 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
             for s in submissions:
                 scores[s.id][ref.key] = float(aggregate(own[names[s.id]]))
     final = rankings[0] if len(rankings) == 1 else consensus(rankings)
+    source_checks = source_check_outcomes(session, [s.id for s in submissions])
     entries = []
     for s in submissions:
         summaries = aggregates[s.id]
@@ -110,8 +116,36 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str) -> list[En
             metric_ranks={ref.key: r[names[s.id]] for ref, r in zip(refs, rankings,
                                                                     strict=True)},
             n_failed=n_failed, runtime_per_case=runtime, prize_eligible=s.prize_eligible,
-            dataset_version=s.dataset_version, stale=is_stale(s)))
+            dataset_version=s.dataset_version, stale=is_stale(s),
+            source_check=source_checks.get(s.id, "not checked")))
     return sorted(entries, key=lambda e: (e.rank, e.submission_id))
+
+
+@dataclass
+class _Substituted:
+    """A case's values in place of its stored row (what case_values reads)."""
+
+    valid: bool
+    metrics: dict
+
+
+def _substituted(substitute: dict[int, dict[str, dict]] | None,
+                 submission_id: int) -> dict[str, _Substituted]:
+    cases = (substitute or {}).get(submission_id, {})
+    return {case_id: _Substituted(bool(c["valid"]), dict(c["metrics"]))
+            for case_id, c in cases.items()}
+
+
+def source_check_outcomes(session: Session, submission_ids: list[int]) -> dict[int, str]:
+    """The open-source prize check of each submission: its latest re-run of an image built
+    from its published source (`epreuve reproduce ID --build DIR`): verified (identical or
+    within tolerance) or differs; a submission never checked is absent."""
+    outcomes: dict[int, str] = {}
+    for row in session.scalars(select(ReproductionRow).where(
+            ReproductionRow.submission_id.in_(submission_ids),
+            ReproductionRow.source == "built").order_by(ReproductionRow.id)):
+        outcomes[row.submission_id] = "differs" if row.verdict == "differs" else "verified"
+    return outcomes
 
 
 def common_cases(submissions: list[SubmissionRow]) -> list[str]:

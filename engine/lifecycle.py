@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from engine import queue
 from engine.challenges import challenge_definition
 from engine.db.models import JobRow, SubmissionRow, utcnow
+from engine.frozen import refuse_if_frozen
 from engine.results import compute_aggregates
 from engine.statuses import JobKind, JobStatus, SubmissionStatus
 from engine.submissions import SubmissionRefused
@@ -83,6 +84,7 @@ def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> S
     submission = session.get(SubmissionRow, submission_id)
     if submission is None:
         raise SubmissionRefused(f"no submission {submission_id}")
+    refuse_if_frozen(submission.phase, f"cancel submission {submission_id}")
     if submission.status in queue.TERMINAL:
         raise SubmissionRefused(f"submission {submission_id} already ended ({submission.status})")
     message = f"cancelled by {actor}" + (f": {why}" if why else "")

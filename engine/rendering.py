@@ -325,6 +325,11 @@ def status_blocks(report: dict[str, Any]) -> list[Block]:
                           right=frozenset({"job", "cases", "wall", "peak memory"})))
     blocks += [Log(f"job {j['job']} log (tail):", j["log_tail"][-1500:])
                for j in report["jobs"] if j.get("log_tail")]
+    for again in report.get("reproductions") or []:
+        moved = ", ".join(again["metrics_moved"])
+        blocks.append(Note(f"reproduction {again['id']} ({again['source']} image "
+                           f"{again['image_id'][:19]}): {again['verdict']}"
+                           + (f"; moved: {moved}" if moved else "")))
     if report.get("cases"):
         blocks.append(cases_listing("per-case results", report["cases"]))
     if report["aggregates"]:
@@ -403,12 +408,14 @@ def leaderboard_blocks(board: dict[str, Any]) -> list[Block]:
     if not entries:
         return [Note("no evaluated submission yet")]
     keys = list(entries[0]["scores"])
-    columns = ("rank", "team", "submission", *keys, "failed cases", "runtime / case", "prize")
+    columns = ("rank", "team", "submission", *keys, "failed cases", "runtime / case", "prize",
+               "source check")
     rows = [(str(e["rank"]), e["team"],
              str(e["submission_id"]) + (STALE_MARK if e.get("stale") else ""),
              *(f"{_number(e['scores'][k])} (#{e['metric_ranks'][k]})" for k in keys),
              str(e["n_failed"]), _seconds(e["runtime_per_case"]),
-             "yes" if e["prize_eligible"] else "no") for e in entries]
+             "yes" if e["prize_eligible"] else "no", e.get("source_check", "not checked"))
+            for e in entries]
     blocks: list[Block] = [Listing(f"{board['challenge']} / {board['phase']}", columns, rows,
                                    right=frozenset(columns) - {"team"})]
     stale = sorted({e["dataset_version"][:12] for e in entries if e.get("stale")})

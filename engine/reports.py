@@ -28,7 +28,14 @@ from sqlalchemy.orm import Session
 from engine import queue
 from engine.challenges import Challenge, Phase, challenge_definition
 from engine.dataset_versions import is_stale
-from engine.db.models import AggregateRow, CaseResultRow, EventRow, JobRow, SubmissionRow
+from engine.db.models import (
+    AggregateRow,
+    CaseResultRow,
+    EventRow,
+    JobRow,
+    ReproductionRow,
+    SubmissionRow,
+)
 from engine.rendering import terminal_text  # noqa: F401 (where callers have long found it)
 from engine.submissions import find_phase
 from runners.base import FailureReason
@@ -156,6 +163,13 @@ def submission_report(session: Session, submission_id: int, *,
                            for r in session.scalars(select(CaseResultRow).where(
                                CaseResultRow.submission_id == submission.id)
                                .order_by(CaseResultRow.case_id))]
+    if not participant:  # re-runs for reviewers (epreuve reproduce): never the results
+        report["reproductions"] = [
+            {"id": r.id, "source": r.source, "verdict": r.verdict, "image_id": r.image_id,
+             "created_at": r.created_at, "actor": r.actor,
+             "metrics_moved": r.summary.get("metrics_moved", [])}
+            for r in session.scalars(select(ReproductionRow).where(
+                ReproductionRow.submission_id == submission.id).order_by(ReproductionRow.id))]
     if not participant:
         report["events"] = [{"at": e.at, "entity": f"{e.entity} {e.entity_id}",
                              "change": f"{e.from_state or '-'} -> {e.to_state}",

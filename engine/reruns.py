@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from engine import queue
 from engine.db.models import SubmissionRow, utcnow
 from engine.errors import NotFound
+from engine.frozen import refuse_if_frozen
 from engine.statuses import JobKind, SubmissionStatus
 from engine.submissions import find_phase, prize_eligibility, smoke_case
 
@@ -24,6 +25,7 @@ def rerun(session: Session, submission_id: int, actor: str) -> SubmissionRow:
     if original is None:
         raise NotFound(f"no submission {submission_id}")
     phase_row, phase = find_phase(session, original.phase.challenge_id, original.phase.slug)
+    refuse_if_frozen(phase_row, f"re-run submission {submission_id}")
     eligible, note = prize_eligibility(phase, original.source_url, original.license)
     again = SubmissionRow(phase=phase_row, team=original.team, image=original.image,
                           source_url=original.source_url, license=original.license,

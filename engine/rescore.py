@@ -34,6 +34,7 @@ from engine.db.models import CaseResultRow, JobRow, SubmissionRow
 from engine.errors import Conflict, NotFound
 from engine.evaluation import score_outputs as evaluate
 from engine.evaluation import verified_dataset
+from engine.frozen import refuse_if_frozen
 from engine.results import compute_aggregates, results_by_case
 from engine.statuses import SubmissionStatus
 from engine.submissions import find_phase
@@ -65,6 +66,7 @@ def rescore(session: Session, settings: Settings, challenge_id: str, phase_slug:
     older version. Flushes; the caller commits. `runner` makes the runner the organisers'
     evaluation image needs (only called for a challenge that has one)."""
     phase_row, _ = find_phase(session, challenge_id, phase_slug)
+    refuse_if_frozen(phase_row, "rescore")
     dataset = verified_dataset(phase_row.dataset_path, phase_row.dataset_version,
                                what=f"phase {phase_row.slug}")
     challenge = challenge_definition(phase_row.challenge)

@@ -39,6 +39,14 @@ class IntakeStatus(StrEnum):
     REFUSED = "refused"  # IMAGE_INVALID, or the submission was refused (quota, phase closed)
 
 
+class Verdict(StrEnum):
+    """What a reproduction found, case by case and overall (the worst of its cases)."""
+
+    IDENTICAL = "identical"  # the same output bytes
+    WITHIN_TOLERANCE = "within-tolerance"  # other bytes, every metric within the tolerance
+    DIFFERS = "differs"  # a metric moved past its tolerance, or a case's validity changed
+
+
 class JobKind(StrEnum):
     SMOKE = "smoke"  # one case first: a broken image costs one case
     MAIN = "main"  # the other cases, in shards, once the smoke job passed

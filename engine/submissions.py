@@ -47,6 +47,7 @@ from engine.db.models import (
     utcnow,
 )
 from engine.errors import Conflict
+from engine.frozen import refuse_if_frozen
 from engine.images import PinnedImage
 from engine.statuses import JobKind, SubmissionStatus
 
@@ -331,6 +332,7 @@ def submit(session: Session, challenge_id: str, phase_slug: str, team_name: str,
     to the new submission there, so that the two are written together or not at all)."""
     now = now or utcnow()
     phase_row, phase = find_phase(session, challenge_id, phase_slug)
+    refuse_if_frozen(phase_row, "submit")
     if not phase.is_open(now):
         when = (f"opens {phase.opens:%Y-%m-%d %H:%M} UTC" if phase.opens and now < phase.opens
                 else f"closed {phase.closes:%Y-%m-%d %H:%M} UTC")

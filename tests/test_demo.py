@@ -24,6 +24,29 @@ def test_demo_evaluates_a_whole_challenge(tmp_path, docker_engine):
                                           ["3", "threshold-no-smoothing", "2"]]
     assert "broken (#4): NONZERO_EXIT" in out
     assert "weights.pt" in out  # the broken image's own error, from its log
+    reviewers_reproduce_the_winner(tmp_path, env, winner="3")
+
+
+def reviewers_reproduce_the_winner(tmp_path: Path, env: dict, winner: str) -> None:
+    """The README's reviewers' path: the winner's bundle and the released data on a fresh
+    data directory (no database, no server) reproduce it, case by case, identically."""
+    epreuve = str(Path(sys.executable).parent / "epreuve")
+    bundle, archive = tmp_path / "winner.tar", tmp_path / "validation.tar.gz"
+    for command in (["export", winner, "--to", str(bundle)],
+                    ["dataset", "release", str(tmp_path / "data/demo/data/demo-liver/validation"),
+                     "--to", str(archive)]):
+        proc = subprocess.run([epreuve, *command], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    fresh = tmp_path / "reviewer"
+    (fresh / "data").mkdir(parents=True)
+    subprocess.run(["tar", "xzf", str(archive), "-C", str(fresh / "data")], check=True)
+    proc = subprocess.run([epreuve, "reproduce", str(bundle), "--data", str(fresh / "data")],
+                          env={**env, "EPREUVE_DATA_DIR": str(fresh / "state")},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verdict: identical" in proc.stdout
+    assert not (fresh / "state" / "epreuve.db").exists()
 
 
 def table_rows(output: str, columns: int) -> list[list[str]]:

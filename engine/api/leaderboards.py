@@ -7,6 +7,7 @@ the challenge. Computing a ranking reads every team's per-case results: rate lim
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
@@ -31,6 +32,7 @@ class EntryOut(BaseModel):
     n_failed: int
     runtime_per_case: float | None
     prize_eligible: bool
+    source_check: Literal["verified", "differs", "not checked"] = "not checked"  # prize check
 
 
 @router.get("/{challenge_id}/phases/{phase}/leaderboard", response_model=Page[EntryOut],
@@ -46,7 +48,8 @@ def get_leaderboard(challenge_id: Slug, phase: Slug, request: Request, session: 
     shown = [EntryOut(rank=e.rank, team=e.team, submission_id=e.submission_id,
                       scores={k: _finite(v) for k, v in e.scores.items()},
                       metric_ranks=e.metric_ranks, n_failed=e.n_failed,
-                      runtime_per_case=e.runtime_per_case, prize_eligible=e.prize_eligible)
+                      runtime_per_case=e.runtime_per_case, prize_eligible=e.prize_eligible,
+                      source_check=e.source_check)
              for e in entries[offset:offset + limit]]
     return page_of(shown, len(entries), limit, offset)
 

@@ -62,6 +62,7 @@ class PhaseRow(Base):
     dataset_path: Mapped[str] = mapped_column(Text)
     dataset_version: Mapped[str] = mapped_column(String(64))
     case_ids: Mapped[list[Any]]
+    frozen_at: Mapped[datetime | None]  # `challenge freeze`: its results never change after
     challenge: Mapped[ChallengeRow] = relationship(back_populates="phases")
 
 
@@ -221,6 +222,27 @@ class CaseResultRow(Base):
     runtime_seconds: Mapped[float | None]
     runtime_exact: Mapped[bool]  # one case per run: exact; otherwise the run's time shared
     output_sha256: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReproductionRow(Base):
+    """A re-run of a submission compared case by case with its recorded results, which it
+    never replaces: of the pinned image (`pinned`) or of one built from its published
+    source (`built`, the open-source prize check)."""
+
+    __tablename__ = "reproductions"
+    __table_args__ = (Index("ix_reproductions_submission", "submission_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
+    source: Mapped[str] = mapped_column(String(16))  # pinned | built
+    image_id: Mapped[str] = mapped_column(String(80))  # the image that was re-run
+    dataset_version: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # engine.statuses.Verdict
+    summary: Mapped[dict[str, Any]]  # largest difference, metrics moved, effect on the rank
+    cases: Mapped[list[Any]]  # per case: verdict, recorded and reproduced values
+    runs: Mapped[list[Any]]  # each shard's RunResult
+    actor: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
