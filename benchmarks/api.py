@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+from fastapi import Response
 from sqlalchemy import insert, select
 
 from benchmarks import harness
@@ -71,8 +72,6 @@ phases:
 def bench_app():
     """The API as `epreuve serve` builds it, rate limits out of the way, plus a static
     route answering `size` bytes from memory."""
-    from fastapi import Response
-
     from engine.api.app import ApiOptions, create_app
     from engine.api.ratelimit import Rate
     from engine.config import load_settings

@@ -1,18 +1,23 @@
 """A big image tar through the server's resumable upload, beside a local copy of the same bytes.
 
     .venv/bin/python benchmarks/upload.py [--size-mib 2048] [--repeats 3] [--warmup 1]
-        [--dir DIR] [--quick] [--json out.json]
+        [--chunk-mib 32] [--dir DIR] [--quick] [--json out.json]
 
 One run makes a docker-save-like tar of `--size-mib` (a manifest, a config and one layer
 holding a file of random bytes, so nothing compresses; --quick: 64 MiB), starts `epreuve
-serve` as its own process on a fresh data dir in DIR (SQLite; a one-phase challenge and a
-participant token), and times, round by round in rotating order:
+serve`'s app (engine.api.create_app on the environment) in its own uvicorn process on a
+fresh data dir in DIR (SQLite; a one-phase challenge and a participant token made with the
+`epreuve` commands), and times, round by round in rotating order:
 
 - "API upload": engine/client.py `Api.upload`, the path of `epreuve submit --server`: the
-  tus protocol in 32 MiB PATCH requests over loopback; the server streams each body to
-  disk, hashes it on the way, fsyncs each append and moves the whole file into its store;
+  tus protocol in 32 MiB PATCH requests (`--chunk-mib`) over loopback; the server streams
+  each body to disk, hashes it on the way, fsyncs each append and moves the whole file
+  into its store;
 - "local copy": shutil.copyfile of the same tar on the same filesystem (no fsync);
-- "local copy + fsync": the same, made durable as the server makes each append.
+- "local copy + fsync": the same, made durable as the server makes each append;
+- "HTTP floor (discard)": the same bytes in the same PATCH requests to /bench/discard, a
+  route of this benchmark only that reads each body and drops it: what this HTTP stack
+  (httpx, uvicorn, the app's middlewares) costs before the upload writes or hashes a byte.
 
 Each upload is a new one (then deleted, untimed); each copy is removed, untimed. Printed:
 the rounds and their medians (harness), the throughput of each side and the per-round
@@ -41,11 +46,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+from fastapi import Request, Response
 
 from benchmarks import harness
-from engine.client import TUS, Api
+from engine.client import CHUNK_BYTES, TUS, Api
 
 EPREUVE = str(Path(sys.executable).parent / "epreuve")
+REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 BLOCK = 512
 RANDOM_PIECE = 8 * MIB
@@ -187,12 +194,36 @@ def prepare_server_data(root: Path, env: dict) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def bench_app():
+    """The app `epreuve serve` builds (engine.api.create_app on the environment's settings),
+    plus one route of this benchmark only: /bench/discard reads a request body and drops
+    it, the floor of this HTTP stack (uvicorn, the middlewares) for the same bytes."""
+    from engine.api.app import ApiOptions, create_app
+    from engine.config import load_settings
+
+    app = create_app(load_settings(), ApiOptions(
+        body_cap_exempt=("/api/v1/uploads", "/bench/discard")))
+
+    async def discard(request: Request) -> Response:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+        return Response(status_code=204, headers={"Received": str(received)})
+
+    app.add_api_route("/bench/discard", discard, methods=["PATCH"])
+    return app
+
+
 def start_server(root: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """uvicorn in its own process, on a free loopback port, serving bench_app."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "ab")  # noqa: SIM115 (the child keeps it open)
-    process = subprocess.Popen([EPREUVE, "serve", "--port", str(port)], env=env, cwd=root,
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.upload:bench_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+         "--no-server-header"],
+        cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -219,18 +250,41 @@ def memory_kib(pid: int) -> dict[str, int]:
 # -- the contenders --------------------------------------------------------------------------
 
 
-def uploader(url: str, token: str, tar: Path, expected_sha256: str, scratch: Path):
+def uploader(url: str, token: str, tar: Path, expected_sha256: str, scratch: Path,
+             chunk_bytes: int):
     def run() -> float:
         state = Path(tempfile.mkdtemp(dir=scratch))  # a new upload, never a resumed one
         with Api(url, token, timeout=600) as api:
             started = time.perf_counter()
-            result = api.upload(tar, CHALLENGE, PHASE, state_dir=state)
+            result = api.upload(tar, CHALLENGE, PHASE, state_dir=state,
+                                chunk_bytes=chunk_bytes)
             seconds = time.perf_counter() - started
             if result.sha256 != expected_sha256:
                 raise SystemExit(f"the server hashed {result.sha256}, not {expected_sha256}")
             api.request("DELETE", result.upload_url, headers=TUS)
         shutil.rmtree(state)
         return seconds
+    return run
+
+
+def discarder(url: str, tar: Path, chunk_bytes: int):
+    """The same bytes in the same PATCH requests to a route that drops them."""
+    def pieces(source, count: int):
+        while count > 0 and (piece := source.read(min(MIB, count))):
+            count -= len(piece)
+            yield piece
+
+    def run() -> float:
+        size = tar.stat().st_size
+        with httpx.Client(base_url=url, timeout=600) as client, open(tar, "rb") as source:
+            started = time.perf_counter()
+            for offset in range(0, size, chunk_bytes):
+                count = min(chunk_bytes, size - offset)
+                response = client.patch("/bench/discard", content=pieces(source, count),
+                                        headers={"Content-Length": str(count)})
+                if response.headers.get("Received") != str(count):
+                    raise SystemExit(f"the discard route answered {response.status_code}")
+            return time.perf_counter() - started
     return run
 
 
@@ -261,7 +315,8 @@ def print_throughput(measurement: harness.Measurement, size: int) -> dict:
     for other in measurement.names[1:]:
         s = harness.spread([1 / r for r in measurement.ratios(other)])
         summary[f"throughput ratio vs {other}"] = s.median
-        print(f"| throughput ratio {measurement.ours} / {other} (goal >= 0.5) | "
+        goal = " (goal >= 0.5)" if other.startswith("local copy") else ""
+        print(f"| throughput ratio {measurement.ours} / {other}{goal} | "
               f"{s.median:.3f} | {s.minimum:.3f} - {s.maximum:.3f} |")
     return summary
 
@@ -269,6 +324,8 @@ def print_throughput(measurement: harness.Measurement, size: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     def extra(parser):
         parser.add_argument("--size-mib", type=int, default=2048)
+        parser.add_argument("--chunk-mib", type=int, default=CHUNK_BYTES // MIB,
+                            help="bytes per PATCH request (default: the client's)")
         parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                             help="where the tar, the server's data and the copies go "
                                  "(one filesystem)")
@@ -291,15 +348,18 @@ def main(argv: list[str] | None = None) -> None:
         try:
             before = memory_kib(server.pid)
             measurement = harness.measure({
-                "API upload": uploader(url, token, tar, expected, root),
+                "API upload": uploader(url, token, tar, expected, root,
+                                       args.chunk_mib * MIB),
                 "local copy": copier(tar, root / "copy.tar", durable=False),
                 "local copy + fsync": copier(tar, root / "copy.tar", durable=True),
+                "HTTP floor (discard)": discarder(url, tar, args.chunk_mib * MIB),
             }, repeats=args.repeats, warmup=args.warmup, log=harness.progress)
             after = memory_kib(server.pid)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
-    title = f"upload of a {size_mib} MiB image tar ({size} bytes) beside a local copy"
+    title = (f"upload of a {size_mib} MiB image tar ({size} bytes, {args.chunk_mib} MiB per "
+             "PATCH) beside a local copy")
     harness.print_rounds(measurement, title)
     harness.print_summary(measurement, title)
     rates = print_throughput(measurement, size)

@@ -170,7 +170,8 @@ def test_upload_quick(tmp_path, capsys):
 
     upload.main(["--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "u.json")])
     (result,) = read_json(tmp_path / "u.json")["results"].values()
-    assert result["names"] == ["API upload", "local copy", "local copy + fsync"]
+    assert result["names"] == ["API upload", "local copy", "local copy + fsync",
+                               "HTTP floor (discard)"]
     assert len(result["rounds"]) == 1
     assert result["size_bytes"] >= 64 << 20
     assert set(result["server_memory_kib"]["after"]) == {"VmHWM", "VmRSS"}
