@@ -218,6 +218,7 @@ class Load:
                  sizes: dict[str, int]):
         self.url, self.token, self.plans, self.sizes = url, token, plans, sizes
         self.latencies: dict[str, list[dict[str, list[float]]]] = {"API": [], "static": []}
+        self.log: Path | None = None  # the server's log, shown when requests fail
 
     def path(self, side: str, kind: str, path: str) -> str:
         return path if side == "API" else f"/bench/static/{self.sizes[kind]}"
@@ -236,7 +237,11 @@ class Load:
                 start.wait()
                 for kind, path in requests:
                     began = time.perf_counter()
-                    response = client.get(self.path(side, kind, path))
+                    try:
+                        response = client.get(self.path(side, kind, path))
+                    except httpx.TransportError as exc:
+                        errors.append(f"{path}: no answer ({exc!r})")
+                        continue
                     spent = time.perf_counter() - began
                     if response.status_code != 200:
                         errors.append(f"{path}: {response.status_code} {response.text[:200]}")
@@ -255,7 +260,10 @@ class Load:
             for client in clients:
                 client.close()
             if errors:
-                raise SystemExit(f"{len(errors)} requests failed, first: {errors[0]}")
+                log = (self.log.read_text()[-3000:] if self.log and self.log.exists() else "")
+                raise SystemExit(f"{side}: {len(errors)} of {sum(map(len, self.plans))} "
+                                 f"requests failed, first: {errors[0]}\n"
+                                 f"the server's log ends with:\n{log}")
             self.latencies[side].append(recorded)
             return seconds
         return run
@@ -336,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             sizes = response_sizes(url, token, ids[0])
             load = Load(url, token, plan(ids, args.clients, args.requests_per_client,
                                          args.leaderboard_every, seed=5), sizes)
+            load.log = root / "server.log"
             measurement = harness.measure({"API": load.contender("API"),
                                            "static": load.contender("static")},
                                           repeats=args.repeats, warmup=args.warmup,
