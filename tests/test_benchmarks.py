@@ -163,3 +163,44 @@ def test_metrics_scrape_quick(tmp_path):
     for result in results.values():
         assert result["names"] == ["scrape", "rows by state"]
         assert len(result["rounds"]) == 1
+
+
+def test_upload_quick(tmp_path, capsys):
+    from benchmarks import upload
+
+    upload.main(["--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "u.json")])
+    (result,) = read_json(tmp_path / "u.json")["results"].values()
+    assert result["names"] == ["API upload", "local copy", "local copy + fsync",
+                               "HTTP floor (discard)"]
+    assert len(result["rounds"]) == 1
+    assert result["size_bytes"] >= 64 << 20
+    assert set(result["server_memory_kib"]["after"]) == {"VmHWM", "VmRSS"}
+    out = capsys.readouterr().out
+    assert "throughput ratio API upload / local copy (goal >= 0.5)" in out
+    assert "server peak RSS growth:" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["u.json"]  # its scratch is removed
+
+
+def test_api_quick(tmp_path, capsys):
+    from benchmarks import api
+
+    api.main(["--quick", "--json", str(tmp_path / "a.json")])
+    (result,) = read_json(tmp_path / "a.json")["results"].values()
+    assert result["names"] == ["API", "static"]
+    assert len(result["rounds"]) == 1
+    assert result["sizes"]["leaderboard"] > result["sizes"]["status"] > 0
+    latency = result["latency"]
+    assert latency["leaderboard"]["requests"] == 5 and latency["status"]["requests"] == 20
+    assert "p99 ratio API / static, all requests, per round (goal <= 3)" in \
+        capsys.readouterr().out
+
+
+def test_upload_benchmark_tar_passes_the_intake_checks(tmp_path):
+    """The benchmark uploads an image the server would accept, not arbitrary bytes."""
+    from benchmarks.upload import write_image_tar
+    from engine.images import inspect_tar
+
+    write_image_tar(tmp_path / "image.tar", 3 << 20)
+    inspection = inspect_tar(tmp_path / "image.tar")
+    assert inspection.layers_bytes >= (3 << 20) - 16 * 512  # one layer: nearly all of it
+    assert inspection.config["config"]["User"] == "1000:1000"
