@@ -5,6 +5,7 @@ edge, challenges from YAML text, cancel and re-run, pagination and rate limits."
 from __future__ import annotations
 
 import re
+import socket
 
 import httpx
 from sqlalchemy import select
@@ -16,6 +17,7 @@ from engine.tokens import create_token
 from tests.api_fixtures import (
     HIDDEN_CASE_MESSAGE,
     SECRET_LOG,
+    build_world,
     challenge_yaml,
     live,  # noqa: F401  (the module's server fixture)
     queued_submission,
@@ -294,3 +296,30 @@ def test_worker_routes_take_only_worker_tokens(live):
     finally:
         server.stop()
     assert statuses == {"worker": 200, "admin": 403, "participant-a": 403, "revoked": 401}
+
+
+def test_a_database_that_stops_answering_is_503_with_the_one_body(tmp_path):
+    """A request whose database is gone (a PostgreSQL restart, a pool with no free
+    connection) gets 503 and Retry-After in the one error body: the platform's state, not a
+    500 and not the client's fault."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    world = build_world(tmp_path / "world", "sqlite")
+    server = start_server(world)
+    try:
+        with socket.socket() as probe:  # a loopback port where nothing listens
+            probe.bind(("127.0.0.1", 0))
+            dead_port = probe.getsockname()[1]
+        gone = create_engine(f"postgresql+psycopg://epreuve@127.0.0.1:{dead_port}/gone",
+                             connect_args={"connect_timeout": 2})
+        server.server.config.app.state.sessions = sessionmaker(gone)
+        response = httpx.get(f"{server.url}/api/v1/challenges", timeout=30)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json() == {"error": {
+            "type": "Unavailable", "reason": None,
+            "message": "the server's database is busy or unreachable; try again in a few "
+                       "seconds"}}
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ import logging
 from enum import Enum
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -91,6 +92,15 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "RequestInvalid", "; ".join(problems) or "invalid request")
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database did not answer in time (its connections all busy, or it is down):
+    the platform's state, not the request's fault; the client may retry shortly."""
+    log.warning("the database is unavailable on %s %s: %s", request.method, request.url.path,
+                type(exc).__name__)
+    return error_response(503, "Unavailable", "the server's database is busy or unreachable; "
+                          "try again in a few seconds", headers={"Retry-After": "5"})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     if expected(exc):  # raised where no handler sat (a middleware): still the family's
         return await _expected(request, exc)
@@ -108,4 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(family, _expected)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _invalid)
+    # a pool with no free connection, a database that does not answer: 503, never a 500
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.InterfaceError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -25,8 +25,12 @@ def _ensure_sqlite_directory(url: str) -> None:
 
 def make_engine(url: str) -> Engine:
     _ensure_sqlite_directory(url)
+    # as many connections as the server has request threads (anyio's 40), so that a busy
+    # server queues in its threads rather than failing requests on an empty pool
+    pool = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 30}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30},
+                               **(pool if ":memory:" not in url else {}))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record) -> None:
@@ -37,7 +41,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def migrate(url: str) -> None:
