@@ -27,7 +27,7 @@ from engine.challenges import challenge_definition
 from engine.dataset_versions import is_stale
 from engine.datasets import load
 from engine.db.models import AggregateRow, ReproductionRow, SubmissionRow
-from engine.results import case_values, results_by_case
+from engine.results import case_metrics_by_submission, case_values
 from engine.scoring.ranking import (
     aggregate_then_rank,
     consensus,
@@ -74,8 +74,7 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
     if not submissions:
         return []
     challenge = challenge_definition(phase_row.challenge)
-    aggregates = {s.id: {a.metric: a.summary for a in session.scalars(
-        select(AggregateRow).where(AggregateRow.submission_id == s.id))} for s in submissions}
+    aggregates = aggregates_by_submission(session, [s.id for s in submissions])
     names = {s.id: str(s.id) for s in submissions}
     refs = challenge.ranking.metrics
     rankings, scores = [], {s.id: {} for s in submissions}
@@ -89,8 +88,8 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
     else:
         dataset = load(phase_row.dataset_path)
         aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
-        rows = {s.id: {**results_by_case(session, s), **_substituted(substitute, s.id)}
-                for s in submissions}
+        stored = case_metrics_by_submission(session, [s.id for s in submissions])
+        rows = {s.id: {**stored[s.id], **_substituted(substitute, s.id)} for s in submissions}
         paired = None if challenge.ranking.scheme == "aggregate-then-rank" else \
             common_cases(submissions)
         for ref in refs:
@@ -119,6 +118,17 @@ def leaderboard(session: Session, challenge_id: str, phase_slug: str, *,
             dataset_version=s.dataset_version, stale=is_stale(s),
             source_check=source_checks.get(s.id, "not checked")))
     return sorted(entries, key=lambda e: (e.rank, e.submission_id))
+
+
+def aggregates_by_submission(session: Session, submission_ids: list[int]
+                             ) -> dict[int, dict[str, dict]]:
+    """{submission id: {metric: summary}}, one column query for all of them."""
+    found: dict[int, dict[str, dict]] = {i: {} for i in submission_ids}
+    for submission_id, metric, summary in session.execute(select(
+            AggregateRow.submission_id, AggregateRow.metric, AggregateRow.summary).where(
+            AggregateRow.submission_id.in_(submission_ids))):
+        found[submission_id][metric] = summary
+    return found
 
 
 @dataclass
@@ -169,7 +179,7 @@ def stability(session: Session, challenge_id: str, phase_slug: str, *, resamples
     dataset = load(phase_row.dataset_path)
     aggregate = np.median if challenge.ranking.aggregate == "median" else np.mean
     teams = {str(s.id): s.team.name for s in submissions}
-    rows = {s.id: results_by_case(session, s) for s in submissions}
+    rows = case_metrics_by_submission(session, [s.id for s in submissions])
     cases = common_cases(submissions)
     per_metric = [(challenge.larger_is_better(ref.metric),
                    {str(s.id): case_values(session, challenge, dataset, s, ref.key, rows[s.id],

@@ -18,9 +18,10 @@ from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
 from engine.api.pagination import Limit, Offset, Page, Slug, page_of
-from engine.leaderboard import leaderboard
+from engine.leaderboard_cache import LeaderboardCache
 
 router = APIRouter(prefix="/api/v1/challenges", tags=["leaderboards"])
+BOARDS = LeaderboardCache()  # per server process: recomputed only when its inputs change
 
 
 class EntryOut(BaseModel):
@@ -44,7 +45,7 @@ def get_leaderboard(challenge_id: Slug, phase: Slug, request: Request, session: 
     _, challenge = challenge_or_404(session, challenge_id)
     require_leaderboard_visible(principal, challenge_id, phase_of(challenge, phase))
     ratelimit.enforce(request, "leaderboard")
-    entries = leaderboard(session, challenge_id, phase)
+    entries = BOARDS.get(session, challenge_id, phase)
     shown = [EntryOut(rank=e.rank, team=e.team, submission_id=e.submission_id,
                       scores={k: _finite(v) for k, v in e.scores.items()},
                       metric_ranks=e.metric_ranks, n_failed=e.n_failed,
