@@ -190,7 +190,8 @@ def test_a_job_queued_before_the_reseal_is_not_run_on_other_inputs(added):
         (job,) = queued.jobs
         assert job.dataset_version == added["old_version"]
         assert (job.status, job.reason) == ("failed", "INFRASTRUCTURE")
-        assert job.run_result is None  # no container was started
+        # no container was started: the record holds the attempt's provenance, no run
+        assert set(job.run_result) == {"provenance"}
         assert "re-sealed since" in job.message and added["new_version"][:12] in job.message
         assert (queued.status, queued.reason) == ("failed", "INFRASTRUCTURE")
         assert queued.counts_against_quota is False

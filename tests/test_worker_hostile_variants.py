@@ -15,6 +15,7 @@ from sqlalchemy import select
 from engine.db.models import JobRow, SubmissionRow
 from engine.submissions import register_challenge, submit
 from engine.worker import Worker
+from engine.worker.protocol import messages_platform
 from runners.docker import DockerRunner
 from tests.engine_fixtures import make_scene, pin
 from tests.test_runner_hostile_variants import image_from
@@ -43,4 +44,7 @@ def test_a_pinned_image_gone_from_the_node_is_never_the_teams_failure(tmp_path, 
         assert submission.counts_against_quota is False
         job = session.scalars(select(JobRow)).one()
         assert (job.reason, job.attempts) == ("INFRASTRUCTURE", 3)
-        assert "not present on the node" in job.message
+        # neither on the node nor in this node's image store: the platform's, said generically
+        # to the team, with the reason kept for organisers
+        assert job.message == messages_platform("loading the image")
+        assert "ImageUnavailable" in job.run_result["infrastructure_detail"]
