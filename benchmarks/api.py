@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -90,31 +89,9 @@ def bench_app():
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(root: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "ab")  # noqa: SIM115 (the child keeps it open)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.api:bench_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server never answered")
+    """uvicorn in its own process, on a free loopback port, serving bench_app."""
+    return harness.start_uvicorn("benchmarks.api:bench_app", root, env)
 
 
 # -- the database ----------------------------------------------------------------------------

@@ -279,3 +279,40 @@ def write_json(path: Path | None, benchmark: str, env: Mapping, results: Mapping
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# -- a server in its own process, for the benchmarks that time the API -----------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_uvicorn(factory: str, root: Path, env: dict, *extra: str,
+                  ) -> tuple[subprocess.Popen, str]:
+    """uvicorn in its own process serving `factory` (module:function) on a free loopback
+    port, its log in root/server.log; returns once /healthz answers."""
+    import httpx
+
+    repo = Path(__file__).resolve().parent.parent
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "ab")  # noqa: SIM115 (the child keeps it open)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", *extra],
+        cwd=repo, env={**env, "PYTHONPATH": str(repo)}, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server never answered")

@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -170,12 +169,6 @@ def file_sha256(path: Path) -> str:
 # -- the server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def prepare_server_data(root: Path, env: dict) -> str:
     """A sealed one-case dataset, the challenge and a participant token, made with the
     `epreuve` commands; returns the token's secret."""
@@ -216,25 +209,7 @@ def bench_app():
 
 def start_server(root: Path, env: dict) -> tuple[subprocess.Popen, str]:
     """uvicorn in its own process, on a free loopback port, serving bench_app."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "ab")  # noqa: SIM115 (the child keeps it open)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.upload:bench_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-         "--no-server-header"],
-        cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server never answered")
+    return harness.start_uvicorn("benchmarks.upload:bench_app", root, env, "--no-server-header")
 
 
 def memory_kib(pid: int) -> dict[str, int]:
