@@ -22,7 +22,14 @@ inputs_digest() {
         | xargs -0 sha256sum | sha256sum | cut -c1-32)
 }
 
-digest=$(inputs_digest)
+# The commit the image's provenance names (engine/BUILD_COMMIT): only a clean checkout's.
+build_commit() {
+    [[ -z $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null || echo dirty) ]] \
+        && git -C "$ROOT" rev-parse --verify -q HEAD 2>/dev/null || true
+}
+
+commit=$(build_commit)
+digest=$( (inputs_digest; echo "$commit") | sha256sum | cut -c1-32)
 if [[ "${1:-}" != "--force" ]] \
    && [[ $(docker image inspect -f '{{index .Config.Labels "org.epreuve.inputs"}}' "$TAG" \
            2>/dev/null) == "$digest" ]]; then
@@ -46,6 +53,7 @@ with open(sys.argv[1], "rb") as handle:
     print("\n".join(tomllib.load(handle)["project"]["dependencies"]))
 PY
 cp "$HERE/Dockerfile" "$HERE/entrypoint" "$WORK/context/"
+printf '%s\n' "$commit" >"$WORK/context/BUILD_COMMIT"
 log "building $TAG (the runtime dependencies' wheels are cached on the host)"
 "$ROOT/images/build.sh" "$WORK/context" "$TAG" --label "org.epreuve.inputs=$digest" >/dev/null
 log "built $TAG: $(docker image inspect -f '{{.Id}} {{.Size}}' "$TAG")"
