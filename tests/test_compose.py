@@ -164,7 +164,7 @@ def test_a_submission_runs_on_the_compose_worker_and_reaches_the_leaderboard(
 
     # the organiser, as the README says
     stack.compose("exec", "-T", "server", "epreuve", "dataset", "synth", "liver/validation",
-                  "--cases", "3", "--size", "32")
+                  "--cases", "3")
     stack.compose("exec", "-T", "server", "epreuve", "dataset", "seal", "liver/validation")
     admin = stack.compose("admin-token").stdout.strip()
     assert admin.startswith("epv_")
