@@ -72,7 +72,10 @@ class Stack:
         self.worker_name = f"compose-worker-{suffix}"
         self.server_dir = root / "server"
         self.worker_dir = root / "worker"
-        self.http_port, self.prometheus_port = free_port(), free_port()
+        self.http_port = free_port()
+        self.prometheus_port = free_port()
+        while self.prometheus_port == self.http_port:   # each call binds port 0 afresh
+            self.prometheus_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("EPREUVE_", "COMPOSE_")) or k.startswith("EPREUVE_TEST_")}
