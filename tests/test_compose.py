@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from engine.statuses import SubmissionStatus
 from tests.conftest import REPO, build_image
@@ -145,10 +146,17 @@ def test_the_compose_files_validate_and_keep_their_secrets_out_of_git(tmp_path):
         done = subprocess.run([*compose, *files, "config"], cwd=REPO, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        config = done.stdout
+        services = yaml.safe_load(done.stdout)["services"]
         # the worker's data dir is the same path on both sides of its bind mount
-        assert f"- {tmp_path / 'worker'}:{tmp_path / 'worker'}:rw\n" in config
-    assert "driver: nvidia" in config and "- gpu" in config
+        worker_dir = str(tmp_path / "worker")
+        assert f"{worker_dir}:{worker_dir}:rw" in services["worker"]["volumes"]
+        # published on loopback only; the database not at all, nor on the worker's network
+        published = [port for service in services.values() for port in service.get("ports", [])]
+        assert published and all(str(port).startswith("127.0.0.1:") for port in published)
+        assert "ports" not in services["postgres"]
+        assert "backend" not in services["worker"]["networks"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu", "utility"]}]
     # no password, no default one: without it, compose refuses to start
     unset = {k: v for k, v in os.environ.items() if k != "EPREUVE_POSTGRES_PASSWORD"}
     refused = subprocess.run([*compose, "config"], cwd=REPO, env=unset, capture_output=True,
