@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Float, and_, cast, func, or_, select
+from sqlalchemy import Float, and_, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from engine.db.models import JobRow, SubmissionRow, utcnow
@@ -69,18 +70,16 @@ def team_service(session: Session, expected: float,
     for team_id, start in active:
         elapsed = (now - start).total_seconds() if start is not None else 0.0
         service[team_id].seconds += max(elapsed, expected)
-    finished = session.execute(
+    recent = session.execute(
         select(SubmissionRow.team_id,
-               func.sum(seconds_between(session, began, JobRow.finished_at)))
-        .join(SubmissionRow).where(JobRow.finished_at >= since)
-        .group_by(SubmissionRow.team_id)).all()
-    for team_id, seconds in finished:
-        service[team_id].seconds += float(seconds or 0.0)
-    leased = session.execute(
-        select(SubmissionRow.team_id, func.max(JobRow.leased_at)).join(SubmissionRow)
+               func.sum(case((JobRow.finished_at >= since,
+                              seconds_between(session, began, JobRow.finished_at)))),
+               func.max(JobRow.leased_at))
+        .join(SubmissionRow)
         .where(or_(JobRow.status.in_(ACTIVE_JOB_STATES), JobRow.finished_at >= since))
         .group_by(SubmissionRow.team_id)).all()
-    for team_id, last in leased:
+    for team_id, seconds, last in recent:
+        service[team_id].seconds += float(seconds or 0.0)
         service[team_id].last_lease = last
     return service
 
@@ -100,13 +99,14 @@ def eligible(gpus_available: int | None, priority: int):
     return and_(*where)
 
 
-def lease_order(session: Session, gpus_available: int) -> list[tuple[int, list[int]]]:
-    """[(team id, [submission ids in round-robin order])] in the order the policy tries
-    them, for the lowest priority level this node has work at."""
+def lease_order(session: Session, gpus_available: int) -> Iterator[list[int]]:
+    """For each team in the order the policy tries them, its waiting submissions in
+    round-robin order, at the lowest priority level this node has work at. Lazy: a lease
+    usually needs only the first team's."""
     level = session.scalar(select(func.min(JobRow.priority)).where(
         JobRow.status == JobStatus.QUEUED, JobRow.gpus <= gpus_available))
     if level is None:
-        return []
+        return
     waiting = session.execute(
         select(SubmissionRow.team_id, JobRow.submission_id).join(SubmissionRow)
         .where(eligible(gpus_available, level)).distinct()).all()
@@ -114,10 +114,9 @@ def lease_order(session: Session, gpus_available: int) -> list[tuple[int, list[i
     for team_id, submission_id in waiting:
         by_team[team_id].append(submission_id)
     service = team_service(session, expected_job_seconds(session))
-    teams = sorted(by_team, key=lambda team: team_key(team, service[team]))
-    last = submission_last_leases(session, [s for subs in by_team.values() for s in subs])
-    return [(team, sorted(by_team[team], key=lambda s: (last.get(s) or NEVER, s)))
-            for team in teams]
+    for team in sorted(by_team, key=lambda team: team_key(team, service[team])):
+        last = submission_last_leases(session, by_team[team])
+        yield sorted(by_team[team], key=lambda s: (last.get(s) or NEVER, s))
 
 
 def submission_last_leases(session: Session, submission_ids: list[int]) -> dict[int, datetime]:

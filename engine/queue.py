@@ -67,7 +67,7 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
     """Lease the next queued job this node can run to `owner` (the fair-share order of
     engine/fair_share.py), or None. Flushes; the caller commits (on PostgreSQL the row
     stays locked until then)."""
-    for _team, submissions in fair_share.lease_order(session, gpus_available):
+    for submissions in fair_share.lease_order(session, gpus_available):
         for submission_id in submissions:
             job = lease_from(session, submission_id, owner, duration, gpus_available)
             if job is not None:
