@@ -220,25 +220,30 @@ def run_load(url: str, token: str, jobs: int, workers: int) -> tuple[Tally, floa
 
 
 def observed(database_url: str, small_job: int) -> dict[str, int]:
-    from engine.db.models import CaseResultRow, EventRow
+    from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow, TeamRow
 
     engine = create_engine(database_url)
     with engine.connect() as connection:
-        leases = connection.execute(select(EventRow.entity_id).where(
-            EventRow.entity == "job", EventRow.to_state == "leased")
-            .order_by(EventRow.id)).scalars().all()
+        leased = connection.execute(
+            select(EventRow.entity_id, TeamRow.name)
+            .join(JobRow, JobRow.id == EventRow.entity_id).join(SubmissionRow).join(TeamRow)
+            .where(EventRow.entity == "job", EventRow.to_state == "leased")
+            .order_by(EventRow.id)).all()
+        leases = [job_id for job_id, _ in leased]
         rows = connection.scalar(select(func.count()).select_from(CaseResultRow))
         distinct = connection.scalar(select(func.count()).select_from(
             select(CaseResultRow.submission_id, CaseResultRow.case_id).distinct().subquery()))
     engine.dispose()
-    return {"small_place": leases.index(small_job) + 1, "leases": len(leases),
+    place = leases.index(small_job) + 1
+    return {"small_place": place, "leases": len(leases),
+            "backlog_before_small": sum(team == "backlog" for _, team in leased[:place - 1]),
             "case_results": rows, "extra_case_results": rows - distinct,
             "re_leased": len(leases) - len(set(leases))}
 
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def report(args, filled: Filled, tally: Tally, wall: float, seen: dict) -> dict:
@@ -251,6 +256,7 @@ def report(args, filled: Filled, tally: Tally, wall: float, seen: dict) -> dict:
         "double_runs": twice + seen["extra_case_results"],
         "re_leased": seen["re_leased"],
         "small_team_place": seen["small_place"],
+        "backlog_jobs_before_small": seen["backlog_before_small"],
         "small_team_predicted": filled.predicted_place,
         "fifo_place": filled.fifo_place,
     }
@@ -265,7 +271,9 @@ def report(args, filled: Filled, tally: Tally, wall: float, seen: dict) -> dict:
           f"{twice}; case results beyond one per case: {seen['extra_case_results']}; "
           f"re-leased jobs: {seen['re_leased']})")
     print(f"small team's first job leased at place {seen['small_place']} (queue.position "
-          f"predicted {filled.predicted_place}; the old FIFO order: {filled.fifo_place})")
+          f"predicted {filled.predicted_place}; the old FIFO order: {filled.fifo_place}); "
+          f"the backlog team's jobs leased before it: {seen['backlog_before_small']} "
+          f"(at most the {args.workers} slots)")
     return figures
 
 
