@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# run as a script, this file would shadow the standard library's `queue` module
-sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+if __name__ == "__main__":  # run as a script, this file would shadow the standard `queue`
+    sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import os  # noqa: E402
 import signal  # noqa: E402
