@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -181,7 +191,11 @@ class JobRow(Base):
     __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),
                       # fair share: a submission's queued jobs, and recent service
                       Index("ix_jobs_submission_status", "submission_id", "status"),
-                      Index("ix_jobs_finished_at", "finished_at"))
+                      Index("ix_jobs_finished_at", "finished_at"),
+                      # the waiting submissions, read from the index alone
+                      Index("ix_jobs_queued", "priority", "submission_id", "gpus",
+                            postgresql_where=text("status = 'queued'"),
+                            sqlite_where=text("status = 'queued'")))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))

@@ -1,5 +1,5 @@
 """fair share: jobs.leased_at (round-robin by last lease); indexes for a submission's queued
-jobs and for recent service
+jobs, for recent service, and a partial one over queued jobs (the waiting submissions)
 
 Revision ID: 0010
 Revises: 0007
@@ -22,9 +22,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("leased_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_jobs_submission_status", "jobs", ["submission_id", "status"])
     op.create_index("ix_jobs_finished_at", "jobs", ["finished_at"])
+    queued = sa.text("status = 'queued'")
+    op.create_index("ix_jobs_queued", "jobs", ["priority", "submission_id", "gpus"],
+                    postgresql_where=queued, sqlite_where=queued)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_queued", table_name="jobs")
     op.drop_index("ix_jobs_finished_at", table_name="jobs")
     op.drop_index("ix_jobs_submission_status", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
