@@ -20,9 +20,9 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Float, and_, case, cast, func, or_, select
+from sqlalchemy import Float, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from engine.db.models import JobRow, SubmissionRow, utcnow
@@ -31,6 +31,7 @@ from engine.statuses import ACTIVE_JOB_STATES, JobStatus
 WINDOW = timedelta(hours=1)
 RECENT_JOBS = 50  # the expected duration is the mean of this many recent successes
 DEFAULT_JOB_SECONDS = 1.0  # before any history: every job costs the same
+NEVER = datetime.min.replace(tzinfo=UTC)  # the last lease of what was never leased
 
 
 def seconds_between(session: Session, start, end):
@@ -84,19 +85,9 @@ def team_service(session: Session, expected: float,
     return service
 
 
-NEVER = datetime.min.replace(tzinfo=utcnow().tzinfo)
-
-
 def team_key(team_id: int, service: TeamService) -> tuple:
-    return (service.seconds, service.last_lease or NEVER, team_id)
-
-
-def eligible(gpus_available: int | None, priority: int):
-    """Queued jobs at this level that a node with `gpus_available` can run (None: any)."""
-    where = [JobRow.status == JobStatus.QUEUED, JobRow.priority == priority]
-    if gpus_available is not None:
-        where.append(JobRow.gpus <= gpus_available)
-    return and_(*where)
+    # to the millisecond: SQLite's julianday arithmetic is not exact, and a tie must stay one
+    return (round(service.seconds, 3), service.last_lease or NEVER, team_id)
 
 
 def lease_order(session: Session, gpus_available: int) -> Iterator[list[int]]:
@@ -109,7 +100,8 @@ def lease_order(session: Session, gpus_available: int) -> Iterator[list[int]]:
         return
     waiting = session.execute(
         select(SubmissionRow.team_id, JobRow.submission_id).join(SubmissionRow)
-        .where(eligible(gpus_available, level)).distinct()).all()
+        .where(JobRow.status == JobStatus.QUEUED, JobRow.priority == level,
+               JobRow.gpus <= gpus_available).distinct()).all()
     by_team: dict[int, list[int]] = defaultdict(list)
     for team_id, submission_id in waiting:
         by_team[team_id].append(submission_id)
@@ -172,10 +164,13 @@ def _teams(service, last, counts) -> list[_Team]:
     return heap
 
 
-def _lease_one(heap: list[_Team], service, expected: float, clock: datetime) -> int:
-    """Take the policy's next job from the replay; returns its submission id."""
+def _lease_one(heap: list[_Team], service, last, expected: float, clock: datetime) -> int:
+    """Take the policy's next job from the replay, charging it as a real lease would
+    (its team's service and last lease, its submission's last lease); returns the
+    submission id."""
     team = heapq.heappop(heap)
     chosen = heapq.heappop(team.submissions)
+    last[chosen[1]] = clock
     chosen[2] -= 1
     if chosen[2]:
         chosen[0] = clock
@@ -195,15 +190,15 @@ def replay_until(service, last, counts, submission_id: int, expected: float,
     leased = 0
     while heap:
         clock += timedelta(microseconds=1)  # each replayed lease later than the last
-        if _lease_one(heap, service, expected, clock) == submission_id:
+        if _lease_one(heap, service, last, expected, clock) == submission_id:
             return leased
         leased += 1
-    raise AssertionError("the submission's queued job was never reached")
+    raise RuntimeError("the replay never reached the submission's queued job")
 
 
 def charge_level(service, last, counts, expected: float, clock: datetime) -> datetime:
     heap = _teams(service, last, counts)
     while heap:
         clock += timedelta(microseconds=1)
-        _lease_one(heap, service, expected, clock)
+        _lease_one(heap, service, last, expected, clock)
     return clock

@@ -197,3 +197,13 @@ def test_position_and_wait_match_what_leasing_then_does(sessions):
             assert abs(waits[s.id] - timedelta(seconds=30 * actual[s.id])) < timedelta(seconds=1)
         assert sorted(set(predicted.values())) == sorted(predicted.values())  # all distinct
         session.commit()
+
+
+def test_a_smoke_lease_counts_in_the_round_robin_of_main_jobs(sessions):
+    with sessions() as session:
+        checked = submit(session, "t", n_main=2, n_smoke=1)
+        other = submit(session, "t", n_main=2)
+        session.commit()
+        assert queue.position(session, other) == 1  # after the smoke job, before checked's
+        assert lease_all(session) == [checked.id, other.id, checked.id, other.id, checked.id]
+        session.commit()
