@@ -4,8 +4,10 @@ A job moves through: queued -> leased -> running -> scoring -> succeeded | faile
 or to cancelled. Every transition is written with an event in the same
 transaction.
 
-Leasing takes the first queued job (smoke jobs first, then oldest) and marks it
-leased to one worker until `lease_expires_at`. On PostgreSQL the candidate row
+Leasing takes the next queued job under the fair-share policy (engine/fair_share.py:
+smoke jobs first, then the team with the least recent service, round-robin across its
+submissions, then the oldest job) and marks it leased to one worker until
+`lease_expires_at`. On PostgreSQL the candidate row
 is selected `FOR UPDATE SKIP LOCKED`, so concurrent workers never wait on, or
 take, the same job. On SQLite (one writer at a time) the lease is a single
 conditional UPDATE (`... WHERE id = ? AND status = 'queued'`): a worker that
@@ -25,6 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from engine import fair_share
 from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
 from engine.errors import LeaseLost
 from engine.statuses import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobKind, JobStatus
@@ -61,13 +64,27 @@ def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[s
 
 def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
           gpus_available: int = 0) -> JobRow | None:
-    """Lease the next queued job this node can run to `owner`, or None. Flushes; the
-    caller commits (on PostgreSQL the row stays locked until then)."""
+    """Lease the next queued job this node can run to `owner` (the fair-share order of
+    engine/fair_share.py), or None. Flushes; the caller commits (on PostgreSQL the row
+    stays locked until then)."""
+    for submissions in fair_share.lease_order(session, gpus_available):
+        for submission_id in submissions:
+            job = lease_from(session, submission_id, owner, duration, gpus_available)
+            if job is not None:
+                return job
+    return None
+
+
+def lease_from(session: Session, submission_id: int, owner: str, duration: timedelta,
+               gpus_available: int) -> JobRow | None:
+    """Lease this submission's oldest queued job at its lowest level, skipping rows another
+    worker holds (PostgreSQL) or has just taken (SQLite's conditional UPDATE)."""
     tried: set[int] = set()
     while True:
         candidate = session.execute(
             select(JobRow.id)
-            .where(JobRow.status == JobStatus.QUEUED, JobRow.gpus <= gpus_available,
+            .where(JobRow.submission_id == submission_id, JobRow.status == JobStatus.QUEUED,
+                   JobRow.gpus <= gpus_available,
                    JobRow.id.not_in(tried) if tried else True)
             .order_by(JobRow.priority, JobRow.id)
             .limit(1)
@@ -80,7 +97,7 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
             update(JobRow)
             .where(JobRow.id == candidate, JobRow.status == JobStatus.QUEUED)
             .values(status=JobStatus.LEASED, lease_owner=owner, lease_expires_at=now + duration,
-                    heartbeat_at=now, attempts=JobRow.attempts + 1)
+                    heartbeat_at=now, leased_at=now, attempts=JobRow.attempts + 1)
         ).rowcount
         if taken == 1:
             record(session, "job", candidate, JobStatus.QUEUED, JobStatus.LEASED, owner)
@@ -165,16 +182,9 @@ def sweep(session: Session, actor: str, now: datetime | None = None, *,
 
 
 def position(session: Session, submission: SubmissionRow) -> int | None:
-    """How many queued jobs run before this submission's first queued job (None: not queued)."""
-    first = session.scalars(select(JobRow).where(JobRow.submission_id == submission.id,
-                                                 JobRow.status == JobStatus.QUEUED)
-                            .order_by(JobRow.priority, JobRow.id).limit(1)).first()
-    if first is None:
-        return None
-    return session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.status == JobStatus.QUEUED,
-        (JobRow.priority < first.priority)
-        | ((JobRow.priority == first.priority) & (JobRow.id < first.id))))
+    """How many queued jobs the fair-share policy leases before this submission's first
+    queued job, as the queue stands (None: nothing of it is queued)."""
+    return fair_share.jobs_ahead(session, submission.id)
 
 
 def estimated_wait(session: Session, submission: SubmissionRow) -> timedelta | None:

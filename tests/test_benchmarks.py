@@ -204,3 +204,20 @@ def test_upload_benchmark_tar_passes_the_intake_checks(tmp_path):
     inspection = inspect_tar(tmp_path / "image.tar")
     assert inspection.layers_bytes >= (3 << 20) - 16 * 512  # one layer: nearly all of it
     assert inspection.config["config"]["User"] == "1000:1000"
+
+
+def test_queue_over_http_quick(tmp_path, capsys):
+    from benchmarks import queue as queue_benchmark
+    from tests.conftest import postgres_sessions
+
+    postgres_sessions()  # a skip without PostgreSQL (a failure in CI); the run has its schema
+    queue_benchmark.main(["--quick", "--postgres", os.environ["EPREUVE_TEST_POSTGRES_URL"],
+                          "--json", str(tmp_path / "q.json")])
+    figures = read_json(tmp_path / "q.json")["results"]["queue over HTTP"]
+    assert figures["completed"] == 40 and figures["double_runs"] == 0
+    assert 0 < figures["claim_p50_ms"] <= figures["claim_p99_ms"]
+    assert figures["jobs_per_second"] > 0
+    assert figures["fifo_place"] == 21  # the 20-job backlog, then the small team's job
+    assert figures["backlog_jobs_before_small"] <= 4  # the slots: 4 workers
+    assert figures["small_team_place"] < figures["fifo_place"]
+    assert "small team's first job leased at place" in capsys.readouterr().out

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -178,7 +188,14 @@ class JobRow(Base):
     """One container run over a shard of cases, leased to one worker at a time."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),)
+    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),
+                      # fair share: a submission's queued jobs, and recent service
+                      Index("ix_jobs_submission_status", "submission_id", "status"),
+                      Index("ix_jobs_finished_at", "finished_at"),
+                      # the waiting submissions, read from the index alone
+                      Index("ix_jobs_queued", "priority", "submission_id", "gpus",
+                            postgresql_where=text("status = 'queued'"),
+                            sqlite_where=text("status = 'queued'")))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
@@ -195,6 +212,7 @@ class JobRow(Base):
     max_attempts: Mapped[int] = mapped_column(default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
+    leased_at: Mapped[datetime | None]  # the last lease: fair share's round-robin
     heartbeat_at: Mapped[datetime | None]
     reason: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)
