@@ -62,7 +62,7 @@ class Agent:
                  owner: str | None = None,
                  gpus: GPUAllocator | Sequence[str] | None = None,
                  heartbeat_seconds: float = 10.0, maintenance_seconds: float = 5.0,
-                 platform_pause_seconds: float = 15.0,
+                 platform_pause_seconds: float | None = None,
                  store: BlobStore | None = None):
         self.coordinator = coordinator
         self.store = store or open_store(settings.store_dir)  # images, loaded by digest
@@ -140,12 +140,18 @@ class Agent:
 
     def ready_to_claim(self) -> bool:
         """Not while the runtime rests after failing a run (a daemon restarting answers
-        for a while as it stops its containers), nor while it does not answer."""
+        for a while as it stops its containers), nor while it does not answer. Only for a
+        long-lived node (`platform_pause_seconds` set: the CLI's workers); an agent run
+        in-process claims regardless, and its runs say what failed."""
+        if self.platform_pause_seconds is None:
+            return True
         return time.monotonic() >= self._claims_resume_at and self.runtime_answers()
 
     def _after_run(self, result: RunResult) -> None:
         """A run the runtime failed pauses claims, longer each time in a row: a restart
         of the daemon costs one attempt of one job, not all of a job's attempts."""
+        if self.platform_pause_seconds is None:
+            return
         if result.reason is not FailureReason.INFRASTRUCTURE:
             self._platform_pause = 0.0
             return
