@@ -13,7 +13,9 @@ Each ends with exactly one result per case and a worker that runs the next job.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,16 +23,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
+from benchmarks.harness import free_port
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
 from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow
-from runners.docker import LABEL_MANAGED
+from runners.docker import LABEL_MANAGED, LABEL_OWNER, owner_token
 from tests.api_fixtures import World, start_server
 from tests.conftest import REPO
-from tests.test_remote_worker_process import server_world, wait_for
+from tests.test_remote_worker_process import serve_process, server_world, wait_for
 from tests.test_runner_faults import SecondDaemon, _mounts_under
 
 pytestmark = pytest.mark.docker
@@ -186,3 +190,142 @@ def test_the_nodes_docker_daemon_restarted_mid_run_loses_nothing_and_blames_no_t
         assert smoke.attempts == 2, output
         assert len(retries) == 1 and "not caused by your submission" in retries[0], retries
     assert node_containers(node_daemon) == []  # nothing leaked on the node
+
+
+# -- PostgreSQL restarted under the server ----------------------------------------------------
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of the test's own (initdb in a temp dir, a free port), run as the
+    `postgres` user as scripts/start-postgres does: stopping it disturbs no one else."""
+
+    def __init__(self, root: Path):
+        self.root, self.data = root, root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://epreuve@127.0.0.1:{self.port}/epreuve_test"
+
+    def create(self) -> None:
+        if subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
+        subprocess.run(["chown", "postgres", str(self.root)], check=True)
+        self._as_owner(_pg_bin("initdb"), "-D", str(self.data), "-U", "epreuve",
+                       "--auth=trust")
+        self.start()
+        self._as_owner(_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                       "epreuve", "epreuve_test")
+
+    def start(self) -> None:
+        self._pg_ctl("-l", str(self.root / "server.log"), "-w", "-t", "60", "-o",
+                     f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                     "-c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+
+    def restart(self) -> None:
+        self._pg_ctl("-l", str(self.root / "server.log"), "-w", "-t", "60", "-m", "fast",
+                     "restart")
+
+    def close(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("pg_ctl"), "-D",
+                            str(self.data), "-m", "immediate", "-w", "stop"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._as_owner(_pg_bin("pg_ctl"), "-D", str(self.data), *args)
+
+    def _as_owner(self, *command: str) -> None:
+        """Its output to a file, never a pipe: a server it starts would hold the pipe open."""
+        with open(self.root / "commands.log", "ab") as log:
+            done = subprocess.run(["runuser", "-u", "postgres", "--", *command], cwd=self.root,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError((self.root / "commands.log").read_text()[-2000:])
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or max(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                                      default=None)
+    if found is None:
+        pytest.fail(f"no PostgreSQL server binary {name}: scripts/start-postgres installs them")
+    return found
+
+
+@pytest.fixture
+def private_cluster(monkeypatch) -> Iterator[PrivateCluster]:
+    root = Path(f"/tmp/epreuve-pg-{uuid.uuid4().hex[:8]}")  # the postgres user must reach it
+    root.mkdir(mode=0o700)
+    cluster = PrivateCluster(root)
+    try:
+        cluster.create()
+        monkeypatch.setenv("EPREUVE_TEST_POSTGRES_URL", cluster.url)  # server_world's database
+        yield cluster
+    finally:
+        cluster.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def health(url: str) -> int:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=10).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def reports_retried(worker: NodeWorker, what: str) -> bool:
+    """The worker's log says a report of that kind met a 503 and was sent again."""
+    return any(what in line and "HTTP 503" in line and "again in" in line
+               for line in worker.output.splitlines())
+
+
+def test_postgresql_restarted_under_the_server_loses_nothing(tmp_path, slow_image,
+                                                             private_cluster):
+    world, submission_id, token = server_world(tmp_path / "server", slow_image,
+                                               validation_cases=2)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = serve_process(world, port)
+    worker = NodeWorker(url, token, tmp_path / "node")
+    owner = {"label": f"{LABEL_OWNER}={owner_token(worker.process.pid)}"}
+    try:
+        wait_for("the smoke job's container", lambda: ours_running(owner), timeout=600)
+        private_cluster.stop()  # down while the container runs, and while the worker reports
+        assert health(url) == 503
+        wait_for("the worker's completion to meet the database down",
+                 lambda: reports_retried(worker, "/outputs/")
+                 or reports_retried(worker, "/complete"), timeout=300)
+        assert health(url) == 503
+        private_cluster.start()
+        wait_for("the server to answer again, not restarted", lambda: health(url) == 200)
+        wait_for("a main job's container", lambda: ours_running(owner)
+                 and smoke_job(world).status == "succeeded", timeout=600)
+        private_cluster.restart()  # and restarted while the next container runs
+        wait_for("the submission to end", lambda: ended(world, submission_id), timeout=600)
+        assert server.poll() is None  # the same server process throughout
+        assert worker.process.poll() is None, worker.output
+    finally:
+        status = worker.stop()
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=60)
+    output = worker.output
+    assert status == 0, output
+    submission = submission_of(world, submission_id)
+    assert (submission.status, submission.reason) == ("succeeded", None), (
+        submission.message, output)
+    assert case_results(world, submission_id) == ["case-001", "case-002"]  # one per case
+    with world.sessions() as session:
+        jobs = session.scalars(select(JobRow)).all()
+        assert [(j.status, j.attempts) for j in jobs] == [("succeeded", 1)] * len(jobs), output
+
+
+def ours_running(owner_filter: dict[str, str]) -> bool:
+    """A container of that worker runs (it is started, not only created)."""
+    import docker
+
+    client = docker.APIClient()
+    try:
+        return bool(client.containers(filters={**owner_filter, "status": "running"}))
+    finally:
+        client.close()
