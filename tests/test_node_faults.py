@@ -14,6 +14,7 @@ Each ends with exactly one result per case and a worker that runs the next job.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from benchmarks.harness import free_port
 from engine.api.app import ApiOptions
@@ -329,3 +330,91 @@ def ours_running(owner_filter: dict[str, str]) -> bool:
         return bool(client.containers(filters={**owner_filter, "status": "running"}))
     finally:
         client.close()
+
+
+# -- the disk of the node's image cache too small ---------------------------------------------
+
+
+@pytest.fixture
+def own_image(tmp_path) -> Iterator[str]:
+    """An image of this test's own (a label makes its id unique): the test may remove it
+    from the daemon, so that the node must fetch it from the server."""
+    marker = uuid.uuid4().hex[:12]
+    tag = f"epreuve-test/node-faults-disk:{marker}"
+    context = tmp_path / "disk-image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM epreuve-example/threshold:latest\nLABEL org.epreuve.test=node-faults-{marker}\n")
+    subprocess.run(["docker", "build", "-q", "--network", "none", "-t", tag, str(context)],
+                   check=True, capture_output=True,
+                   env={"DOCKER_BUILDKIT": "0", "PATH": "/usr/bin:/usr/local/bin:/bin"})
+    image_id = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", tag],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    yield tag
+    for name in (tag, image_id):  # by its tag, and by its id once loaded again untagged
+        subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A tmpfs mount point; the test mounts it (its size), the fixture always unmounts."""
+    point = tmp_path / "node" / "image-cache"
+    point.mkdir(parents=True)
+    yield point
+    while point.is_mount():
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def mount_tmpfs(point: Path, size: int, *, remount: bool = False) -> None:
+    options = f"{'remount,' if remount else ''}size={size}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], check=True)
+
+
+def test_an_image_cache_too_small_is_the_platforms_failure_and_recovers_once_freed(
+        tmp_path, own_image, small_disk):
+    from engine.db.models import ImageRow
+    from engine.store import DirectoryStore
+
+    world, submission_id, token = server_world(tmp_path / "server", own_image,
+                                               validation_cases=2)
+    with world.sessions() as session:
+        image = session.scalars(select(ImageRow)).one()
+        image_id, digest = image.image_id, image.archive_sha256
+        session.execute(update(JobRow).values(max_attempts=10))  # no race with the freeing
+        session.commit()
+    archive_size = (world.settings.store_dir / "sha256" / digest[:2] / digest).stat().st_size
+    subprocess.run(["docker", "rmi", "-f", image_id], check=True, capture_output=True)
+
+    # half the archive's size, holding an older archive that the cache may evict
+    mount_tmpfs(small_disk, archive_size // 2)
+    cache = DirectoryStore(small_disk)
+    old = cache.put(io.BytesIO(os.urandom(8 << 20)))
+    os.utime(cache.path(old.sha256), (1, 1))
+    server = start_server(world, FAST_API)
+    worker = NodeWorker(server.url, token, tmp_path / "node")
+    try:
+        smoke = wait_for("the smoke job's first attempt to fail on the node",
+                         lambda: retries_of(world, smoke_job(world).id) and smoke_job(world),
+                         timeout=600)
+        detail = smoke.run_result["infrastructure_detail"]
+        assert "CacheDiskFull" in detail and str(small_disk) in detail, detail
+        assert f"sha256:{digest}" in detail and "MiB" in detail, detail  # the need, in size
+        assert "not caused by your submission" in retries_of(world, smoke.id)[0]
+        assert not cache.has(old.sha256)  # evicted first: it was not enough
+        assert not cache.has(digest)  # nothing partial passes as the archive
+        assert not any(cache.incoming.iterdir())
+        assert worker.process.poll() is None, worker.output
+
+        mount_tmpfs(small_disk, archive_size + (64 << 20), remount=True)  # space freed
+        wait_for("the submission to end", lambda: ended(world, submission_id), timeout=600)
+        assert worker.process.poll() is None, worker.output
+    finally:
+        status = worker.stop()
+        server.stop()
+    output = worker.output
+    assert status == 0, output
+    submission = submission_of(world, submission_id)
+    assert (submission.status, submission.reason) == ("succeeded", None), (
+        submission.message, output)
+    assert case_results(world, submission_id) == ["case-001", "case-002"]
+    assert cache.has(digest) and cache.verify(digest)

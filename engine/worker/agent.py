@@ -150,16 +150,20 @@ class Agent:
     def _after_run(self, result: RunResult) -> None:
         """A run the runtime failed pauses claims, longer each time in a row: a restart
         of the daemon costs one attempt of one job, not all of a job's attempts."""
-        if self.platform_pause_seconds is None:
-            return
-        if result.reason is not FailureReason.INFRASTRUCTURE:
+        if result.reason is FailureReason.INFRASTRUCTURE:
+            self._pause_claims("the runtime failed a run")
+        else:
             self._platform_pause = 0.0
+
+    def _pause_claims(self, why: str) -> None:
+        """The node failed a job on its own side (its runtime, its disk): claiming the next
+        one at once would fail it too."""
+        if self.platform_pause_seconds is None:
             return
         self._platform_pause = min(max(self._platform_pause * 2, self.platform_pause_seconds),
                                    MAX_PLATFORM_PAUSE_SECONDS)
         self._claims_resume_at = time.monotonic() + self._platform_pause
-        log.warning("the runtime failed a run; no job is claimed for %.0f s",
-                    self._platform_pause)
+        log.warning("%s; no job is claimed for %.0f s", why, self._platform_pause)
 
     def runtime_answers(self) -> bool:
         """The node's container runtime answers; while it does not (a daemon restarting),
@@ -189,6 +193,7 @@ class Agent:
     def _give_back(self, ticket: JobTicket, stage: str, detail: str) -> None:
         log.error("job %s failed on the platform's side while %s:\n%s", ticket.job_id, stage,
                   detail)
+        self._pause_claims(f"job {ticket.job_id} failed on this node's side")
         try:
             self.coordinator.retry(ticket, messages_platform(stage), detail, node=self.node)
         except LeaseLost:
