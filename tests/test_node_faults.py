@@ -418,3 +418,42 @@ def test_an_image_cache_too_small_is_the_platforms_failure_and_recovers_once_fre
         submission.message, output)
     assert case_results(world, submission_id) == ["case-001", "case-002"]
     assert cache.has(digest) and cache.verify(digest)
+
+
+# -- a container filling the node's disk with outputs -----------------------------------------
+
+
+@pytest.fixture
+def node_disk(tmp_path) -> Iterator[Path]:
+    """The node's data disk: a 96 MiB tmpfs, always unmounted."""
+    point = tmp_path / "node-disk"
+    point.mkdir()
+    mount_tmpfs(point, 96 << 20)
+    yield point
+    while point.is_mount():
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_container_writing_without_end_never_fills_the_nodes_disk(docker_engine, node_disk):
+    """The output quota is a tmpfs of its own: writes past it fail inside the container, the
+    run ends OUTPUT_QUOTA (the team's limit), and the node's disk, holding the runner's state
+    and the collected outputs, never holds more than the quota; the next run goes on."""
+    from runners.base import FailureReason, RunSpec
+    from runners.docker import DockerRunner
+
+    quota = 8 << 20
+    runner = DockerRunner(state_dir=node_disk / "state" / "runs")
+    inputs = node_disk / "input"
+    inputs.mkdir()
+    spec = RunSpec(image="epreuve/base:3.11", input_dir=inputs,
+                   output_dir=node_disk / "outputs" / "job-1", output_quota_bytes=quota,
+                   timeout_seconds=120, labels={"org.epreuve.test": "node-faults-disk"},
+                   command=("sh", "-c", "mkdir -p /output/case-001; i=0; while true; do "
+                            "head -c 1048576 /dev/zero > /output/case-001/part-$i || true; "
+                            "i=$((i+1)); done"))
+    result = runner.run(spec)
+    assert result.reason is FailureReason.OUTPUT_QUOTA, result.message
+    used = shutil.disk_usage(node_disk).used
+    assert used <= quota, used  # at most what the quota allows was ever collected here
+    after = runner.run(RunSpec(image="epreuve/base:3.11", command=("true",)))
+    assert after.succeeded, after.message
