@@ -72,6 +72,9 @@ console = PipeAwareConsole()
 errors = PipeAwareConsole(stderr=True)
 
 EXIT_FAILED_RUN = 1
+# A node whose runtime failed a run claims nothing for this long (doubling while it fails):
+# a restarting Docker daemon still answers while it stops its containers.
+PLATFORM_PAUSE_SECONDS = 15.0
 
 
 def _error(message: object) -> None:
@@ -539,7 +542,8 @@ def worker(
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
         coordinator = HttpCoordinator(server, token, wait_seconds=min(poll_seconds, 30.0))
         agent = RemoteAgent(coordinator, runner, settings, gpus=chosen,
-                            heartbeat_seconds=heartbeat_seconds)
+                            heartbeat_seconds=heartbeat_seconds,
+                            platform_pause_seconds=PLATFORM_PAUSE_SECONDS)
     else:
         from engine.worker import Worker
 
@@ -547,7 +551,8 @@ def worker(
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
         agent = Worker(sessions, settings, runner,
                        lease_duration=timedelta(seconds=lease_seconds),
-                       heartbeat_seconds=heartbeat_seconds, gpus=chosen)
+                       heartbeat_seconds=heartbeat_seconds, gpus=chosen,
+                       platform_pause_seconds=PLATFORM_PAUSE_SECONDS)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU(s); waiting for jobs"

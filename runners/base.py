@@ -208,6 +208,10 @@ class Runner(Protocol):
         """This node's daemon holds exactly that image id (`sha256:...`)."""
         ...
 
+    def answers(self) -> bool:
+        """The container runtime answers now: a node whose daemon is away claims no job."""
+        ...
+
     def load_image(self, chunks: Iterable[bytes]) -> None:
         """Load a `docker save` archive, streamed chunk by chunk (never whole in memory);
         an `ImageLoadFailed` when the daemon does not take it. An exception raised by

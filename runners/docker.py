@@ -79,6 +79,9 @@ RESERVED_LABELS = (LABEL_MANAGED, LABEL_OWNER, LABEL_RUN)  # what the reaper rea
 REMAPPED_USER = "65534:65534"  # nobody:nogroup, for images whose user is root
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 WAIT_SLACK_SECONDS = 30.0
+# How long a run waits for a daemon that went away to answer again (a restart) before it
+# gives up: with --live-restore its container ran on meanwhile, and the run goes on.
+DAEMON_RETURN_SECONDS = 60.0
 OOM_PEAK_FRACTION = 0.9  # exit 137 with a peak this close to the limit is an OOM kill
 # Start failures caused by the image rather than by the platform.
 IMAGE_START_ERRORS = ("executable file not found", "no such file or directory",
@@ -242,6 +245,7 @@ class DockerRunner:
         poll_interval: float = 0.1,
         use_cgroups: bool = True,
         reap_orphans: bool = True,
+        daemon_return_seconds: float = DAEMON_RETURN_SECONDS,
     ):
         # Explicit daemon: docker.from_env() would follow the CLI's current context.
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
@@ -257,6 +261,7 @@ class DockerRunner:
         self.state_dir = Path(state_dir or default_state_dir())
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.poll_interval = poll_interval
+        self.daemon_return_seconds = daemon_return_seconds
         self.cgroup_version = int(info.get("CgroupVersion") or 1)
         self.cgroup_driver = info.get("CgroupDriver")
         self.node_arch = ARCH_ALIASES.get(info.get("Architecture", ""), info.get("Architecture"))
@@ -338,6 +343,13 @@ class DockerRunner:
         except requests.exceptions.ConnectionError as exc:
             raise DockerUnavailable(f"no Docker Engine answers at {self.base_url}: "
                                     f"{exc}") from exc
+
+    def answers(self) -> bool:
+        try:
+            self.api.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return False
+        return True
 
     def load_image(self, chunks: Iterable[bytes]) -> None:
         """`docker load`, the archive streamed as the request body. The daemon's answer is
@@ -593,12 +605,26 @@ class DockerRunner:
             return True
         if _is_connection_error(waiter.error):
             execution.daemon_interrupted = True
-        state = self._state(cid)
+            state = self._state_once_back(cid)
+        else:
+            state = self._state(cid)
         if state.get("Status") in FINISHED_STATES:
             return True
         if _is_connection_error(waiter.error):
             execution.daemon_interrupted = False  # back, and the container still runs
         return False
+
+    def _state_once_back(self, cid: str) -> dict:
+        """The container's state once the daemon answers again (a restart takes seconds);
+        DaemonLost when it stays away past `daemon_return_seconds`."""
+        give_up_at = time.monotonic() + self.daemon_return_seconds
+        while True:
+            try:
+                return self._state(cid)
+            except DaemonLost:
+                if time.monotonic() >= give_up_at:
+                    raise
+            time.sleep(max(self.poll_interval, 0.5))
 
     def _state(self, cid: str) -> dict:
         try:

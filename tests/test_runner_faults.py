@@ -246,8 +246,9 @@ class SecondDaemon:
     """A dockerd of our own (socket, data root, exec root, pid file in a temp dir): restarting
     it disturbs no one else's containers."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *args: str):
         self.root = root
+        self.args = args  # more of dockerd's flags (--live-restore)
         self.socket = root / "docker.sock"
         self.url = f"unix://{self.socket}"
         self.process: subprocess.Popen | None = None
@@ -264,7 +265,7 @@ class SecondDaemon:
                 ["dockerd", "--data-root", str(self.root / "data"), "--exec-root",
                  str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
                  "-H", self.url, f"--bridge={self.bridge}", "--iptables=false",
-                 "--ip6tables=false", "--ip-masq=false"],
+                 "--ip6tables=false", "--ip-masq=false", *self.args],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -360,7 +361,9 @@ def _mounts_under(root: Path) -> list[str]:
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_a_daemon_restarted_mid_run_is_infrastructure_and_the_container_is_reaped(
         second_daemon, tmp_path, how):
-    runner = DockerRunner(base_url=second_daemon.url, state_dir=tmp_path / "state")
+    # the daemon stays away past the run's patience (2 s): it gives up, as INFRASTRUCTURE
+    runner = DockerRunner(base_url=second_daemon.url, state_dir=tmp_path / "state",
+                          daemon_return_seconds=2)
     spec = gated_spec("epreuve/base:3.11", tmp_path, "exit 0", timeout_seconds=120)
     thread, box = run_in_background(runner, spec)
     container = running_container(runner, spec)
@@ -382,7 +385,9 @@ def test_a_daemon_restarted_mid_run_is_infrastructure_and_the_container_is_reape
 
 
 def test_a_run_after_the_daemon_came_back_reaps_what_was_left(second_daemon, tmp_path):
-    runner = DockerRunner(base_url=second_daemon.url, state_dir=tmp_path / "state")
+    # the daemon stays away past the run's patience (2 s): it gives up, as INFRASTRUCTURE
+    runner = DockerRunner(base_url=second_daemon.url, state_dir=tmp_path / "state",
+                          daemon_return_seconds=2)
     spec = gated_spec("epreuve/base:3.11", tmp_path, "exit 0", timeout_seconds=120)
     thread, box = run_in_background(runner, spec)
     run_name = running_container(runner, spec)["Labels"][LABEL_RUN]
@@ -399,6 +404,7 @@ def test_a_run_after_the_daemon_came_back_reaps_what_was_left(second_daemon, tmp
 def test_an_unreachable_daemon_mid_run_never_raises(runner_factory, adversarial, tmp_path):
     """Every daemon call failing after the container started: a typed result, no traceback."""
     runner = runner_factory()
+    runner.daemon_return_seconds = 2  # it does not come back within the run's patience
     spec = gated_spec(adversarial["probe"], tmp_path, "exit 0")
 
     def gone(*args, **kwargs):

@@ -51,6 +51,9 @@ class FakeRunner:
     def has_image(self, image_id: str) -> bool:
         return image_id == IMAGE.image_id  # always on this fake node: nothing to load
 
+    def answers(self) -> bool:
+        return True
+
     def load_image(self, chunks) -> None:
         raise AssertionError("the fake node holds its one image: nothing is ever loaded")
 

@@ -344,11 +344,15 @@ def image_archive(archive_sha256: str, service: Service, worker: Worker) -> Stre
                                .limit(1))
     if known is None:
         raise NotFound(f"no pinned image has the archive sha256:{digest}")
+    store = open_store(service.settings.store_dir)
     try:
-        source = open_store(service.settings.store_dir).open(digest)
+        source = store.open(digest)
+        size = store.size(digest)
     except BlobMissing:
         raise NotFound(f"the archive sha256:{digest} is not in the server's store") from None
-    return StreamingResponse(_chunks(source), media_type="application/x-tar")
+    # its size first: the node makes room in its cache before the first byte
+    return StreamingResponse(_chunks(source), media_type="application/x-tar",
+                             headers={"Content-Length": str(size)})
 
 
 def _chunks(source):

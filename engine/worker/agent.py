@@ -48,10 +48,11 @@ from engine.worker.workdirs import claim_work_dir, remove_dead_workers_dirs, rem
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
 from gpu.inventory import list_gpus
 from gpu.telemetry import TelemetrySampler
-from runners.base import Runner, RunResult, RunSpec
+from runners.base import FailureReason, Runner, RunResult, RunSpec
 from runners.docker import DockerUnavailable, owner_token
 
 log = logging.getLogger(__name__)
+MAX_PLATFORM_PAUSE_SECONDS = 300.0
 
 
 class Agent:
@@ -61,6 +62,7 @@ class Agent:
                  owner: str | None = None,
                  gpus: GPUAllocator | Sequence[str] | None = None,
                  heartbeat_seconds: float = 10.0, maintenance_seconds: float = 5.0,
+                 platform_pause_seconds: float | None = None,
                  store: BlobStore | None = None):
         self.coordinator = coordinator
         self.store = store or open_store(settings.store_dir)  # images, loaded by digest
@@ -71,6 +73,10 @@ class Agent:
         self.heartbeat_seconds = heartbeat_seconds
         self.maintenance_seconds = maintenance_seconds
         self._maintained_at: float | None = None
+        self._runtime_answered: bool | None = None
+        self.platform_pause_seconds = platform_pause_seconds
+        self._platform_pause = 0.0
+        self._claims_resume_at = 0.0
         self.verify_cache = VerificationCache(settings.state_dir / "verify")
         self.gpus = gpus if isinstance(gpus, GPUAllocator) else GPUAllocator(
             [g.uuid for g in list_gpus()] if gpus is None else list(gpus),
@@ -118,6 +124,9 @@ class Agent:
         done = 0
         stop = stop or threading.Event()
         while not stop.is_set() and (max_jobs is None or done < max_jobs):
+            if not self.ready_to_claim():
+                stop.wait(idle_seconds)  # a job claimed now would only fail as INFRASTRUCTURE
+                continue
             if self.run_once():
                 done += 1
             elif until_idle:
@@ -128,6 +137,47 @@ class Agent:
             else:
                 stop.wait(idle_seconds)
         return done
+
+    def ready_to_claim(self) -> bool:
+        """Not while the runtime rests after failing a run (a daemon restarting answers
+        for a while as it stops its containers), nor while it does not answer. Only for a
+        long-lived node (`platform_pause_seconds` set: the CLI's workers); an agent run
+        in-process claims regardless, and its runs say what failed."""
+        if self.platform_pause_seconds is None:
+            return True
+        return time.monotonic() >= self._claims_resume_at and self.runtime_answers()
+
+    def _after_run(self, result: RunResult) -> None:
+        """A run the runtime failed pauses claims, longer each time in a row: a restart
+        of the daemon costs one attempt of one job, not all of a job's attempts."""
+        if result.reason is FailureReason.INFRASTRUCTURE:
+            self._pause_claims("the runtime failed a run")
+        else:
+            self._platform_pause = 0.0
+
+    def _pause_claims(self, why: str) -> None:
+        """The node failed a job on its own side (its runtime, its disk): claiming the next
+        one at once would fail it too."""
+        if self.platform_pause_seconds is None:
+            return
+        self._platform_pause = min(max(self._platform_pause * 2, self.platform_pause_seconds),
+                                   MAX_PLATFORM_PAUSE_SECONDS)
+        self._claims_resume_at = time.monotonic() + self._platform_pause
+        log.warning("%s; no job is claimed for %.0f s", why, self._platform_pause)
+
+    def runtime_answers(self) -> bool:
+        """The node's container runtime answers; while it does not (a daemon restarting),
+        the node claims nothing, so that no job spends its attempts on a node that cannot
+        run it."""
+        answers = self.runner.answers()
+        if answers != self._runtime_answered:
+            if not answers:
+                log.warning("the container runtime does not answer: no job is claimed "
+                            "until it does")
+            elif self._runtime_answered is False:
+                log.warning("the container runtime answers again")
+            self._runtime_answered = answers
+        return answers
 
     def survive(self, ticket: JobTicket) -> None:
         """Process one job; whatever it raises ends that job, never the worker."""
@@ -143,6 +193,7 @@ class Agent:
     def _give_back(self, ticket: JobTicket, stage: str, detail: str) -> None:
         log.error("job %s failed on the platform's side while %s:\n%s", ticket.job_id, stage,
                   detail)
+        self._pause_claims(f"job {ticket.job_id} failed on this node's side")
         try:
             self.coordinator.retry(ticket, messages_platform(stage), detail, node=self.node)
         except LeaseLost:
@@ -212,6 +263,7 @@ class Agent:
                     result = self.runner.run(spec, cancel=lost)
             finally:
                 usage = sampler.stop()
+        self._after_run(result)
         if lost.is_set():
             raise LeaseLost(f"job {ticket.job_id} was taken back while it ran")
         return result, {uuid: vars(u) for uuid, u in usage.items()}

@@ -18,6 +18,7 @@ by digest into a node-local store and loaded once (engine/image_presence.ensure_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -60,6 +61,11 @@ class ServerRefused(EpreuveError):
 
 class ServerUnreachable(Unavailable):
     """The server did not answer within the retries."""
+
+
+class CacheDiskFull(Unavailable):
+    """The disk of a node's cache cannot hold what a job needs: the platform's, for
+    organisers (which disk, how much was needed), never the team's."""
 
 
 class HttpCoordinator:
@@ -150,8 +156,11 @@ class HttpCoordinator:
         self._stream(f"{API}/jobs/{ticket.job_id}/inputs/{path}", target,
                      headers=self._fence(ticket))
 
-    def download_image(self, archive_sha256: str, target) -> None:
-        self._stream(f"{API}/images/{checked_digest(archive_sha256)}", target)
+    def download_image(self, archive_sha256: str, target,
+                       before: Callable[[int | None], None] | None = None) -> None:
+        """The archive's bytes into `target`; `before` learns its size (None when the server
+        does not say) before a byte is written, to make room for it."""
+        self._stream(f"{API}/images/{checked_digest(archive_sha256)}", target, before=before)
 
     # -- transport -------------------------------------------------------------------------
 
@@ -190,11 +199,15 @@ class HttpCoordinator:
             time.sleep(pause)
             pause = min(pause * 2, 10.0)
 
-    def _stream(self, url: str, target, headers: dict[str, str] | None = None) -> None:
+    def _stream(self, url: str, target, headers: dict[str, str] | None = None,
+                before: Callable[[int | None], None] | None = None) -> None:
         with self.client.stream("GET", url, headers=headers) as response:
             if response.status_code >= 400:
                 response.read()
                 _checked(response)
+            if before is not None:
+                length = response.headers.get("Content-Length", "")
+                before(int(length) if length.isdigit() else None)
             for chunk in response.iter_bytes(1 << 20):
                 target.write(chunk)
 
@@ -239,7 +252,10 @@ class RemoteAgent(Agent):
         the server's manifest gives: a dataset of inputs only. Fetched under the heartbeat
         (a large test set takes longer than a lease)."""
         with self._heartbeats(ticket) as lost:
-            dataset = self._fetched_inputs(ticket)
+            try:
+                dataset = self._fetched_inputs(ticket)
+            except CacheDiskFull as exc:
+                raise PlatformFailure("fetching the inputs", exc) from exc
         if lost.is_set():
             raise LeaseLost(f"job {ticket.job_id} was taken back while its inputs were fetched")
         return dataset
@@ -268,7 +284,7 @@ class RemoteAgent(Agent):
             ensure_image(self.runner, self.store, ticket.image_id, digest)
         except DockerUnavailable:
             pass  # no daemon to ask: the run reports it (INFRASTRUCTURE)
-        except ImageUnavailable as exc:
+        except (ImageUnavailable, CacheDiskFull) as exc:
             raise PlatformFailure("loading the image", exc) from exc
 
 
@@ -281,10 +297,16 @@ def _cached_input(coordinator: HttpCoordinator, ticket: JobTicket, root: Path,
     if target.is_file() and not target.is_symlink() and _sha256(target) == expected:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=".fetch-", dir=target.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=".fetch-", dir=target.parent)
+    except OSError as exc:
+        raise _disk_full(exc, "inputs cache", root, f"the input {path}") from exc
     try:
         with os.fdopen(handle, "wb") as out:
-            coordinator.download_input(ticket, path, out)
+            try:
+                coordinator.download_input(ticket, path, out)
+            except OSError as exc:
+                raise _disk_full(exc, "inputs cache", root, f"the input {path}") from exc
         if _sha256(Path(name)) != expected:
             raise DatasetError(f"the input {path} fetched from the server does not match "
                                "its manifest's sha256")
@@ -301,12 +323,91 @@ def _cached_blob(coordinator: HttpCoordinator, store: DirectoryStore, digest: st
     past the cache's disk budget."""
     digest = checked_digest(digest)
     if not store.has(digest):
-        with tempfile.TemporaryFile() as spool:
-            coordinator.download_image(digest, spool)
-            spool.seek(0)
-            store.put(spool, expected_sha256=digest)
+        _fetched_blob(coordinator, store, digest)
     os.utime(store.path(digest))  # its last use: what eviction goes by
     evict_least_recently_used(store, budget, keep=digest)
+
+
+def _fetched_blob(coordinator: HttpCoordinator, store: DirectoryStore, digest: str) -> None:
+    """Fetch the archive straight into the cache's disk (hashed on the way, moved into
+    place only once it matches its name), after making room for it. A disk too small is
+    `CacheDiskFull`; nothing partial is ever left where a verified archive would be."""
+    what = f"the image archive sha256:{digest}"
+    try:
+        store.incoming.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix="fetch-", dir=store.incoming)
+    except OSError as exc:
+        raise _disk_full(exc, "image cache", store.root, what) from exc
+    try:
+        hashing = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out:
+            def write(chunk: bytes) -> None:
+                hashing.update(chunk)
+                out.write(chunk)
+
+            try:
+                coordinator.download_image(digest, _Writer(write), before=lambda size: (
+                    make_room(store, size, keep=digest, what=what)))
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise _disk_full(exc, "image cache", store.root, what,
+                                 needed=out.tell()) from exc
+        if hashing.hexdigest() != digest:
+            raise ImageUnavailable(f"the server sent bytes hashing to sha256:"
+                                   f"{hashing.hexdigest()} for {what}: nothing was kept")
+        store.adopt(Path(name), digest)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+class _Writer:
+    def __init__(self, write: Callable[[bytes], None]):
+        self.write = write
+
+
+HEADROOM_BYTES = 16 << 20  # a disk filled to its last byte fails its other writers
+
+
+def make_room(store: DirectoryStore, needed: int | None, *, keep: str, what: str) -> list[str]:
+    """Evict the least recently used archives (never `keep`) until the cache's disk has
+    `needed` bytes free; CacheDiskFull when even an empty cache would not hold them.
+    Returns the digests evicted."""
+    if needed is None:
+        return []
+    evicted = []
+    by_age = sorted((store.path(d).stat().st_mtime, d) for d in store.digests() if d != keep)
+    while shutil.disk_usage(store.root).free < needed + HEADROOM_BYTES and by_age:
+        _, digest = by_age.pop(0)
+        store.delete(digest)
+        evicted.append(digest)
+    free = shutil.disk_usage(store.root).free
+    if free < needed + HEADROOM_BYTES:
+        raise CacheDiskFull(
+            f"the node's image cache at {store.root} has {_mib(free)} free (after evicting "
+            f"{len(evicted)} older archive(s)); {what} needs {_mib(needed)} and "
+            f"{_mib(HEADROOM_BYTES)} of headroom. Free space on that disk, or give the cache "
+            "a larger one")
+    if evicted:
+        log.info("evicted %d archive(s) from the image cache to make room for %s",
+                 len(evicted), what)
+    return evicted
+
+
+def _disk_full(exc: OSError, cache: str, root: Path, what: str,
+               needed: int | None = None) -> OSError | CacheDiskFull:
+    """ENOSPC as CacheDiskFull, naming the disk and the need; any other OSError as it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    need = "" if needed is None else f" (more than the {_mib(needed)} written so far)"
+    return CacheDiskFull(f"the node's {cache} at {root} is full ({_mib(free)} free): "
+                         f"{what} did not fit{need}. Free space on that disk, or give the "
+                         "cache a larger one")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 def evict_least_recently_used(store: DirectoryStore, budget: int, *, keep: str) -> list[str]:

@@ -24,12 +24,14 @@ class Worker(Agent):
                  lease_duration: timedelta = queue.DEFAULT_LEASE,
                  heartbeat_seconds: float = 10.0, scoring_workers: int | None = None,
                  gpus: GPUAllocator | Sequence[str] | None = None,
-                 maintenance_seconds: float = 5.0, store: BlobStore | None = None):
+                 maintenance_seconds: float = 5.0, store: BlobStore | None = None,
+                 platform_pause_seconds: float | None = None):
         owner = owner_token()
         coordinator = DbCoordinator(sessions, settings, owner, owner_dead=dead_on_this_host,
                                     lease_duration=lease_duration, runner=runner,
                                     scoring_workers=scoring_workers)
         super().__init__(coordinator, runner, settings, owner=owner, gpus=gpus,
                          heartbeat_seconds=heartbeat_seconds,
-                         maintenance_seconds=maintenance_seconds, store=store)
+                         maintenance_seconds=maintenance_seconds, store=store,
+                         platform_pause_seconds=platform_pause_seconds)
         coordinator.work_dir = self.work_dir  # the evaluation image's scratch: ours
