@@ -106,6 +106,7 @@ class Scoring:
     def runner_for(self, challenge: Challenge) -> Runner | None:
         if not challenge.metrics.evaluation_image:
             return None
+        self.work_dir.mkdir(parents=True, exist_ok=True)  # the evaluation image's scratch
         with self._lock:
             if callable(self._runner) and not hasattr(self._runner, "run"):
                 self._runner = self._runner()
