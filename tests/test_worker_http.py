@@ -22,6 +22,7 @@ from sqlalchemy import func, select, update
 
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
+from engine.api.workers import Attempt
 from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow, utcnow
 from engine.medio import Volume, read_volume, write_nifti
 from engine.worker.wire import ATTEMPT_HEADER, ATTEMPT_TOKEN_HEADER
@@ -191,6 +192,23 @@ def test_an_attempt_runs_is_scored_on_the_server_and_completing_twice_changes_no
             EventRow.entity == "job", EventRow.entity_id == job.id,
             EventRow.to_state == "running"))
         assert running == 1
+
+
+def test_a_completion_retried_after_its_outputs_were_promoted_keeps_them(live):
+    """The server died after promoting the attempt's upload and before storing the outcome:
+    the node's retried completion is scored on those outputs, never as missing."""
+    submission_id = queued_submission(live.world, "ch-a", "team-a")
+    node = Node(live)
+    node.claim()
+    node.post("start")
+    assert node.upload(mask_tar(live, node.ticket["case_ids"])).status_code == 200
+    service = live.server.config.app.state.worker_service
+    _, ticket = service.held(Attempt(node.ticket["job_id"], node.ticket["attempt"], node.token))
+    service.promote_outputs(ticket)  # the first request got this far
+
+    assert node.complete(succeeded(1)).status_code == 202  # the node's retry
+    assert ended(live, node.ticket["job_id"]) == "succeeded"
+    assert results_of(live, submission_id) == [("case-001", True)]
 
 
 def test_a_stale_attempt_is_refused_everywhere_and_writes_nothing(live):

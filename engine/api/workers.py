@@ -185,13 +185,18 @@ class WorkerService:
 
     def promote_outputs(self, ticket: JobTicket) -> Path:
         """The completing attempt's upload becomes the job's outputs (none: an empty tree,
-        every case missing); other attempts' uploads are dropped."""
+        every case missing); other attempts' uploads are dropped. Repeatable: a completion
+        retried after the server died between this and storing the outcome finds the
+        attempt's outputs already promoted (the marker names the attempt) and keeps them."""
         final = self.output_dir(ticket)
         uploaded = self.uploaded_dir(ticket)
-        shutil.rmtree(final, ignore_errors=True)
+        marker = final.with_name(f".job-{ticket.job_id}-promoted")
         if uploaded.is_dir():
+            marker.write_text(str(ticket.attempt))  # before the move: a retry redoes it
+            shutil.rmtree(final, ignore_errors=True)
             os.replace(uploaded, final)
-        else:
+        elif not (final.is_dir() and _read(marker) == str(ticket.attempt)):
+            shutil.rmtree(final, ignore_errors=True)
             final.mkdir(parents=True)
         for stale in final.parent.glob(f".job-{ticket.job_id}-attempt-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -222,6 +227,13 @@ class WorkerService:
                 sweeper.maintenance()
             except Exception:  # the database restarts: the next sweep tries again
                 log.exception("the lease sweep failed")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def _service(request: Request) -> WorkerService:
