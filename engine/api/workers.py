@@ -159,7 +159,8 @@ class WorkerService:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         # scores stored outcomes in this process (None: `serve --no-scorer`, a scorer apart)
-        self.scorer = Scorer(self.sessions, self.settings) if scorer else None
+        self.scorer = (Scorer(self.sessions, self.settings, sweep_seconds=None)  # ours sweeps
+                       if scorer else None)
 
     def coordinator(self, owner: str) -> DbCoordinator:
         return DbCoordinator(self.sessions, self.settings, owner, lease_duration=self.lease,

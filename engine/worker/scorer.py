@@ -300,11 +300,12 @@ def scorer_dead(owner: str) -> bool:
 
 class Scorer:
     """Takes stored outcomes one at a time and scores them, renewing its scoring lease
-    meanwhile; sweeps every `sweep_seconds` so that it works with no server beside it."""
+    meanwhile; sweeps every `sweep_seconds` so that it works with no server beside it
+    (None: the server's sweeper does it)."""
 
     def __init__(self, sessions: sessionmaker[Session], settings: Settings, *,
                  lease: timedelta = SCORING_LEASE, poll_seconds: float = 1.0,
-                 sweep_seconds: float = 5.0, scoring: Scoring | None = None,
+                 sweep_seconds: float | None = 5.0, scoring: Scoring | None = None,
                  owner: str | None = None):
         self.sessions = sessions
         self.owner = owner or scorer_owner()
@@ -353,6 +354,8 @@ class Scorer:
         return scored
 
     def _sweep_when_due(self) -> None:
+        if self.sweep_seconds is None:
+            return
         clock = time.monotonic()
         if self._swept_at is not None and clock - self._swept_at < self.sweep_seconds:
             return
