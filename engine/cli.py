@@ -880,17 +880,54 @@ def check(
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, min=0, max=65535),
+    scorer: bool = typer.Option(True, "--scorer/--no-scorer", help="Score remote workers' "
+                                "completions in this process (--no-scorer: `epreuve scorer` "
+                                "runs apart)."),
 ) -> None:
     """Run the HTTP API and the browser pages (uvicorn) on the configured database: the
     embedded SQLite by default, PostgreSQL by EPREUVE_DATABASE_URL. /docs shows the API's
     routes; / is the challenges' pages."""
     import uvicorn
 
+    from engine.api.app import ApiOptions
     from engine.config import load_settings
     from engine.web import create_site
 
-    uvicorn.run(create_site(load_settings()), host=host, port=port, proxy_headers=False,
-                server_header=False)
+    uvicorn.run(create_site(load_settings(), ApiOptions(scorer=scorer)), host=host, port=port,
+                proxy_headers=False, server_header=False)
+
+
+@app.command("scorer")
+def scorer_command(
+    until_idle: bool = typer.Option(False, "--until-idle", help="Stop when nothing waits "
+                                    "for scoring."),
+    lease_seconds: float = typer.Option(60, "--lease-seconds", min=1, help="The scoring "
+                                        "lease; renewed while a job is scored."),
+    poll_seconds: float = typer.Option(1, "--poll-seconds", min=0.05, help="How often to "
+                                       "look for stored outcomes when idle."),
+) -> None:
+    """Score completed runs on the trusted side (validate the outputs, score them against
+    the ground truth, write the results), beside `epreuve serve --no-scorer`. Any number
+    may run; a scorer that dies leaves its job to the next."""
+    import logging
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from engine.worker.scorer import Scorer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings, sessions = _sessions()
+    scorer = Scorer(sessions, settings, lease=timedelta(seconds=lease_seconds),
+                    poll_seconds=poll_seconds)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), scorer.wake.set()))
+    console.print(f"{scorer.owner}: waiting for runs to score")
+    try:
+        done = scorer.run(stop, until_idle=until_idle)
+    except KeyboardInterrupt:
+        done = None
+    console.print(f"scorer stopped{'' if done is None else f' after {done} job(s)'}")
 
 
 @store_app.command("gc")

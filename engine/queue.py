@@ -17,6 +17,12 @@ A running worker renews its lease with heartbeats. The sweeper re-queues every
 job whose lease expired (its worker vanished), and at once those whose owner the
 caller knows to be dead (a worker sees the processes of its own host); that counts
 as an INFRASTRUCTURE attempt, and a job out of attempts fails.
+
+A job whose run is over waits in SCORING with its outcome stored (engine/worker/scorer.py).
+A scorer takes it with a scoring lease (`lease_scoring`, locked as `lease` is). The sweep
+never runs such a job again on a node: when its scorer vanishes, the outcome is scored
+again by the next scorer, and after MAX_SCORINGS vanished scorers the job fails
+(INFRASTRUCTURE: never the team's).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ ACTIVE = ACTIVE_JOB_STATES
 TERMINAL = TERMINAL_JOB_STATES
 DEFAULT_LEASE = timedelta(seconds=60)
 SMOKE_PRIORITY, MAIN_PRIORITY = 0, 10
+MAX_SCORINGS = 3  # scorers that may vanish while scoring one outcome before the job fails
 
 
 def record(session: Session, entity: str, entity_id: int, from_state: str | None,
@@ -137,7 +144,8 @@ def release_for_retry(session: Session, job: JobRow, actor: str, reason: str,
                       message: str, run_result: dict | None = None) -> None:
     """An INFRASTRUCTURE failure: queue the job again, or fail it when out of attempts.
     `run_result` keeps what happened (for organisers) even when the job is queued again."""
-    kept = {} if run_result is None else {"run_result": run_result}
+    kept = {"outcome": None} if run_result is None else {"run_result": run_result,
+                                                         "outcome": None}
     if job.attempts >= job.max_attempts:
         transition(session, job, JobStatus.FAILED, actor, message, reason=reason, message=message,
                    finished_at=utcnow(), lease_owner=None, **kept)
@@ -160,10 +168,14 @@ def sweep(session: Session, actor: str, now: datetime | None = None, *,
                 and owner_dead(job.lease_owner))
         if not (expired or dead):
             continue
+        if job.status == JobStatus.SCORING and job.outcome is not None:
+            if _rescore(session, job, actor, now):
+                swept.append(job.id)
+            continue
         why = "lease expired" if expired else "worker process died"
         message = f"the worker running this job vanished ({why}); it is run again"
         out_of_attempts = job.attempts >= job.max_attempts
-        values = dict(lease_owner=None, lease_expires_at=None)
+        values = dict(lease_owner=None, lease_expires_at=None, outcome=None)
         if out_of_attempts:
             values.update(reason=FailureReason.INFRASTRUCTURE.value, finished_at=now,
                           message="the job's workers vanished too often; the platform will "
@@ -179,6 +191,61 @@ def sweep(session: Session, actor: str, now: datetime | None = None, *,
             swept.append(job.id)
     session.flush()
     return swept
+
+
+def _rescore(session: Session, job: JobRow, actor: str, now: datetime) -> bool:
+    """The scorer of a stored outcome vanished: the outcome waits for the next scorer (the
+    run is not repeated), or the job fails once MAX_SCORINGS scorers vanished on it."""
+    exhausted = job.scorings >= MAX_SCORINGS
+    values = dict(lease_owner=None, lease_expires_at=None)
+    if exhausted:
+        message = ("scoring this job's outputs stopped too often; the platform will look "
+                   "into it")
+        values.update(status=JobStatus.FAILED, reason=FailureReason.INFRASTRUCTURE.value,
+                      message=message, finished_at=now, outcome=None)
+    else:
+        message = "the scorer vanished; the outputs are scored again (the run is kept)"
+    changed = session.execute(
+        update(JobRow).where(JobRow.id == job.id, JobRow.status == JobStatus.SCORING,
+                             JobRow.lease_owner == job.lease_owner).values(**values)
+    ).rowcount
+    if changed:
+        record(session, "job", job.id, JobStatus.SCORING,
+               JobStatus.FAILED if exhausted else JobStatus.SCORING, actor, message)
+    return bool(changed)
+
+
+def lease_scoring(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE
+                  ) -> JobRow | None:
+    """Take the next stored outcome no scorer holds, for `owner` until the lease ends (a
+    scorer renews it with `heartbeat`). Flushes; the caller commits."""
+    tried: set[int] = set()
+    while True:
+        candidate = session.execute(
+            select(JobRow.id)
+            .where(JobRow.status == JobStatus.SCORING, JobRow.outcome.is_not(None),
+                   JobRow.lease_owner.is_(None),
+                   JobRow.id.not_in(tried) if tried else True)
+            .order_by(JobRow.priority, JobRow.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if candidate is None:
+            return None
+        now = utcnow()
+        taken = session.execute(
+            update(JobRow)
+            .where(JobRow.id == candidate, JobRow.status == JobStatus.SCORING,
+                   JobRow.lease_owner.is_(None))
+            .values(lease_owner=owner, lease_expires_at=now + duration, heartbeat_at=now,
+                    scorings=JobRow.scorings + 1)
+        ).rowcount
+        if taken == 1:
+            record(session, "job", candidate, JobStatus.SCORING, JobStatus.SCORING, owner,
+                   "scoring the stored outcome")
+            session.flush()
+            return session.get(JobRow, candidate, populate_existing=True)
+        tried.add(candidate)  # another scorer won it
 
 
 def position(session: Session, submission: SubmissionRow) -> int | None:

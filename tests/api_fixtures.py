@@ -74,6 +74,12 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        state = self.server.config.app.state
+        service = getattr(state, "worker_service", None)
+        if service is not None:  # its sweeper and scorer threads outlive no test's world
+            service.stop_sweeper()
+        if getattr(state, "sessions", None) is not None:  # nor its idle connections
+            state.sessions.kw["bind"].dispose()
 
 
 def challenge_yaml(challenge_id: str, dataset_prefix: str = "") -> str:

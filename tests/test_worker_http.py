@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import time
 from datetime import timedelta
 
 import httpx
@@ -21,6 +22,7 @@ from sqlalchemy import func, select, update
 
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
+from engine.api.workers import Attempt
 from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow, utcnow
 from engine.medio import Volume, read_volume, write_nifti
 from engine.worker.wire import ATTEMPT_HEADER, ATTEMPT_TOKEN_HEADER
@@ -117,6 +119,19 @@ def results_of(live, submission_id: int) -> list[tuple[str, bool]]:
         return sorted((row.case_id, row.valid) for row in rows)
 
 
+def ended(live, job_id: int, timeout: float = 60.0) -> str:
+    """The job's end, once the server's scorer wrote it (a deadline against hanging, not a
+    timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with live.world.sessions() as session:
+            status = session.get(JobRow, job_id).status
+        if status in ("succeeded", "failed", "cancelled"):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} was not scored")
+
+
 def expire_and_sweep(live, job_id: int) -> None:
     """The node vanished: its lease is past (the server's clock), and the sweeper runs."""
     with live.world.sessions() as session:
@@ -160,8 +175,9 @@ def test_an_attempt_runs_is_scored_on_the_server_and_completing_twice_changes_no
     assert node.post("logs", json={"text": "segmenting case-001\n"}).status_code == 200
     assert node.upload(mask_tar(live, node.ticket["case_ids"])).status_code == 200
     first = node.complete(succeeded(1))
-    assert first.status_code == 200, first.text
-    assert first.json() == {"status": "succeeded", "repeated": False}
+    assert first.status_code == 202, first.text  # stored: a scorer scores it, not the request
+    assert first.json() == {"status": "scoring", "repeated": False}
+    assert ended(live, node.ticket["job_id"]) == "succeeded"
 
     again = node.complete(succeeded(1))
     assert (again.status_code, again.json()) == (200, {"status": "succeeded", "repeated": True})
@@ -176,6 +192,23 @@ def test_an_attempt_runs_is_scored_on_the_server_and_completing_twice_changes_no
             EventRow.entity == "job", EventRow.entity_id == job.id,
             EventRow.to_state == "running"))
         assert running == 1
+
+
+def test_a_completion_retried_after_its_outputs_were_promoted_keeps_them(live):
+    """The server died after promoting the attempt's upload and before storing the outcome:
+    the node's retried completion is scored on those outputs, never as missing."""
+    submission_id = queued_submission(live.world, "ch-a", "team-a")
+    node = Node(live)
+    node.claim()
+    node.post("start")
+    assert node.upload(mask_tar(live, node.ticket["case_ids"])).status_code == 200
+    service = live.server.config.app.state.worker_service
+    _, ticket = service.held(Attempt(node.ticket["job_id"], node.ticket["attempt"], node.token))
+    service.promote_outputs(ticket)  # the first request got this far
+
+    assert node.complete(succeeded(1)).status_code == 202  # the node's retry
+    assert ended(live, node.ticket["job_id"]) == "succeeded"
+    assert results_of(live, submission_id) == [("case-001", True)]
 
 
 def test_a_stale_attempt_is_refused_everywhere_and_writes_nothing(live):
@@ -205,7 +238,8 @@ def test_a_stale_attempt_is_refused_everywhere_and_writes_nothing(live):
 
     assert new.post("start").status_code == 200
     assert new.upload(mask_tar(live, ["case-001"])).status_code == 200
-    assert new.complete(succeeded(1)).json()["status"] == "succeeded"
+    assert new.complete(succeeded(1)).json()["status"] == "scoring"
+    assert ended(live, new.ticket["job_id"]) == "succeeded"
     assert old.complete(late).status_code == 409  # and after the end: still not its result
     assert results_of(live, submission_id) == [("case-001", True)]
 
@@ -292,7 +326,8 @@ def test_an_upload_of_an_attempt_that_was_swept_is_never_scored_for_the_next(liv
     new = Node(live)
     new.claim()
     new.post("start")
-    assert new.complete(succeeded(0)).json()["status"] in ("succeeded", "failed")
+    assert new.complete(succeeded(0)).json()["status"] == "scoring"
+    assert ended(live, new.ticket["job_id"]) in ("succeeded", "failed")
     assert results_of(live, submission_id) == [("case-001", False)]
     left = [p.name for p in live.world.settings.outputs_dir.rglob("*") if p.is_dir()]
     assert not [name for name in left if "attempt" in name]  # the swept upload is gone

@@ -39,11 +39,12 @@ class ApiOptions:
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     worker_lease: timedelta = timedelta(seconds=60)  # a remote attempt's lease; heartbeats renew
     sweep_seconds: float = 5.0  # how often the server re-queues expired leases
+    scorer: bool = True  # a scorer thread in the server; False: `epreuve scorer` runs apart
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    app.state.worker_service.start_sweeper()  # leases expire on the server's clock
+    app.state.worker_service.start_sweeper()  # leases expire on the server's clock; scorer
     yield
     app.state.worker_service.stop_sweeper()
 
@@ -63,7 +64,8 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
     app.state.metrics_registry = build_registry(app.state.sessions)
     # remote workers: the sweeper starts here, or with the first worker call (no lifespan)
     app.state.worker_service = workers.WorkerService(app.state, options.worker_lease,
-                                                     options.sweep_seconds)
+                                                     options.sweep_seconds,
+                                                     scorer=options.scorer)
     install_error_handlers(app)
     for module in (health, challenges, leaderboards, submissions, teams, workers):
         app.include_router(module.router)

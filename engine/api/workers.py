@@ -7,7 +7,7 @@
     GET  /api/v1/worker/jobs/{id}/inputs        the attempt's input files: manifest
     GET  /api/v1/worker/jobs/{id}/inputs/{path} one input file (never ground truth)
     PUT  /api/v1/worker/outputs/{id}            the outputs as one tar (within the quota)
-    POST /api/v1/worker/jobs/{id}/complete      {"result": RunResult, "gpu_usage": {...}}
+    POST /api/v1/worker/jobs/{id}/complete      {"result": RunResult, ...} -> 202 scoring
     POST /api/v1/worker/jobs/{id}/retry         the platform failed the job on the node
     GET  /api/v1/worker/images/{archive_sha256} a pinned image's archive, by digest
 
@@ -15,11 +15,13 @@ A claim makes one attempt with its own random token (GitLab Runner's job token):
 sha256 is kept, as the job's lease owner, so it dies with the attempt (a sweep, an end, a
 cancel clears the owner). Every call about a job carries the attempt and its token
 (headers `Epreuve-Attempt`, `Epreuve-Attempt-Token`); one that is not the current
-attempt's, in a state that allows it, is 409 and changes nothing. A completion is scored
-here, on the trusted side (DbCoordinator.complete, in the request): ground truth never
-leaves the server. A repeated completion of the same attempt is answered 200 with the
-state it already reached, never applied twice. Deadlines are the server's: a sweeper
-thread re-queues expired leases (started with the first worker call, or the app).
+attempt's, in a state that allows it, is 409 and changes nothing. A completion is
+stored on the job (SCORING) and answered 202 at once: the node takes its next job while a
+scorer (engine/worker/scorer.py: a thread here unless `serve --no-scorer`, or `epreuve
+scorer` apart) scores it on the trusted side; ground truth never leaves the server. A
+repeated completion of the same attempt is answered 200 with the state it reached
+(scoring, or its end), never applied twice. Deadlines are the server's: a sweeper thread
+re-queues expired leases (started with the first worker call, or the app).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from engine.statuses import JobStatus
 from engine.store import CHUNK, BlobMissing, checked_digest, open_store
 from engine.tokens import new_secret
 from engine.worker.coordinator import DbCoordinator
-from engine.worker.protocol import JobOutcome, JobTicket, PlatformFailure, messages_platform
+from engine.worker.protocol import JobOutcome, JobTicket
+from engine.worker.scorer import Scorer
 from engine.worker.wire import (
     OutputsRefused,
     extract_outputs,
@@ -144,7 +147,8 @@ Fence = Annotated[Attempt, Depends(_attempt)]
 class WorkerService:
     """The server's side of the remote protocol: one DbCoordinator per attempt's owner."""
 
-    def __init__(self, app_state, lease: timedelta, sweep_seconds: float):
+    def __init__(self, app_state, lease: timedelta, sweep_seconds: float, *,
+                 scorer: bool = True):
         self.state = app_state
         self.settings = app_state.settings
         self.sessions = app_state.sessions
@@ -154,6 +158,9 @@ class WorkerService:
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # scores stored outcomes in this process (None: `serve --no-scorer`, a scorer apart)
+        self.scorer = (Scorer(self.sessions, self.settings, sweep_seconds=None)  # ours sweeps
+                       if scorer else None)
 
     def coordinator(self, owner: str) -> DbCoordinator:
         return DbCoordinator(self.sessions, self.settings, owner, lease_duration=self.lease,
@@ -179,13 +186,18 @@ class WorkerService:
 
     def promote_outputs(self, ticket: JobTicket) -> Path:
         """The completing attempt's upload becomes the job's outputs (none: an empty tree,
-        every case missing); other attempts' uploads are dropped."""
+        every case missing); other attempts' uploads are dropped. Repeatable: a completion
+        retried after the server died between this and storing the outcome finds the
+        attempt's outputs already promoted (the marker names the attempt) and keeps them."""
         final = self.output_dir(ticket)
         uploaded = self.uploaded_dir(ticket)
-        shutil.rmtree(final, ignore_errors=True)
+        marker = final.with_name(f".job-{ticket.job_id}-promoted")
         if uploaded.is_dir():
+            marker.write_text(str(ticket.attempt))  # before the move: a retry redoes it
+            shutil.rmtree(final, ignore_errors=True)
             os.replace(uploaded, final)
-        else:
+        elif not (final.is_dir() and _read(marker) == str(ticket.attempt)):
+            shutil.rmtree(final, ignore_errors=True)
             final.mkdir(parents=True)
         for stale in final.parent.glob(f".job-{ticket.job_id}-attempt-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -201,9 +213,13 @@ class WorkerService:
             self._sweeper = threading.Thread(target=self._sweep_forever, daemon=True,
                                              name="epreuve-lease-sweeper")
             self._sweeper.start()
+            if self.scorer is not None:
+                self.scorer.start()
 
     def stop_sweeper(self) -> None:
         self._stop.set()
+        if self.scorer is not None:
+            self.scorer.stop()
 
     def _sweep_forever(self) -> None:
         sweeper = self.coordinator("server lease sweeper")
@@ -212,6 +228,13 @@ class WorkerService:
                 sweeper.maintenance()
             except Exception:  # the database restarts: the next sweep tries again
                 log.exception("the lease sweep failed")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def _service(request: Request) -> WorkerService:
@@ -286,12 +309,12 @@ def logs(body: LogChunk, fence: Fence, service: Service, worker: Worker) -> Rene
 @router.post("/jobs/{job_id}/retry", response_model=Ended)
 def retry(body: RetryRequest, fence: Fence, service: Service, worker: Worker) -> Ended:
     coordinator = service.coordinator(fence.owner)
-    already = coordinator.ended_by_us(fence.job_id, fence.attempt)
+    already = coordinator.answered(fence.job_id, fence.attempt)
     if already is not None:
         return Ended(status=already, repeated=True)
     coordinator, ticket = service.held(fence)
     coordinator.retry(ticket, body.message, body.detail, node=body.node)
-    return Ended(status=coordinator.ended_by_us(fence.job_id, fence.attempt) or "queued")
+    return Ended(status=coordinator.answered(fence.job_id, fence.attempt) or "queued")
 
 
 # -- inputs (never ground truth) and images ------------------------------------------------
@@ -401,14 +424,18 @@ def _replace_outputs(spool, target: Path, quota: int) -> int:
         shutil.rmtree(incoming, ignore_errors=True)
 
 
-@router.post("/jobs/{job_id}/complete", response_model=Ended)
-def complete(body: Completion, fence: Fence, service: Service, worker: Worker) -> Ended:
+@router.post("/jobs/{job_id}/complete", response_model=Ended, status_code=202,
+             responses={200: {"model": Ended, "description": "A repeated completion (or a run "
+                              "that failed on the platform's side): the state it reached"}})
+def complete(body: Completion, fence: Fence, service: Service, worker: Worker,
+             response: Response) -> Ended:
+    """Stored, not scored here: 202 with status "scoring" once the outcome waits on the job
+    for a scorer. Only a run that failed on the node's platform is settled at once (200)."""
     coordinator = service.coordinator(fence.owner)
-    already = coordinator.ended_by_us(fence.job_id, fence.attempt)
+    already = coordinator.answered(fence.job_id, fence.attempt)
     if already is not None:
+        response.status_code = 200
         return Ended(status=already, repeated=True)
-    if coordinator.scoring_now(fence.job_id, fence.attempt):
-        return Ended(status=JobStatus.SCORING, repeated=True)
     coordinator, ticket = service.held(fence)
     try:
         result = result_from_json(body.result)
@@ -416,14 +443,14 @@ def complete(body: Completion, fence: Fence, service: Service, worker: Worker) -
         raise OutputsRefused(FailureReason.INFRASTRUCTURE,
                              f"the run result is malformed: {type(exc).__name__}") from None
     output_dir = service.promote_outputs(ticket)
-    coordinator.heartbeat(ticket)  # scoring starts with a whole lease ahead
     try:
-        coordinator.complete(ticket, JobOutcome(result, body.gpu_usage, str(output_dir),
-                                                node=body.node, run_spec=body.run_spec))
+        coordinator.accept(ticket, JobOutcome(result, body.gpu_usage, str(output_dir),
+                                              node=body.node, run_spec=body.run_spec))
     except LeaseLost:
-        raise StaleAttempt(f"job {fence.job_id} was taken back while it was scored") from None
-    except PlatformFailure as exc:  # ours, while scoring: the job is retried, never the team's
-        log.error("scoring job %s failed while %s:\n%s", fence.job_id, exc.stage, exc.detail)
-        coordinator.retry(ticket, messages_platform(exc.stage), exc.detail)
-    ended = coordinator.ended_by_us(fence.job_id, fence.attempt)
-    return Ended(status=ended or JobStatus.SCORING)
+        raise StaleAttempt(f"job {fence.job_id} was taken back meanwhile: stop it") from None
+    if result.reason is FailureReason.INFRASTRUCTURE:
+        response.status_code = 200
+        return Ended(status=coordinator.answered(fence.job_id, fence.attempt) or "queued")
+    if service.scorer is not None:
+        service.scorer.wake.set()
+    return Ended(status=JobStatus.SCORING)

@@ -217,6 +217,10 @@ class JobRow(Base):
     reason: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)
     run_result: Mapped[dict[str, Any] | None]
+    # a completed run waiting for (or under) scoring: what the node reported and where its
+    # outputs are (engine/worker/scorer.py); a scorer's lease: lease_owner/lease_expires_at
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    scorings: Mapped[int] = mapped_column(default=0)  # scoring leases taken on this outcome
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -118,7 +118,8 @@ class HttpCoordinator:
 
     def complete(self, ticket: JobTicket, outcome: JobOutcome) -> None:
         """Upload the outputs (one tar), then complete with the result as data; the server
-        scores. The node's copy of the outputs is removed once the server has them."""
+        stores it and answers at once (202), its scorer scores it. The node's copy of the
+        outputs is removed once the server has them."""
         output_dir = Path(outcome.output_dir)
         try:
             with tempfile.TemporaryDirectory(prefix="epreuve-outputs-") as scratch:

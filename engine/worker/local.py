@@ -29,7 +29,7 @@ class Worker(Agent):
         owner = owner_token()
         coordinator = DbCoordinator(sessions, settings, owner, owner_dead=dead_on_this_host,
                                     lease_duration=lease_duration, runner=runner,
-                                    scoring_workers=scoring_workers)
+                                    scoring_workers=scoring_workers, adopts_outcomes=True)
         super().__init__(coordinator, runner, settings, owner=owner, gpus=gpus,
                          heartbeat_seconds=heartbeat_seconds,
                          maintenance_seconds=maintenance_seconds, store=store,

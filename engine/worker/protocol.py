@@ -69,8 +69,9 @@ class Coordinator(Protocol):
         ...
 
     def complete(self, ticket: JobTicket, outcome: JobOutcome) -> None:
-        """Validate and score the outputs, write the results and the job's end, and move
-        the submission on, all or nothing."""
+        """Report the run's end. The trusted side validates and scores the outputs and
+        writes the results, the job's end and what follows, all or nothing: at once for a
+        local coordinator, by a scorer after the answer for a server."""
         ...
 
     def retry(self, ticket: JobTicket, message: str, detail: str | None = None, *,
