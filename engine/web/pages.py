@@ -18,7 +18,7 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from engine import lifecycle, plots, queue
+from engine import lifecycle, live_logs, plots, queue
 from engine.api import ratelimit
 from engine.api.access import (
     challenge_or_404,
@@ -43,7 +43,7 @@ from engine.leaderboard import latest_per_team, leaderboard
 from engine.publication import set_published
 from engine.reports import shown_message, submission_report
 from engine.reruns import rerun
-from engine.statuses import SubmissionStatus
+from engine.statuses import ACTIVE_JOB_STATES, SubmissionStatus
 from engine.submissions import challenge_definition
 from engine.tokens import Role
 from engine.web.rendering import page, render
@@ -57,6 +57,7 @@ ACTIVE_SUBMISSION = (SubmissionStatus.QUEUED, SubmissionStatus.RUNNING)
 PARTICIPANT_PROVENANCE = ("format", "image.", "engine.", "ran.", "started_at", "finished_at",
                           "outputs.digest")
 MAX_PROVENANCE_ROWS = 200
+LIVE_LOG_CHARS = 4000  # the live tail a submission page shows (as the recorded one)
 
 
 @router.get("/")
@@ -170,6 +171,7 @@ def submission_page(submission_id: RowId, request: Request, session: DbSession,
     report = submission_report(session, submission.id, participant=participant)
     logs, cases = shows_logs(reader, phase), shows_cases(reader, phase)
     case_rows = _case_rows(session, submission) if cases else []
+    live = _live_logs(request, submission) if logs else {}
     return render(
         request, "submission.html", submission=submission, challenge=challenge, phase=phase,
         report=report, message=shown_message(submission, challenge, phase,
@@ -181,7 +183,7 @@ def submission_page(submission_id: RowId, request: Request, session: DbSession,
         entry=_entry(session, reader, challenge, phase, submission),
         may_cancel=_may_cancel(reader, submission),
         may_rerun=reader.manages(submission.phase.challenge_id) and not participant,
-        active=submission.status in ACTIVE_SUBMISSION)
+        active=submission.status in ACTIVE_SUBMISSION, live=live)
 
 
 @router.get("/submissions/{submission_id}/status.json")
@@ -189,10 +191,21 @@ def submission_page(submission_id: RowId, request: Request, session: DbSession,
 def submission_status(submission_id: RowId, request: Request, session: DbSession,
                       principal: Viewer) -> Response:
     """What the submission page's script polls: it reloads when the state moves."""
-    submission = visible_submission(session, signed_in(principal), submission_id)
+    reader = signed_in(principal)
+    submission = visible_submission(session, reader, submission_id)
     waiting = _queue(session, submission)
+    phase = challenge_definition(submission.phase.challenge).phase(submission.phase.slug)
+    live = _live_logs(request, submission) if shows_logs(reader, phase) else {}
     return JSONResponse({"id": submission.id, "status": submission.status,
-                         "queue": waiting}, headers={"Cache-Control": "no-store"})
+                         "queue": waiting, "logs": {str(k): v for k, v in live.items()}},
+                        headers={"Cache-Control": "no-store"})
+
+
+def _live_logs(request: Request, submission: SubmissionRow) -> dict[int, str]:
+    """The live log tail of each job in hand (engine/live_logs.py), where logs are shown."""
+    state_dir = request.app.state.settings.state_dir
+    return {job.id: live_logs.tail(state_dir, job.id, job.attempts)[-LIVE_LOG_CHARS:]
+            for job in submission.jobs if job.status in ACTIVE_JOB_STATES}
 
 
 @router.post("/submissions/{submission_id}/cancel")

@@ -68,6 +68,11 @@ class Coordinator(Protocol):
     def started(self, ticket: JobTicket) -> None:
         ...
 
+    def log(self, ticket: JobTicket, text: str) -> None:
+        """A chunk of the container's log while it runs, kept where the pages read the
+        live tail (engine/live_logs.py); bounded there too."""
+        ...
+
     def complete(self, ticket: JobTicket, outcome: JobOutcome) -> None:
         """Validate and score the outputs, write the results and the job's end, and move
         the submission on, all or nothing."""
