@@ -28,13 +28,14 @@ def log_path(state_dir: Path, job_id: int, attempt: int) -> Path:
     return Path(state_dir) / "worker-logs" / f"job-{int(job_id)}-{int(attempt)}.log"
 
 
-def append(state_dir: Path, job_id: int, attempt: int, text: str) -> bool:
+def append(state_dir: Path, job_id: int, attempt: int, text: str, *,
+           max_bytes: int = MAX_LOG_BYTES) -> bool:
     """Keep a chunk of the attempt's log; False when the attempt's log is full (dropped)."""
     path = log_path(state_dir, job_id, attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = shown(text).encode("utf-8", errors="replace")
     kept = path.stat().st_size if path.exists() else 0
-    if kept + len(data) > MAX_LOG_BYTES:
+    if kept + len(data) > max_bytes:
         return False
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "ab") as out:
