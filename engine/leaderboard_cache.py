@@ -31,7 +31,7 @@ MAX_BOARDS = 64
 def fingerprint(session: Session, challenge_id: str, phase_slug: str) -> tuple:
     """Changes whenever the phase's board can: its submissions (a new one, one that ends, a
     rescore), their results and aggregates, a prize check, the phase's dataset version,
-    its freeze, the challenge's definition."""
+    its freeze, its publication, the challenge's definition."""
     phase, _ = find_phase(session, challenge_id, phase_slug)
     in_phase = select(SubmissionRow.id).where(SubmissionRow.phase_id == phase.id)
     of_phase = SubmissionRow.phase_id == phase.id
@@ -52,6 +52,7 @@ def fingerprint(session: Session, challenge_id: str, phase_slug: str) -> tuple:
             ReproductionRow.submission_id.in_(in_phase)).scalar_subquery(),
     )).one()
     return (phase.id, phase.dataset_path, phase.dataset_version, phase.frozen_at,
+            phase.leaderboard_published_at,
             phase.challenge.definition_sha256, *state)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -195,8 +195,11 @@ class RunResult:
 class Runner(Protocol):
     """Runs one container to completion: provision, execute, collect, deprovision."""
 
-    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
-        """Never raises for anything the container did; the result says what happened."""
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None, *,
+            on_log: Callable[[str], None] | None = None) -> RunResult:
+        """Never raises for anything the container did; the result says what happened.
+        `on_log`, where given, receives rendered chunks of the log while the container
+        runs (bounded: runners/log_stream.py)."""
         ...
 
     def inspect_image(self, reference: str) -> dict:

@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -69,6 +69,7 @@ from runners.image_user import (
     numeric_pair,
     resolve_user,
 )
+from runners.log_stream import LogStream
 from runners.logs import LogTail, shown
 from runners.output_area import OutputArea, unmount
 
@@ -157,6 +158,7 @@ class _Run:
     cgroup: RunCgroup | None = None
     container_id: str | None = None
     logs: LogTail | None = None
+    on_log: Callable[[str], None] | None = None  # the live log's receiver, if any
 
 
 @dataclass
@@ -274,12 +276,14 @@ class DockerRunner:
 
     # -- the Runner protocol -------------------------------------------------------------
 
-    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None, *,
+            on_log: Callable[[str], None] | None = None) -> RunResult:
+        """`on_log` receives the log while the container runs (runners/log_stream.py)."""
         require_paths(spec)  # InvalidRunSpec: refused before anything is created
         if self._leftovers:
             self._reap_quietly()
         name = f"epreuve-{uuid.uuid4().hex[:12]}"
-        run = _Run(name=name, directory=self.state_dir / name, spec=spec)
+        run = _Run(name=name, directory=self.state_dir / name, spec=spec, on_log=on_log)
         with _ACTIVE_LOCK:
             _ACTIVE_RUNS.add(name)
         try:
@@ -527,7 +531,8 @@ class DockerRunner:
 
     def _execute(self, run: _Run, cancel: threading.Event | None) -> _Execution:
         spec, cid = run.spec, run.container_id
-        run.logs = LogTail(spec.log_cap_bytes)
+        live = LogStream(run.on_log).start() if run.on_log else None
+        run.logs = LogTail(spec.log_cap_bytes, listener=live.feed if live else None)
         run.logs.follow(self.api.attach(cid, stdout=True, stderr=True, stream=True, logs=False))
         execution = _Execution()
         watcher = _EventWatcher(self.api, cid, execution)
@@ -541,6 +546,9 @@ class DockerRunner:
             watcher.died.wait(DIE_EVENT_WAIT_SECONDS)  # the events up to the exit are read
         finally:
             watcher.close()
+            if live is not None:
+                run.logs.join(timeout=2)  # the last lines, before the final chunk is sent
+                live.close()
         execution.over_quota = run.area.over_quota()
         return execution
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 # C0 and C1 controls (but \t and \n), bidi embeddings, overrides and isolates, BOM
 UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f"
@@ -34,8 +34,9 @@ def _escaped(char: str) -> str:
 
 
 class LogTail:
-    def __init__(self, cap_bytes: int):
+    def __init__(self, cap_bytes: int, listener: Callable[[bytes], None] | None = None):
         self.cap_bytes = cap_bytes
+        self.listener = listener  # sees every chunk as it comes (runners/log_stream.py)
         self.total_bytes = 0
         self._chunks: deque[bytes] = deque()
         self._kept = 0
@@ -60,6 +61,8 @@ class LogTail:
         try:
             for chunk in stream:
                 self.feed(chunk)
+                if self.listener is not None:
+                    self.listener(chunk)
         except Exception:  # the stream closes when the container is removed: nothing to keep
             return
 

@@ -29,6 +29,7 @@ RERUN = (401, 201, 201, 404, 403, 403, 404, 403, 401, 401, 401)
 CREATE = (401, 201, 403, 403, 403, 403, 403, 403, 401, 401, 401)
 UPDATE = (401, 200, 200, 403, 403, 403, 403, 403, 401, 401, 401)
 TEAM_A = (401, 200, 200, 404, 200, 200, 404, 403, 401, 401, 401)
+PUBLISH = (401, 200, 200, 403, 403, 403, 403, 403, 401, 401, 401)
 
 # (name, method, path with {placeholders}, expected statuses by principal)
 ROUTES = [
@@ -59,6 +60,11 @@ ROUTES = [
     ("re-run team a's", "POST", "/api/v1/submissions/{a-validation}/rerun", RERUN),
     ("create a challenge", "POST", "/api/v1/challenges", CREATE),
     ("update ch-a", "PUT", "/api/v1/challenges/ch-a", UPDATE),
+    # after every read of the final board; unpublished last: the board ends hidden again
+    ("publish ch-a final", "POST", "/api/v1/challenges/ch-a/phases/final/leaderboard/publish",
+     PUBLISH),
+    ("unpublish ch-a final", "POST",
+     "/api/v1/challenges/ch-a/phases/final/leaderboard/unpublish", PUBLISH),
 ]
 CASES = [pytest.param(route, principal, id=f"{route[0]}-{principal}")
          for route in ROUTES for principal in PRINCIPALS]
@@ -72,7 +78,7 @@ def _request(live, route, principal: str):  # noqa: F811
         values["queued"] = queued_submission(world, "ch-a", "team-a")
     path = path.format_map({k: str(v) for k, v in values.items()})
     content, headers = None, {}
-    if method in ("POST", "PUT") and "challenges" in path:
+    if method in ("POST", "PUT") and "challenges" in path and "leaderboard" not in path:
         new_id = "ch-a" if path.endswith("ch-a") else f"ch-new-{principal}"
         content, headers = challenge_yaml(new_id), {"Content-Type": "application/yaml"}
     with live.client(None if principal == "anonymous" else principal) as client:

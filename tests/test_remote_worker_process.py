@@ -110,6 +110,12 @@ def test_a_remote_worker_runs_a_submission_to_the_leaderboard_and_keeps_no_groun
         assert all(0.0 < r.metrics["dice[1]"] <= 1.0 for r in rows)
         (entry,) = leaderboard(session, "test-liver", "validation")
         assert entry.team == "remote-team"
+        # each job's log came to the server while it ran (POST .../logs, engine/live_logs.py)
+        from engine import live_logs
+
+        for job in submission.jobs:
+            live = live_logs.tail(world.settings.state_dir, job.id, job.attempts)
+            assert f"{job.case_ids[0]}:" in live, (job.id, live)
 
     secrets = ground_truth_hashes(tmp_path / "server")
     assert len(secrets) == 7  # validation (3 cases) and final (4): any would be a leak

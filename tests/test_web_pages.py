@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
-from engine.db.models import CaseResultRow, ImageRow, JobRow, SubmissionRow, utcnow
+from engine.db.models import CaseResultRow, ImageRow, JobRow, PhaseRow, SubmissionRow, utcnow
 from engine.results import compute_aggregates, metric_keys
 from engine.statuses import JobStatus, SubmissionStatus
 from engine.submissions import challenge_definition
@@ -390,3 +390,35 @@ def test_a_revoked_token_signs_its_browser_out(site):
     answer = client.get("/submissions")
     assert answer.status_code == 401
     assert 'epreuve_token=""' in answer.headers.get("set-cookie", "")
+
+
+def _live(site, submission_id: int, slug: str, text: str) -> None:
+    """The submission's job is running in phase `slug` and its node sent `text` so far."""
+    from engine import live_logs
+
+    with site.world.sessions() as session:
+        submission = session.get(SubmissionRow, submission_id)
+        submission.phase = session.scalar(select(PhaseRow).where(
+            PhaseRow.challenge_id == "ch-a", PhaseRow.slug == slug))
+        submission.status = SubmissionStatus.RUNNING
+        job = submission.jobs[0]
+        job.status, job.attempts = JobStatus.RUNNING, 1
+        session.commit()
+        live_logs.append(site.world.settings.state_dir, job.id, job.attempts, text)
+
+
+def test_a_live_log_reaches_a_team_only_where_its_phase_shows_logs(site):
+    shown_here = queued_submission(site.world, "ch-a", "team-a")
+    _live(site, shown_here, "validation", "LIVE-VALIDATION \x1b[31m<b>x</b>\n")
+    final = queued_submission(site.world, "ch-a", "team-a")
+    _live(site, final, "final", "LIVE-FINAL-SECRET\n")
+    client, _ = _signed_in_client(site, "participant-a")
+    state = client.get(f"/submissions/{shown_here}/status.json").json()
+    assert list(state["logs"].values()) == ["LIVE-VALIDATION \\x1b[31m<b>x</b>\n"]
+    page = client.get(f"/submissions/{shown_here}").text
+    assert "LIVE-VALIDATION \\x1b[31m&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert client.get(f"/submissions/{final}/status.json").json()["logs"] == {}
+    assert "LIVE-FINAL-SECRET" not in client.get(f"/submissions/{final}").text
+    organiser, _ = _signed_in_client(site, "organiser-a")  # organisers read every log
+    assert "LIVE-FINAL-SECRET" in organiser.get(f"/submissions/{final}").text
+    assert "LIVE-FINAL-SECRET" in organiser.get("/dashboard/live.json").text

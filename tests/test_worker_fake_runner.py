@@ -57,7 +57,8 @@ class FakeRunner:
     def load_image(self, chunks) -> None:
         raise AssertionError("the fake node holds its one image: nothing is ever loaded")
 
-    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None, *,
+            on_log=None) -> RunResult:
         require_paths(spec)
         index = len(self.specs)
         self.specs.append(spec)

@@ -364,3 +364,25 @@ def test_the_node_image_cache_evicts_the_least_recently_used_past_its_budget(tmp
     assert sorted(store.digests()) == sorted([used, new])
     assert evict_least_recently_used(store, 0, keep=new) == [used]  # never the one in use
     assert list(store.digests()) == [new]
+
+
+def test_a_nodes_live_log_is_kept_rendered_where_the_pages_read_it(live):
+    """POST .../logs while the attempt runs: kept in engine/live_logs.py's place for this
+    attempt, control characters rendered; a stale attempt's chunk is refused; an oversize
+    chunk is refused by the request's schema."""
+    from engine import live_logs
+
+    queued_submission(live.world, "ch-a", "team-a")
+    node = Node(live)
+    assert node.claim().status_code == 201
+    assert node.post("start").status_code == 200
+    job, attempt = node.ticket["job_id"], node.ticket["attempt"]
+    state_dir = live.world.settings.state_dir
+    assert node.post("logs", json={"text": "step 1\n\x1b[2J\u202eowned\n"}).json() == {
+        "status": "kept"}
+    assert node.post("logs", json={"text": "step 2\n"}).status_code == 200
+    assert live_logs.tail(state_dir, job, attempt) == "step 1\n\\x1b[2J\\u202eowned\nstep 2\n"
+    assert node.post("logs", json={"text": "x" * ((64 << 10) + 1)}).status_code == 422
+    expire_and_sweep(live, job)
+    assert node.post("logs", json={"text": "late\n"}).status_code == 409
+    assert "late" not in live_logs.tail(state_dir, job, attempt)

@@ -5,8 +5,9 @@
 - A participant reads its own submissions through the phase's visibility
   (engine/reports.py): logs and per-case results only where the phase shows them and
   never in a final phase; a hidden phase's messages name no case.
-- A final phase's leaderboard is hidden until the phase closes, except to those who
-  oversee the challenge (its organisers and reviewers, and admins).
+- A final phase's leaderboard is hidden until the phase closes or an organiser publishes
+  it (engine/publication.py), except to those who oversee the challenge (its organisers
+  and reviewers, and admins).
 """
 
 from __future__ import annotations
@@ -38,15 +39,23 @@ def phase_of(challenge: Challenge, slug: str) -> Phase:
     raise NotFound(f"challenge {challenge.id} has no phase {slug!r}")
 
 
-def leaderboard_hidden(phase: Phase, now: datetime | None = None) -> bool:
-    """A final phase's ranking is published when the phase has closed."""
+def leaderboard_hidden(phase: Phase, now: datetime | None = None, *,
+                       published: bool = False) -> bool:
+    """A final phase's ranking is published when the phase has closed, or earlier when an
+    organiser published it (`published`: see published_phases)."""
     now = now or datetime.now(UTC)
-    return phase.final and (phase.closes is None or now < phase.closes)
+    return phase.final and not published and (phase.closes is None or now < phase.closes)
+
+
+def published_phases(row: ChallengeRow) -> frozenset[str]:
+    """The phases whose leaderboard an organiser published before they closed."""
+    return frozenset(p.slug for p in row.phases if p.leaderboard_published_at is not None)
 
 
 def require_leaderboard_visible(principal: Principal | None, challenge_id: str,
-                                phase: Phase) -> None:
-    if leaderboard_hidden(phase) and not (principal and principal.oversees(challenge_id)):
+                                phase: Phase, *, published: bool = False) -> None:
+    if (leaderboard_hidden(phase, published=published)
+            and not (principal and principal.oversees(challenge_id))):
         raise Forbidden(f"the leaderboard of final phase {phase.id} is published when the "
                         "phase closes")
 

@@ -77,11 +77,12 @@ class ChallengeOut(BaseModel):
 
 
 def challenge_out(row: ChallengeRow, principal: Principal | None) -> ChallengeOut:
-    from engine.api.access import leaderboard_hidden
+    from engine.api.access import leaderboard_hidden, published_phases
 
     challenge = challenge_definition(row)
     cases = {p.slug: len(p.case_ids) for p in row.phases}
     now = datetime.now(UTC)
+    published = published_phases(row)
     phases = [PhaseOut(
         id=p.id, title=p.title, opens=p.opens, closes=p.closes, open_now=p.is_open(now),
         final=p.final, cases=cases.get(p.id, 0), sample_cases=list(p.sample_cases),
@@ -90,7 +91,8 @@ def challenge_out(row: ChallengeRow, principal: Principal | None) -> ChallengeOu
         visibility=VisibilityOut(logs=p.visibility.logs and not p.final,
                                  per_case=p.visibility.per_case and not p.final),
         time_per_case_seconds=p.limits.time_per_case, gpus=p.limits.gpus,
-        leaderboard_published=not leaderboard_hidden(p, now)) for p in challenge.phases]
+        leaderboard_published=not leaderboard_hidden(
+            p, now, published=p.id in published)) for p in challenge.phases]
     return ChallengeOut(
         id=challenge.id, title=challenge.title, task=challenge.task,
         output=challenge.output.model_dump(mode="json"),

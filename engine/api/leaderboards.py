@@ -1,7 +1,9 @@
 """/api/v1/challenges/{id}/phases/{phase}/leaderboard: public, as visibility allows.
 
-A final phase's ranking is hidden until the phase closes, except to those who oversee
-the challenge. Computing a ranking reads every team's per-case results: rate limited.
+A final phase's ranking is hidden until the phase closes or an organiser publishes it
+(POST .../leaderboard/publish, .../leaderboard/unpublish: engine/publication.py), except
+to those who oversee the challenge. Computing a ranking reads every team's per-case
+results: rate limited.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from engine.api import ratelimit
-from engine.api.access import challenge_or_404, phase_of, require_leaderboard_visible
-from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed
+from engine.api.access import (
+    challenge_or_404,
+    phase_of,
+    published_phases,
+    require_leaderboard_visible,
+    require_manages,
+)
+from engine.api.auth import OPTIONAL_TOKEN, Principal, anonymous_allowed, authenticated
 from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, NOT_FOUND, ErrorBody
 from engine.api.pagination import Limit, Offset, Page, Slug, page_of
 from engine.leaderboard_cache import LeaderboardCache
+from engine.publication import set_published
 
 router = APIRouter(prefix="/api/v1/challenges", tags=["leaderboards"])
 BOARDS = LeaderboardCache()  # per server process: recomputed only when its inputs change
@@ -42,8 +51,9 @@ class EntryOut(BaseModel):
 def get_leaderboard(challenge_id: Slug, phase: Slug, request: Request, session: DbSession,
                     limit: Limit = 50, offset: Offset = 0,
                     principal: Principal | None = Depends(anonymous_allowed())) -> dict:
-    _, challenge = challenge_or_404(session, challenge_id)
-    require_leaderboard_visible(principal, challenge_id, phase_of(challenge, phase))
+    row, challenge = challenge_or_404(session, challenge_id)
+    require_leaderboard_visible(principal, challenge_id, phase_of(challenge, phase),
+                                published=phase in published_phases(row))
     ratelimit.enforce(request, "leaderboard")
     entries = BOARDS.get(session, challenge_id, phase)
     shown = [EntryOut(rank=e.rank, team=e.team, submission_id=e.submission_id,
@@ -53,6 +63,40 @@ def get_leaderboard(challenge_id: Slug, phase: Slug, request: Request, session: 
                       source_check=e.source_check)
              for e in entries[offset:offset + limit]]
     return page_of(shown, len(entries), limit, offset)
+
+
+class Publication(BaseModel):
+    published: bool
+    changed: bool  # False: it already was (the call is idempotent)
+
+
+PUBLISH_RESPONSES = {**AUTH_RESPONSES, **NOT_FOUND, 409: {
+    "model": ErrorBody, "description": "Not a final phase: its leaderboard is always public"}}
+
+
+@router.post("/{challenge_id}/phases/{phase}/leaderboard/publish", response_model=Publication,
+             responses=PUBLISH_RESPONSES)
+def publish(challenge_id: Slug, phase: Slug, session: DbSession,
+            principal: Principal = Depends(authenticated())) -> Publication:
+    """Publish a final phase's leaderboard before it closes (its organisers, admins)."""
+    return _publication(session, principal, challenge_id, phase, True)
+
+
+@router.post("/{challenge_id}/phases/{phase}/leaderboard/unpublish",
+             response_model=Publication, responses=PUBLISH_RESPONSES)
+def unpublish(challenge_id: Slug, phase: Slug, session: DbSession,
+              principal: Principal = Depends(authenticated())) -> Publication:
+    """Hide it again until the phase closes (undoes an early publication only)."""
+    return _publication(session, principal, challenge_id, phase, False)
+
+
+def _publication(session, principal: Principal, challenge_id: str, phase: str,
+                 published: bool) -> Publication:
+    _, challenge = challenge_or_404(session, challenge_id)
+    phase_of(challenge, phase)
+    require_manages(principal, challenge_id, "publish a leaderboard")
+    changed = set_published(session, challenge_id, phase, published, principal.actor)
+    return Publication(published=published, changed=changed)
 
 
 def _finite(value: float | None) -> float | None:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from engine import live_logs
 from engine.api.auth import Principal, authenticated
 from engine.api.errors import AUTH_RESPONSES, ErrorBody
 from engine.datasets import DatasetError, VerificationCache
@@ -70,7 +71,6 @@ OWNER_PREFIX = "http-attempt:"  # never a host name: a local worker never judges
 MAX_WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.5
 MAX_LOG_CHUNK = 64 << 10
-MAX_LOG_BYTES = 4 << 20  # kept per attempt; beyond, chunks are counted and dropped
 CONFLICT = {409: {"model": ErrorBody, "description": "Not this job's current attempt (stop "
                   "its container), or not in a state that allows the call"}}
 
@@ -294,15 +294,11 @@ def heartbeat(fence: Fence, service: Service, worker: Worker) -> Renewed:
 
 @router.post("/jobs/{job_id}/logs", response_model=Renewed)
 def logs(body: LogChunk, fence: Fence, service: Service, worker: Worker) -> Renewed:
+    """Kept where the pages read the live log (engine/live_logs.py), rendered and capped."""
     _, ticket = service.held(fence)
-    path = service.settings.state_dir / "worker-logs" / f"job-{ticket.job_id}-{ticket.attempt}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = body.text.encode()
-    kept = path.stat().st_size if path.exists() else 0
-    if kept + len(data) > MAX_LOG_BYTES:
+    if not live_logs.append(service.settings.state_dir, ticket.job_id, ticket.attempt,
+                            body.text):
         return Renewed(status="dropped: the attempt's log is full")
-    with open(path, "ab") as out:
-        out.write(data)
     return Renewed(status="kept")
 
 

@@ -73,6 +73,8 @@ class PhaseRow(Base):
     dataset_version: Mapped[str] = mapped_column(String(64))
     case_ids: Mapped[list[Any]]
     frozen_at: Mapped[datetime | None]  # `challenge freeze`: its results never change after
+    # an organiser published a final phase's leaderboard before it closes (engine/publication.py)
+    leaderboard_published_at: Mapped[datetime | None]
     challenge: Mapped[ChallengeRow] = relationship(back_populates="phases")
 
 

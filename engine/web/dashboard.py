@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, joinedload
 
+from engine import live_logs
 from engine.api.auth import Principal
 from engine.api.database import DbSession
 from engine.db.models import JobRow, PhaseRow, SubmissionRow, utcnow
@@ -67,7 +69,10 @@ def queue_by_phase(session: Session, reader: Principal) -> list[dict[str, Any]]:
             for c, p in phases]
 
 
-def running_jobs(session: Session, reader: Principal) -> list[dict[str, Any]]:
+def running_jobs(session: Session, reader: Principal, state_dir: Path
+                 ) -> list[dict[str, Any]]:
+    """The jobs in hand, each with its elapsed time and the tail of its live log (what the
+    node sent while it runs: engine/live_logs.py; before any came, the recorded tail)."""
     now = utcnow()
     jobs = session.scalars(_scoped(
         select(JobRow).join(SubmissionRow, SubmissionRow.id == JobRow.submission_id)
@@ -77,7 +82,8 @@ def running_jobs(session: Session, reader: Principal) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
         since = _as_utc(job.started_at or job.heartbeat_at or job.created_at)
-        tail = str((job.run_result or {}).get("log_tail") or "")[-LOG_TAIL_CHARS:]
+        tail = (live_logs.tail(state_dir, job.id, job.attempts)
+                or str((job.run_result or {}).get("log_tail") or ""))[-LOG_TAIL_CHARS:]
         rows.append({"job": job.id, "submission": job.submission_id,
                      "team": job.submission.team.name,
                      "challenge": job.submission.phase.challenge_id,
@@ -123,12 +129,16 @@ def recent_submissions(session: Session, reader: Principal) -> list[SubmissionRo
         .options(joinedload(SubmissionRow.team), joinedload(SubmissionRow.phase))))
 
 
+def _state_dir(request: Request) -> Path:
+    return request.app.state.settings.state_dir
+
+
 @router.get("/dashboard")
 @page
 def dashboard(request: Request, session: DbSession, principal: Viewer) -> Response:
     reader = organiser(principal)
     return render(request, "dashboard.html", queue=queue_by_phase(session, reader),
-                  running=running_jobs(session, reader),
+                  running=running_jobs(session, reader, _state_dir(request)),
                   failures=failures_by_day(session, reader),
                   workers=workers(session, reader), gpus=GPU_SAMPLES.fresh(),
                   submissions=recent_submissions(session, reader),
@@ -140,6 +150,6 @@ def dashboard(request: Request, session: DbSession, principal: Viewer) -> Respon
 def live(request: Request, session: DbSession, principal: Viewer) -> Response:
     """The running jobs and the queue, for the dashboard's script (every few seconds)."""
     reader = organiser(principal)
-    return JSONResponse({"running": running_jobs(session, reader),
+    return JSONResponse({"running": running_jobs(session, reader, _state_dir(request)),
                          "queue": queue_by_phase(session, reader)},
                         headers={"Cache-Control": "no-store"})

@@ -18,13 +18,14 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from engine import lifecycle, plots, queue
+from engine import lifecycle, live_logs, plots, queue
 from engine.api import ratelimit
 from engine.api.access import (
     challenge_or_404,
     leaderboard_hidden,
     participant_view,
     phase_of,
+    published_phases,
     require_leaderboard_visible,
     require_manages,
     restrict_submissions,
@@ -39,9 +40,10 @@ from engine.challenge_report import Figure, table_rows, unique_ids
 from engine.challenges import metric_keys
 from engine.db.models import CaseResultRow, ChallengeRow, PhaseRow, SubmissionRow
 from engine.leaderboard import latest_per_team, leaderboard
+from engine.publication import set_published
 from engine.reports import shown_message, submission_report
 from engine.reruns import rerun
-from engine.statuses import SubmissionStatus
+from engine.statuses import ACTIVE_JOB_STATES, SubmissionStatus
 from engine.submissions import challenge_definition
 from engine.tokens import Role
 from engine.web.rendering import page, render
@@ -55,6 +57,7 @@ ACTIVE_SUBMISSION = (SubmissionStatus.QUEUED, SubmissionStatus.RUNNING)
 PARTICIPANT_PROVENANCE = ("format", "image.", "engine.", "ran.", "started_at", "finished_at",
                           "outputs.digest")
 MAX_PROVENANCE_ROWS = 200
+LIVE_LOG_CHARS = 4000  # the live tail a submission page shows (as the recorded one)
 
 
 @router.get("/")
@@ -71,8 +74,9 @@ def challenge_page(challenge_id: Slug, request: Request, session: DbSession,
     row, challenge = challenge_or_404(session, challenge_id)
     now = datetime.now(UTC)
     cases = {p.slug: len(p.case_ids) for p in row.phases}
+    published = published_phases(row)
     phases = [{"phase": p, "open_now": p.is_open(now), "cases": cases.get(p.id, 0),
-               "published": not leaderboard_hidden(p, now),
+               "published": not leaderboard_hidden(p, now, published=p.id in published),
                "logs": p.visibility.logs and not p.final,
                "per_case": p.visibility.per_case and not p.final}
               for p in challenge.phases]
@@ -83,9 +87,10 @@ def challenge_page(challenge_id: Slug, request: Request, session: DbSession,
 @page
 def leaderboard_page(challenge_id: Slug, phase_slug: Slug, request: Request,
                      session: DbSession, principal: Viewer) -> Response:
-    _, challenge = challenge_or_404(session, challenge_id)
+    row, challenge = challenge_or_404(session, challenge_id)
     phase = phase_of(challenge, phase_slug)
-    require_leaderboard_visible(principal, challenge_id, phase)
+    early = phase_slug in published_phases(row)
+    require_leaderboard_visible(principal, challenge_id, phase, published=early)
     ratelimit.enforce(request, "leaderboard")
     entries = leaderboard(session, challenge_id, phase_slug)
     phase_row = session.scalar(select(PhaseRow).where(PhaseRow.challenge_id == challenge_id,
@@ -101,7 +106,36 @@ def leaderboard_page(challenge_id: Slug, phase_slug: Slug, request: Request,
                                     {r.entry.team: r.entry.runtime_per_case for r in rows},
                                     {r.entry.team: r.energy_joules for r in rows})), "runtime")
     return render(request, "leaderboard.html", challenge=challenge, phase=phase, rows=rows,
-                  keys=keys, figure=figure, hidden=leaderboard_hidden(phase))
+                  keys=keys, figure=figure,
+                  hidden=leaderboard_hidden(phase, published=early), published_early=early,
+                  may_publish=phase.final and principal is not None
+                  and principal.manages(challenge_id))
+
+
+@router.post("/challenges/{challenge_id}/phases/{phase_slug}/publish")
+@page
+def publish(challenge_id: Slug, phase_slug: Slug, request: Request, session: DbSession,
+            principal: Viewer, csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    return _publication(request, session, principal, csrf, challenge_id, phase_slug, True)
+
+
+@router.post("/challenges/{challenge_id}/phases/{phase_slug}/unpublish")
+@page
+def unpublish(challenge_id: Slug, phase_slug: Slug, request: Request, session: DbSession,
+              principal: Viewer, csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    return _publication(request, session, principal, csrf, challenge_id, phase_slug, False)
+
+
+def _publication(request: Request, session: Session, principal: Principal | None, csrf: str,
+                 challenge_id: str, phase_slug: str, published: bool) -> Response:
+    """The leaderboard page's publish / hide-again form (the API's rule and function)."""
+    reader = signed_in(principal)
+    check_csrf(request, csrf)
+    _, challenge = challenge_or_404(session, challenge_id)
+    phase_of(challenge, phase_slug)
+    require_manages(reader, challenge_id, "publish a leaderboard")
+    set_published(session, challenge_id, phase_slug, published, reader.actor)
+    return RedirectResponse(f"/challenges/{challenge_id}/phases/{phase_slug}", status_code=303)
 
 
 def _figure(figure: Figure, prefix: str) -> dict[str, Any]:
@@ -137,6 +171,7 @@ def submission_page(submission_id: RowId, request: Request, session: DbSession,
     report = submission_report(session, submission.id, participant=participant)
     logs, cases = shows_logs(reader, phase), shows_cases(reader, phase)
     case_rows = _case_rows(session, submission) if cases else []
+    live = _live_logs(request, submission) if logs else {}
     return render(
         request, "submission.html", submission=submission, challenge=challenge, phase=phase,
         report=report, message=shown_message(submission, challenge, phase,
@@ -148,7 +183,7 @@ def submission_page(submission_id: RowId, request: Request, session: DbSession,
         entry=_entry(session, reader, challenge, phase, submission),
         may_cancel=_may_cancel(reader, submission),
         may_rerun=reader.manages(submission.phase.challenge_id) and not participant,
-        active=submission.status in ACTIVE_SUBMISSION)
+        active=submission.status in ACTIVE_SUBMISSION, live=live)
 
 
 @router.get("/submissions/{submission_id}/status.json")
@@ -156,10 +191,21 @@ def submission_page(submission_id: RowId, request: Request, session: DbSession,
 def submission_status(submission_id: RowId, request: Request, session: DbSession,
                       principal: Viewer) -> Response:
     """What the submission page's script polls: it reloads when the state moves."""
-    submission = visible_submission(session, signed_in(principal), submission_id)
+    reader = signed_in(principal)
+    submission = visible_submission(session, reader, submission_id)
     waiting = _queue(session, submission)
+    phase = challenge_definition(submission.phase.challenge).phase(submission.phase.slug)
+    live = _live_logs(request, submission) if shows_logs(reader, phase) else {}
     return JSONResponse({"id": submission.id, "status": submission.status,
-                         "queue": waiting}, headers={"Cache-Control": "no-store"})
+                         "queue": waiting, "logs": {str(k): v for k, v in live.items()}},
+                        headers={"Cache-Control": "no-store"})
+
+
+def _live_logs(request: Request, submission: SubmissionRow) -> dict[int, str]:
+    """The live log tail of each job in hand (engine/live_logs.py), where logs are shown."""
+    state_dir = request.app.state.settings.state_dir
+    return {job.id: live_logs.tail(state_dir, job.id, job.attempts)[-LIVE_LOG_CHARS:]
+            for job in submission.jobs if job.status in ACTIVE_JOB_STATES}
 
 
 @router.post("/submissions/{submission_id}/cancel")
@@ -259,7 +305,8 @@ def _entry(session: Session, reader: Principal, challenge, phase, submission: Su
     """The submission's line on its phase's leaderboard, where the reader may see it."""
     if submission.status != SubmissionStatus.SUCCEEDED:
         return None
-    if leaderboard_hidden(phase) and not reader.oversees(challenge.id):
+    published = phase.id in published_phases(submission.phase.challenge)
+    if leaderboard_hidden(phase, published=published) and not reader.oversees(challenge.id):
         return None
     for entry in leaderboard(session, challenge.id, phase.id):
         if entry.submission_id == submission.id:

@@ -19,6 +19,7 @@ with the traceback kept where only organisers look, and the worker goes on to th
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import socket
@@ -260,13 +261,18 @@ class Agent:
             sampler = TelemetrySampler(spec.gpu_uuids, on_sample=self.gpu_samples).start()
             try:
                 with platform_step("running the container"):
-                    result = self.runner.run(spec, cancel=lost)
+                    result = self.runner.run(spec, cancel=lost,
+                                             on_log=functools.partial(self._log, ticket))
             finally:
                 usage = sampler.stop()
         self._after_run(result)
         if lost.is_set():
             raise LeaseLost(f"job {ticket.job_id} was taken back while it ran")
         return result, {uuid: vars(u) for uuid, u in usage.items()}
+
+    def _log(self, ticket: JobTicket, text: str) -> None:
+        """A live log chunk to the coordinator (the runner bounds size and rate)."""
+        self.coordinator.log(ticket, text)
 
     @contextlib.contextmanager
     def _heartbeats(self, ticket: JobTicket):

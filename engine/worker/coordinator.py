@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import queue
+from engine import live_logs, queue
 from engine.challenges import challenge_definition
 from engine.config import Settings
 from engine.db.models import EventRow, JobRow, utcnow
@@ -91,6 +91,10 @@ class DbCoordinator:
             queue.transition(session, self._held(session, ticket), JobStatus.RUNNING,
                              self.owner, started_at=utcnow())
             session.commit()
+
+    def log(self, ticket: JobTicket, text: str) -> None:
+        """Where the server's route keeps a remote node's chunks: the pages read one place."""
+        live_logs.append(self.settings.state_dir, ticket.job_id, ticket.attempt, text)
 
     def retry(self, ticket: JobTicket, message: str, detail: str | None = None, *,
               node: Mapping[str, Any] | None = None,

@@ -53,6 +53,7 @@ DEFAULT_IMAGE_CACHE_BYTES = 50 << 30
 VERSION = re.compile(r"^[0-9a-f]{16,128}$")
 RELATIVE = re.compile(r"^inputs/[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # the case
                       r"(/[A-Za-z0-9._][A-Za-z0-9._ -]{0,254})+$")  # its files
+LOG_RETRY_SECONDS = 5.0  # a live log chunk: never worth holding a run's thread for
 
 
 class ServerRefused(EpreuveError):
@@ -111,10 +112,12 @@ class HttpCoordinator:
         return True
 
     def log(self, ticket: JobTicket, text: str) -> None:
-        """A chunk of the container's log (the server keeps a bounded amount per attempt)."""
+        """A chunk of the container's log (the server keeps a bounded amount per attempt).
+        Retried briefly only: a live chunk that cannot be sent is dropped, the run goes on."""
         for start in range(0, len(text), 60_000):
             self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/logs",
-                       json={"text": text[start:start + 60_000]})
+                       json={"text": text[start:start + 60_000]},
+                       retry_seconds=min(self.retry_seconds, LOG_RETRY_SECONDS))
 
     def complete(self, ticket: JobTicket, outcome: JobOutcome) -> None:
         """Upload the outputs (one tar), then complete with the result as data; the server

@@ -68,6 +68,11 @@ class Coordinator(Protocol):
     def started(self, ticket: JobTicket) -> None:
         ...
 
+    def log(self, ticket: JobTicket, text: str) -> None:
+        """A chunk of the container's log while it runs, kept where the pages read the
+        live tail (engine/live_logs.py); bounded there too."""
+        ...
+
     def complete(self, ticket: JobTicket, outcome: JobOutcome) -> None:
         """Report the run's end. The trusted side validates and scores the outputs and
         writes the results, the job's end and what follows, all or nothing: at once for a

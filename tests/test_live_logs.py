@@ -1,0 +1,152 @@
+"""The live log: a container's output reaches the server while it runs, bounded and inert.
+
+runners/log_stream.py (size, total and rate bounds; hostile bytes rendered), the Docker
+runner streaming a real container's log before it exits, and engine/live_logs.py (the one
+place the worker route and DbCoordinator.log keep it; capped; read back rendered).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine import live_logs
+from runners.base import FailureReason, RunSpec
+from runners.log_stream import CUT_NOTE, LogStream
+
+HOSTILE = b"\x1b[2J\x1b]0;owned\x07 \xe2\x80\xae reversed \x00 nul \xff\xfe bad\r\n"
+NEVER = 3600.0  # an interval that never elapses in a test: only close() sends
+
+
+def _collected(**bounds) -> tuple[LogStream, list[str]]:
+    sent: list[str] = []
+    return LogStream(sent.append, interval=NEVER, **bounds).start(), sent
+
+
+def test_chunks_are_batched_not_sent_one_by_one():
+    stream, sent = _collected()
+    for n in range(500):
+        stream.feed(f"line {n}\n".encode())
+    stream.close()
+    assert len(sent) == 1  # the rate bound: one send per interval, whatever came meanwhile
+    assert sent[0].startswith("line 0\n") and sent[0].endswith("line 499\n")
+
+
+def test_hostile_bytes_arrive_rendered():
+    stream, sent = _collected()
+    stream.feed(HOSTILE)
+    stream.close()
+    text = "".join(sent)
+    assert "\x1b" not in text and "\x00" not in text and "\x07" not in text
+    assert "\u202e" not in text and "\r" not in text
+    assert "\\x1b[2J" in text and "\\u202e" in text and "\ufffd" in text
+    assert text.endswith("bad\n")
+
+
+def test_a_character_split_across_chunks_stays_whole():
+    stream, sent = _collected()
+    encoded = "café ünïcode\n".encode()
+    for byte in encoded:
+        stream.feed(bytes([byte]))
+    stream.close()
+    assert "".join(sent) == "café ünïcode\n"
+
+
+def test_a_flood_keeps_the_newest_bytes_of_one_chunk_and_says_so():
+    stream, sent = _collected(chunk_bytes=1000)
+    stream.feed(b"old " * 10_000 + b"NEWEST\n")
+    stream.close()
+    text = "".join(sent)
+    assert text.endswith("NEWEST\n") and "byte(s) skipped" in text
+    assert len(text.encode()) < 1200
+
+
+def test_the_total_per_run_is_capped_with_one_note():
+    sent: list[str] = []
+    stream = LogStream(sent.append, interval=0.01, chunk_bytes=100, total_bytes=250).start()
+    done = threading.Event()
+
+    def until_cut(text: str) -> None:
+        sent.append(text)
+        if CUT_NOTE in text:
+            done.set()
+
+    stream.send = until_cut
+    while not done.is_set():
+        stream.feed(b"x" * 100)
+        done.wait(0.005)
+    stream.feed(b"AFTER THE CUT")
+    stream.close()
+    text = "".join(sent)
+    assert text.count("x") <= 250 and text.count(CUT_NOTE) == 1
+    assert "AFTER THE CUT" not in text and stream.sent_bytes <= 250
+
+
+def test_a_failing_receiver_never_breaks_the_stream():
+    calls = []
+
+    def refuse(text: str) -> None:
+        calls.append(text)
+        raise ConnectionError("the server is away")
+
+    stream = LogStream(refuse, interval=NEVER).start()
+    stream.feed(b"lost\n")
+    stream.close()
+    assert calls == ["lost\n"]
+
+
+@pytest.mark.docker
+def test_a_running_containers_log_arrives_before_it_exits(runner, adversarial):
+    """The container prints, then sleeps for ten minutes: only a log streamed while it
+    runs can stop it (the receiver cancels the run on seeing the line). Without the live
+    stream the run would end by its timeout, not by cancellation."""
+    cancel = threading.Event()
+    received: list[str] = []
+
+    def on_log(text: str) -> None:
+        received.append(text)
+        if "LIVE-LINE" in "".join(received):
+            cancel.set()
+
+    command = ("python3", "-c", "import sys, time; sys.stdout.write('LIVE-LINE \\x1b[31m red"
+               "\\n'); sys.stdout.flush(); time.sleep(600)")
+    result = runner.run(RunSpec(image=adversarial["probe"], command=command,
+                                timeout_seconds=120), cancel=cancel, on_log=on_log)
+    assert result.reason == FailureReason.CANCELLED
+    text = "".join(received)
+    assert "LIVE-LINE \\x1b[31m red\n" in text and "\x1b" not in text
+    assert "LIVE-LINE" in result.log_tail  # the recorded log is unchanged
+
+
+# -- engine/live_logs.py: where the server keeps it ---------------------------------------
+
+def test_the_kept_log_is_rendered_again_on_the_way_in(tmp_path):
+    # a remote node's chunk is not trusted to have been rendered by its runner
+    assert live_logs.append(tmp_path, 7, 1, "ok \x1b[31m\u202e\x00 line\n")
+    assert live_logs.tail(tmp_path, 7, 1) == "ok \\x1b[31m\\u202e\\x00 line\n"
+    assert live_logs.tail(tmp_path, 7, 2) == ""  # another attempt's log is its own
+
+
+def test_the_kept_log_is_capped_per_attempt(tmp_path):
+    assert live_logs.append(tmp_path, 1, 1, "a" * 900, max_bytes=1000)
+    assert not live_logs.append(tmp_path, 1, 1, "b" * 200, max_bytes=1000)  # not half kept
+    assert live_logs.append(tmp_path, 1, 1, "c" * 100, max_bytes=1000)
+    assert live_logs.log_path(tmp_path, 1, 1).stat().st_size == 1000
+
+
+def test_the_tail_starts_clean_when_it_cuts_a_character(tmp_path):
+    live_logs.append(tmp_path, 3, 1, "é" * 100 + "END")
+    tail = live_logs.tail(tmp_path, 3, 1, max_bytes=10)  # 7 bytes of é's, one cut
+    assert tail.endswith("END") and "\ufffd" not in tail and set(tail[:-3]) == {"é"}
+
+
+def test_a_link_planted_in_place_of_the_log_is_not_followed(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    path = live_logs.log_path(tmp_path, 9, 1)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(target)
+    with pytest.raises(OSError):
+        live_logs.append(tmp_path, 9, 1, "x")
+    assert target.read_text() == ""
