@@ -39,6 +39,7 @@ class ApiOptions:
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers at all
     worker_lease: timedelta = timedelta(seconds=60)  # a remote attempt's lease; heartbeats renew
     sweep_seconds: float = 5.0  # how often the server re-queues expired leases
+    node_lost_after: timedelta | None = None  # unheard this long: lost (None: 3 leases)
 
 
 @asynccontextmanager
@@ -63,7 +64,8 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
     app.state.metrics_registry = build_registry(app.state.sessions)
     # remote workers: the sweeper starts here, or with the first worker call (no lifespan)
     app.state.worker_service = workers.WorkerService(app.state, options.worker_lease,
-                                                     options.sweep_seconds)
+                                                     options.sweep_seconds,
+                                                     options.node_lost_after)
     install_error_handlers(app)
     for module in (health, challenges, leaderboards, submissions, teams, workers):
         app.include_router(module.router)

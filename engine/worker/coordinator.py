@@ -12,6 +12,7 @@ dead owner: liveness of local processes is a node's knowledge, not the queue's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -20,11 +21,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import queue
+from engine import nodes, queue
 from engine.challenges import Challenge, challenge_definition
 from engine.config import Settings
 from engine.datasets import DatasetError, VerificationCache
-from engine.db.models import CaseResultRow, EventRow, JobRow, utcnow
+from engine.db.models import CaseResultRow, EventRow, JobRow, NodeRow, utcnow
 from engine.errors import LeaseLost
 from engine.evaluation import (
     EvaluatorFailed,
@@ -36,6 +37,7 @@ from engine.evaluation import (
 )
 from engine.lifecycle import after_job
 from engine.metrics import observe_job_runtime
+from engine.node_description import InvalidNode
 from engine.provenance import job_provenance
 from engine.statuses import JobKind, JobStatus
 from engine.worker.protocol import (
@@ -52,6 +54,7 @@ from runners.image_user import numeric_pair
 __all__ = ["Coordinator", "DbCoordinator", "JobOutcome", "JobTicket", "LeaseLost",
            "PlatformFailure", "messages_platform"]
 DETAIL_KEPT = 20000  # the end of a traceback is where its cause is
+log = logging.getLogger(__name__)
 
 
 class DbCoordinator:
@@ -59,7 +62,8 @@ class DbCoordinator:
                  owner_dead: Callable[[str], bool] | None = None,
                  lease_duration: timedelta = queue.DEFAULT_LEASE,
                  runner: Runner | None = None, scoring_workers: int | None = None,
-                 work_dir: Path | None = None):
+                 work_dir: Path | None = None, node_id: int | None = None,
+                 lost_after: timedelta | None = None):
         self.sessions = sessions
         self.settings = settings
         self.owner = owner
@@ -70,6 +74,9 @@ class DbCoordinator:
         self.scoring_workers = scoring_workers
         self.work_dir = work_dir or settings.work_dir
         self.verify_cache = VerificationCache(settings.state_dir / "verify")
+        self.node_id = node_id  # the registered node this coordinator leases for, if any
+        self.node_samples: Mapping[str, Any] | None = None  # its GPUs' latest readings
+        self.lost_after = lost_after  # None: this coordinator marks no node lost
 
     # -- the queue ----------------------------------------------------------------------
 
@@ -77,12 +84,18 @@ class DbCoordinator:
         with self.sessions() as session:
             job = queue.lease(session, self.owner, self.lease_duration, gpus_available=capacity)
             ticket = None if job is None else self._ticket(job)
+            if self.node_id is not None:
+                self._heard_from(session, quiet_seconds=2.0)
+                if job is not None:
+                    nodes.assign(session, job.id, self.node_id)
             session.commit()
             return ticket
 
     def heartbeat(self, ticket: JobTicket) -> bool:
         with self.sessions() as session:
             renewed = queue.heartbeat(session, ticket.job_id, self.owner, self.lease_duration)
+            if self.node_id is not None:
+                self._heard_from(session, self.node_samples)
             session.commit()
             return renewed
 
@@ -107,7 +120,10 @@ class DbCoordinator:
         """Re-queue the jobs of vanished workers; a job out of attempts ends like any other:
         its submission moves on (and an INFRASTRUCTURE end never counts against the team)."""
         with self.sessions() as session:
-            for job_id in queue.sweep(session, self.actor, owner_dead=self.owner_dead):
+            swept = queue.sweep(session, self.actor, owner_dead=self.owner_dead)
+            if self.lost_after is not None:
+                swept += nodes.sweep_lost(session, self.lost_after, self.actor)
+            for job_id in swept:
                 job = session.get(JobRow, job_id, populate_existing=True)
                 if job is not None and job.status == JobStatus.FAILED:
                     after_job(session, job, self.actor)
@@ -215,6 +231,17 @@ class DbCoordinator:
                     and job.status == JobStatus.SCORING and job.lease_owner == self.owner)
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _heard_from(self, session: Session, samples: Mapping[str, Any] | None = None, *,
+                    quiet_seconds: float = 0) -> None:
+        node = session.get(NodeRow, self.node_id)
+        if node is not None:
+            try:
+                nodes.heard_from(session, node, self.actor, samples,
+                                 quiet_seconds=quiet_seconds)
+            except InvalidNode as exc:  # our own sampler's reading: dropped, not fatal
+                log.warning("GPU readings of node %s dropped: %s", node.name, exc)
+                nodes.heard_from(session, node, self.actor)
 
     def _release(self, ticket: JobTicket, message: str, run_record: dict, *,
                  outcome: JobOutcome | None = None,
