@@ -1,9 +1,9 @@
 """The node registry: the machines that run jobs, as organisers see them.
 
-A node describes itself once (engine/node_description.py: its name, slots, GPUs and facts) and registers:
-remote nodes through the worker routes (engine/api/workers.py, one row per worker token
-and name), local `epreuve worker` processes through the database (engine/worker/
-coordinator.py). Every claim and heartbeat is `heard_from`, with the latest reading of
+A node describes itself once (engine/node_description.py: its name, slots, GPUs and
+facts) and registers: remote nodes through the worker routes (engine/api/workers.py, one
+row per worker token and name), local `epreuve worker` processes through the database
+(engine/worker/local.py). Every claim and heartbeat is `heard_from`, with the latest reading of
 each of its GPUs. A node not heard from for `lost_after` is marked lost by the sweep
 (`sweep_lost`): its jobs go back to the queue as the platform's failure (INFRASTRUCTURE,
 never the team's), and an event is kept. A lost node heard from again is active again; its

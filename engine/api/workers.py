@@ -117,7 +117,8 @@ class Registered(BaseModel):
 
 class NodeBeat(BaseModel):
     node_id: int | None = Field(None, ge=1)
-    gpus: dict[str, dict[str, Any]] = Field(default_factory=dict, max_length=node_description.MAX_GPUS)
+    gpus: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                            max_length=node_description.MAX_GPUS)
 
 
 class Claimed(BaseModel):
@@ -200,7 +201,8 @@ class WorkerService:
 
     # -- the node registry --------------------------------------------------------------
 
-    def register(self, description: node_description.NodeDescription, worker: Principal) -> Registered:
+    def register(self, description: node_description.NodeDescription,
+                 worker: Principal) -> Registered:
         with self.sessions() as session:
             node = nodes.register(session, description, worker.token_id,
                                   f"worker token {worker.token_id}")
