@@ -17,7 +17,16 @@ from datetime import timedelta
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from engine.api import challenges, health, leaderboards, submissions, teams, uploads, workers
+from engine.api import (
+    challenges,
+    health,
+    leaderboards,
+    nodes,
+    submissions,
+    teams,
+    uploads,
+    workers,
+)
 from engine.api.auth import authenticated
 from engine.api.errors import install_error_handlers
 from engine.api.middleware import BodyCap, SecurityHeaders
@@ -67,7 +76,7 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
                                                      options.sweep_seconds,
                                                      options.node_lost_after)
     install_error_handlers(app)
-    for module in (health, challenges, leaderboards, submissions, teams, workers):
+    for module in (health, challenges, leaderboards, submissions, teams, workers, nodes):
         app.include_router(module.router)
     # resumable image uploads and submission creation; images are checked after the request
     app.include_router(uploads.build_router(settings, authenticated(),
