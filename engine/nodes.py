@@ -15,14 +15,15 @@ commits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from engine.db.models import JobRow, NodeRow, utcnow
+from engine.db.models import JobRow, NodeRow, PhaseRow, SubmissionRow, utcnow
 from engine.errors import NotFound
 from engine.node_description import NodeDescription, validated_samples
 from engine.queue import record
@@ -141,22 +142,33 @@ def requeue_jobs_of(session: Session, node: NodeRow, actor: str, now: datetime) 
 # -- what organisers see ----------------------------------------------------------------
 
 
-def node_views(session: Session, now: datetime | None = None) -> list[dict[str, Any]]:
+def node_views(session: Session, *, challenge_ids: Iterable[str] | None = None,
+               now: datetime | None = None) -> list[dict[str, Any]]:
     """Every node with its slots, GPUs (and each one's latest reading), last heartbeat,
-    state and the jobs it runs now."""
+    state and the jobs it runs now. A node is shared: with `challenge_ids` (an organiser's),
+    only those challenges' jobs are listed, the others only counted (`other_jobs`)."""
     now = now or utcnow()
+    scope = None if challenge_ids is None else set(challenge_ids)
     nodes = session.scalars(select(NodeRow).order_by(NodeRow.name, NodeRow.id)).all()
     running: dict[int, list[dict[str, Any]]] = {}
-    for job_id, node_id, status, submission_id in session.execute(
-            select(JobRow.id, JobRow.node_id, JobRow.status, JobRow.submission_id)
+    others: Counter[int] = Counter()
+    for job_id, node_id, status, submission_id, challenge in session.execute(
+            select(JobRow.id, JobRow.node_id, JobRow.status, JobRow.submission_id,
+                   PhaseRow.challenge_id)
+            .join(SubmissionRow, SubmissionRow.id == JobRow.submission_id)
+            .join(PhaseRow, PhaseRow.id == SubmissionRow.phase_id)
             .where(JobRow.node_id.is_not(None), JobRow.status.in_(ACTIVE_JOB_STATES))
             .order_by(JobRow.id)):
+        if scope is not None and challenge not in scope:
+            others[node_id] += 1
+            continue
         running.setdefault(node_id, []).append(
             {"job": job_id, "submission": submission_id, "status": str(status)})
-    return [view(node, running.get(node.id, []), now) for node in nodes]
+    return [view(node, running.get(node.id, []), others[node.id], now) for node in nodes]
 
 
-def view(node: NodeRow, jobs: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+def view(node: NodeRow, jobs: list[dict[str, Any]], other_jobs: int,
+         now: datetime) -> dict[str, Any]:
     samples = node.gpu_samples or {}
     return {"id": node.id, "name": node.name, "state": node.state,
             "slots": {"gpu": node.gpu_slots, "cpu": node.cpu_slots},
@@ -165,4 +177,4 @@ def view(node: NodeRow, jobs: list[dict[str, Any]], now: datetime) -> dict[str, 
             "last_heartbeat": node.last_heartbeat.isoformat(),
             "seconds_since_heartbeat": max(0.0, round(
                 (now - node.last_heartbeat).total_seconds(), 1)),
-            "jobs": jobs}
+            "jobs": jobs, "other_jobs": other_jobs}

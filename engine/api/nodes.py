@@ -2,8 +2,9 @@
 
 Each node with its slots, its GPUs (model, driver, memory, and each one's latest reading:
 utilisation, memory used, power, energy), its last heartbeat and state (active | lost),
-and the jobs it runs now. A node is shared by every challenge: participants and reviewers
-are refused (403); worker tokens too.
+and the jobs it runs now: an organiser's challenges' jobs listed, the others counted. A
+node is shared by every challenge: participants and reviewers are refused (403), worker
+tokens too.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class NodeOut(BaseModel):
     last_heartbeat: str
     seconds_since_heartbeat: float
     jobs: list[NodeJob]
+    other_jobs: int  # running for challenges the caller does not organise: counted only
 
 
 class NodesOut(BaseModel):
@@ -55,4 +57,5 @@ class NodesOut(BaseModel):
 @router.get("", response_model=NodesOut, responses=AUTH_RESPONSES)
 def list_nodes(session: DbSession, principal: Principal = Depends(
         require_role(Role.ADMIN, Role.ORGANISER))) -> dict:
-    return {"items": node_views(session)}
+    scope = None if principal.role == Role.ADMIN else principal.challenge_ids
+    return {"items": node_views(session, challenge_ids=scope)}
