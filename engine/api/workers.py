@@ -43,10 +43,12 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from engine import node_description, nodes
 from engine.api.auth import Principal, authenticated
+from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, ErrorBody
 from engine.datasets import DatasetError, VerificationCache
 from engine.db.models import ImageRow, JobRow
@@ -201,27 +203,29 @@ class WorkerService:
 
     # -- the node registry --------------------------------------------------------------
 
-    def register(self, description: node_description.NodeDescription,
+    @staticmethod
+    def register(session: Session, description: node_description.NodeDescription,
                  worker: Principal) -> Registered:
-        with self.sessions() as session:
-            node = nodes.register(session, description, worker.token_id,
-                                  f"worker token {worker.token_id}")
-            registered = Registered(node_id=node.id, state=node.state)
-            session.commit()
+        node = nodes.register(session, description, worker.token_id,
+                              f"worker token {worker.token_id}")
+        registered = Registered(node_id=node.id, state=node.state)
+        session.commit()
         log.info("node %s (%s) registered by worker token %s", registered.node_id,
                  description.name, worker.token_id)
         return registered
 
-    def heard_from(self, node_id: int, worker: Principal,
+    @staticmethod
+    def heard_from(session: Session, node_id: int, worker: Principal,
                    samples: dict[str, Any] | None = None) -> None:
         """A claim or heartbeat of this token's node (404 for any other), its GPUs' latest
-        readings kept and exported under the DCGM names, like a local worker's."""
-        with self.sessions() as session:
-            node = nodes.node_of(session, node_id, worker.token_id)
-            nodes.heard_from(session, node, f"worker token {worker.token_id}", samples)
-            name = node.name
-            kept = {uuid: node.gpu_samples[uuid] for uuid in samples or {}}
-            session.commit()
+        readings kept and exported under the DCGM names, like a local worker's. Committed
+        here, in the request's session: the claim's long poll and the lease's own sessions
+        must not wait on it (nor on the token's last use)."""
+        node = nodes.node_of(session, node_id, worker.token_id)
+        nodes.heard_from(session, node, f"worker token {worker.token_id}", samples)
+        name = node.name
+        kept = {uuid: node.gpu_samples[uuid] for uuid in samples or {}}
+        session.commit()
         for uuid, sample in kept.items():
             record_gpu_sample(name, sample["index"], uuid, sample["utilisation_percent"],
                               sample["memory_used_mib"], sample["power_watts"],
@@ -297,19 +301,20 @@ router = APIRouter(prefix=PREFIX, tags=["workers"], responses={**AUTH_RESPONSES,
 
 @router.post("/nodes/register", response_model=Registered,
              responses={422: {"model": ErrorBody, "description": "Not a valid description"}})
-def register(body: NodeRegistration, service: Service, worker: Worker) -> Registered:
+def register(body: NodeRegistration, session: DbSession, service: Service,
+             worker: Worker) -> Registered:
     """A node describes itself once (name, slots, GPUs, facts); the same token and name
     again is the same node (restarted), active again."""
-    return service.register(node_description.validated(body.model_dump()), worker)
+    return service.register(session, node_description.validated(body.model_dump()), worker)
 
 
 @router.post("/jobs/claim", status_code=201, response_model=Claimed,
              responses={204: {"description": "No job within the wait"},
                         404: {"model": ErrorBody, "description": "Not this token's node"}})
-def claim(body: ClaimRequest, service: Service, worker: Worker) -> Any:
+def claim(body: ClaimRequest, session: DbSession, service: Service, worker: Worker) -> Any:
     deadline = time.monotonic() + body.wait_seconds
     if body.node_id is not None:
-        service.heard_from(body.node_id, worker)
+        service.heard_from(session, body.node_id, worker)
     while True:
         token = new_secret()
         ticket = service.coordinator(attempt_owner(token), body.node_id).lease(body.gpus)
@@ -341,10 +346,10 @@ def start(fence: Fence, service: Service, worker: Worker) -> Renewed:
 
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=Renewed)
-def heartbeat(fence: Fence, service: Service, worker: Worker,
+def heartbeat(fence: Fence, session: DbSession, service: Service, worker: Worker,
               body: NodeBeat | None = None) -> Renewed:
     if body is not None and body.node_id is not None:  # alive, even when the attempt is not
-        service.heard_from(body.node_id, worker, body.gpus)
+        service.heard_from(session, body.node_id, worker, body.gpus)
     coordinator, ticket = service.held(fence)
     if not coordinator.heartbeat(ticket):
         raise StaleAttempt(f"job {fence.job_id} was taken back: stop it")
