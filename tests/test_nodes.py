@@ -10,6 +10,8 @@ participants, reviewers and workers get 403. A local worker registers through th
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from datetime import timedelta
 
@@ -21,10 +23,17 @@ from sqlalchemy import func, select
 from engine import nodes
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
-from engine.db.models import EventRow, JobRow, NodeRow
+from engine.db.models import CaseResultRow, EventRow, JobRow, NodeRow
 from engine.node_description import InvalidNode, validated
 from engine.tokens import create_token
 from tests.api_fixtures import build_world, queued_submission, start_server
+from tests.test_remote_worker_process import (  # noqa: F401 - slow_image is a fixture
+    server_world,
+    slow_image,
+    submission_status,
+    worker_process,
+)
+from tests.test_remote_worker_process import wait_for as remote_wait
 
 API = "/api/v1/worker"
 GPU = {"uuid": "GPU-5d0c1f7e-test", "model": "NVIDIA H200", "driver": "550.54.15",
@@ -276,3 +285,72 @@ def test_a_local_worker_is_a_node_in_the_registry(tmp_path):
     assert agent.coordinator.node_id == view["id"] and registered.detail == "registered"
     with sessions() as session:
         assert session.get(NodeRow, view["id"]).facts["docker"]["server_version"]
+
+
+# -- a real remote agent process, stopped until its node is lost ---------------------------
+
+
+@pytest.mark.docker
+def test_a_stopped_remote_node_is_lost_its_job_runs_elsewhere_and_it_comes_back(
+        tmp_path, slow_image):  # noqa: F811 - the fixture imported above
+    """`epreuve worker --server` processes: node-a registers and runs the smoke job; it is
+    SIGSTOPped (leases are long here: only the registry can take the job back); the server
+    marks node-a lost and re-queues the job at once; node-b runs everything; on SIGCONT
+    node-a is active again and its late reports are refused (409)."""
+    world, submission_id, token = server_world(tmp_path / "server", slow_image,
+                                               validation_cases=2)
+    with world.sessions() as session:
+        _, admin_token = create_token(session, role="admin")
+        session.commit()
+    server = start_server(world, ApiOptions(rate=FAST, worker_lease=timedelta(minutes=5),
+                                            sweep_seconds=0.5,
+                                            node_lost_after=timedelta(seconds=3)))
+    stopped = worker_process(server.url, token, tmp_path / "node-a", "--max-jobs", "1",
+                             "--node-name", "node-a")
+    other = None
+
+    def smoke() -> JobRow:
+        with world.sessions() as session:
+            return session.scalars(select(JobRow).where(JobRow.kind == "smoke")).one()
+
+    def node(name: str) -> NodeRow:
+        with world.sessions() as session:
+            return session.scalars(select(NodeRow).where(NodeRow.name == name)).one()
+
+    try:
+        remote_wait("node-a to run the smoke job", lambda: smoke().status == "running")
+        with client(server, admin_token) as admin:
+            (seen,) = admin.get("/api/v1/nodes").json()["items"]
+        assert (seen["name"], seen["state"]) == ("node-a", "active")
+        assert [j["job"] for j in seen["jobs"]] == [smoke().id]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        remote_wait("the server to mark node-a lost", lambda: node("node-a").state == "lost")
+        assert (smoke().status, smoke().attempts, smoke().node_id) == (
+            "queued", 1, node("node-a").id)
+        other = worker_process(server.url, token, tmp_path / "node-b", "--until-idle",
+                               "--node-name", "node-b")
+        output_b, _ = other.communicate(timeout=600)
+        assert other.returncode == 0, output_b
+        assert submission_status(world, submission_id) == "succeeded", output_b
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    try:
+        output_a, _ = stopped.communicate(timeout=300)
+    finally:
+        server.stop()
+        for process in (stopped, other):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert "was taken back" in output_a, output_a  # a 409: its container stopped
+    assert node("node-a").state == "active"  # heard from again
+    with world.sessions() as session:
+        history = [(e.from_state, e.to_state) for e in session.scalars(
+            select(EventRow).where(EventRow.entity == "node",
+                                   EventRow.entity_id == node("node-a").id)
+            .order_by(EventRow.id))]
+        assert history == [(None, "active"), ("active", "lost"), ("lost", "active")]
+        job = session.scalars(select(JobRow).where(JobRow.kind == "smoke")).one()
+        assert (job.status, job.attempts, job.node_id) == ("succeeded", 2, node("node-b").id)
+        rows = session.scalars(select(CaseResultRow).where(
+            CaseResultRow.submission_id == submission_id)).all()
+        assert sorted(r.case_id for r in rows) == ["case-001", "case-002"]  # one per case
