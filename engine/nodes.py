@@ -116,10 +116,11 @@ def sweep_lost(session: Session, lost_after: timedelta, actor: str,
 
 def requeue_jobs_of(session: Session, node: NodeRow, actor: str, now: datetime) -> list[int]:
     """The node's jobs in hand back to the queue (failed when out of attempts), their
-    leases cleared: whatever the node says of them later is refused (409)."""
+    leases cleared: whatever the node says of them later is refused (409). A job being
+    scored is the server's now, not the node's: left alone."""
     moved = []
-    for job in session.scalars(select(JobRow).where(JobRow.node_id == node.id,
-                                                    JobRow.status.in_(ACTIVE_JOB_STATES))):
+    for job in session.scalars(select(JobRow).where(JobRow.node_id == node.id, JobRow.status.in_(
+            (JobStatus.LEASED, JobStatus.RUNNING)))).all():
         message = f"the node running this job ({node.name}) was lost; it is run again"
         out = job.attempts >= job.max_attempts
         values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)

@@ -10,6 +10,7 @@ participants, reviewers and workers get 403. A local worker registers through th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ from engine import nodes
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
 from engine.db.models import CaseResultRow, EventRow, JobRow, NodeRow
+from engine.errors import EXIT_REFUSED
 from engine.node_description import InvalidNode, validated
 from engine.tokens import create_token
 from tests.api_fixtures import build_world, queued_submission, start_server
@@ -354,3 +356,50 @@ def test_a_stopped_remote_node_is_lost_its_job_runs_elsewhere_and_it_comes_back(
         rows = session.scalars(select(CaseResultRow).where(
             CaseResultRow.submission_id == submission_id)).all()
         assert sorted(r.case_id for r in rows) == ["case-001", "case-002"]  # one per case
+
+
+# -- `epreuve nodes` ------------------------------------------------------------------------
+
+
+def test_epreuve_nodes_reads_the_server_or_the_local_database(live, tmp_path):
+    from tests.test_cli_client import Cli
+
+    with client(live, live.world.tokens["worker"]) as worker:
+        worker.post(f"{API}/nodes/register", json=GOOD).raise_for_status()
+    organiser = Cli(tmp_path, EPREUVE_SERVER=live.url,
+                    EPREUVE_TOKEN=live.world.tokens["organiser-a"])
+    listed = json.loads(organiser("nodes", "--json").stdout)
+    assert "gpu-node-01" in {node["name"] for node in listed}
+    table = organiser("nodes").stdout
+    assert "gpu-node-01" in table and "NVIDIA H200" in table and "active" in table
+    participant = Cli(tmp_path, EPREUVE_SERVER=live.url,
+                      EPREUVE_TOKEN=live.world.tokens["participant-a"])
+    refused = participant("nodes", code=EXIT_REFUSED)
+    assert "may not make this call" in refused.stdout + refused.stderr
+    local = Cli(tmp_path, EPREUVE_DATABASE_URL=live.world.settings.database_url)
+    assert "gpu-node-01" in {node["name"] for node in json.loads(local("nodes", "--json").stdout)}
+
+
+def test_a_lost_nodes_job_being_scored_is_left_to_the_server(tmp_path):
+    """Scoring happens on the server: losing the node that ran the job changes nothing."""
+    from engine import queue
+
+    world = build_world(tmp_path, "sqlite")
+    scored, running = (queued_submission(world, "ch-a", "team-a"),
+                       queued_submission(world, "ch-b", "team-c"))
+    with world.sessions() as session:
+        node = nodes.register(session, validated(GOOD), None, "test")
+        jobs = {}
+        for submission_id in (scored, running):
+            job = queue.lease(session, f"owner-{submission_id}")
+            assert job.submission_id == submission_id
+            nodes.assign(session, job.id, node.id)
+            jobs[submission_id] = job
+        queue.transition(session, jobs[scored], "scoring", f"owner-{scored}")
+        node.last_heartbeat -= timedelta(minutes=10)
+        moved = nodes.sweep_lost(session, timedelta(minutes=3), "test sweeper")
+        session.commit()
+        assert moved == [jobs[running].id]
+        assert session.get(NodeRow, node.id).state == "lost"
+        assert session.get(JobRow, jobs[scored].id).status == "scoring"
+        assert session.get(JobRow, jobs[running].id).status == "queued"
