@@ -74,6 +74,11 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        # no lifespan here: the sweeper would outlive the server and sweep the next test's
+        # database with this one's lease and node-lost times
+        service = getattr(getattr(self.server.config.app, "state", None), "worker_service", None)
+        if service is not None:
+            service.stop_sweeper()
 
 
 def challenge_yaml(challenge_id: str, dataset_prefix: str = "") -> str:
