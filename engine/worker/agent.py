@@ -85,7 +85,11 @@ class Agent:
 
     def describe(self) -> NodeDescription:
         """This node for the registry (engine/nodes.py): built once, sent on registering."""
-        known = {g.uuid: g for g in list_gpus()}
+        try:
+            known = {g.uuid: g for g in list_gpus()}
+        except Exception as exc:  # a broken NVML: the GPUs are described by uuid only
+            log.warning("the node's GPUs could not be listed: %s", exc)
+            known = {}
         gpus = [known.get(uuid) or GPU(uuid=uuid, index=index, name="unknown", memory_bytes=0,
                                        driver_version="unknown")
                 for index, uuid in enumerate(self.gpus.uuids)]
