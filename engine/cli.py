@@ -519,6 +519,9 @@ def worker(
                              "or UUIDs separated by commas."),
     poll_seconds: float = typer.Option(20, "--poll-seconds", help="With --server: how long "
                                        "one claim waits for a job (long poll, at most 30)."),
+    node_name: str | None = typer.Option(None, "--node-name", envvar="EPREUVE_NODE_NAME",
+                                         help="This node's name in the registry (default: "
+                                         "the host name)."),
 ) -> None:
     """Run jobs from the queue until stopped (Ctrl-C), or until idle."""
     import signal
@@ -542,7 +545,7 @@ def worker(
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
         coordinator = HttpCoordinator(server, token, wait_seconds=min(poll_seconds, 30.0))
         agent = RemoteAgent(coordinator, runner, settings, gpus=chosen,
-                            heartbeat_seconds=heartbeat_seconds,
+                            heartbeat_seconds=heartbeat_seconds, node_name=node_name,
                             platform_pause_seconds=PLATFORM_PAUSE_SECONDS)
     else:
         from engine.worker import Worker
@@ -551,7 +554,7 @@ def worker(
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
         agent = Worker(sessions, settings, runner,
                        lease_duration=timedelta(seconds=lease_seconds),
-                       heartbeat_seconds=heartbeat_seconds, gpus=chosen,
+                       heartbeat_seconds=heartbeat_seconds, gpus=chosen, node_name=node_name,
                        platform_pause_seconds=PLATFORM_PAUSE_SECONDS)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -580,6 +583,54 @@ def _chosen_gpus(text: str) -> list[str] | None:
     if not uuids or not all(re.fullmatch(r"[A-Za-z0-9-]{1,100}", u) for u in uuids):
         _fail("--gpus takes all, a count, or GPU UUIDs separated by commas", 2)
     return uuids
+
+
+@app.command("nodes")
+def nodes_command(
+    as_json: bool = typer.Option(False, "--json", help="As JSON."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
+) -> None:
+    """The nodes that run jobs: slots, GPUs and their latest readings, last heartbeat,
+    state (active | lost), running jobs (an organiser's or admin's token with --server)."""
+    if server:
+        with _api(server, token) as api:
+            views = api.nodes()
+    else:
+        from engine.nodes import node_views
+
+        _, sessions = _sessions()
+        with sessions() as session:
+            views = node_views(session)
+    if as_json:
+        console.print_json(json.dumps(views))
+        return
+    console.print(nodes_table(views))
+
+
+def nodes_table(views: list[dict]) -> Table:
+    table = Table(title="nodes")
+    for column in ("node", "state", "slots gpu/cpu", "GPUs", "last heartbeat", "jobs"):
+        table.add_column(column)
+    for node in views:
+        gpus = "\n".join(_gpu_line(gpu) for gpu in node["gpus"]) or "-"
+        jobs = ", ".join(f"{j['job']} ({j['status']})" for j in node["jobs"]) or "-"
+        table.add_row(escape(node["name"]), node["state"],
+                      f"{node['slots']['gpu']}/{node['slots']['cpu']}", escape(gpus),
+                      f"{node['last_heartbeat']} ({node['seconds_since_heartbeat']:.0f}s ago)",
+                      jobs)
+    return table
+
+
+def _gpu_line(gpu: dict) -> str:
+    line = f"{gpu['model']} {gpu['memory_bytes'] >> 20} MiB, driver {gpu['driver']}"
+    sample = gpu.get("sample")
+    if sample:
+        energy = sample.get("energy_millijoules")
+        line += (f": {sample['utilisation_percent']:.0f}%, {sample['memory_used_mib']:.0f} "
+                 f"MiB, {sample['power_watts']:.0f} W"
+                 + ("" if energy is None else f", {energy / 3.6e6:.3f} kWh"))
+    return line
 
 
 @app.command()

@@ -111,6 +111,10 @@ class Api:
             offset = following if isinstance(following, int) and following > offset else None
         return entries
 
+    def nodes(self) -> list[dict]:
+        """The node registry (organisers and admins)."""
+        return self.request("GET", "/api/v1/nodes").json()["items"]
+
     def cancel(self, submission_id: int) -> dict:
         return self.request("POST", f"/api/v1/submissions/{submission_id}/cancel").json()
 

@@ -5,6 +5,9 @@
     epreuve_queue_jobs{challenge,phase,state}    gauge: jobs queued, leased, running, scoring
     epreuve_job_runtime_seconds{kind}            histogram: observed when a job ends
     epreuve_workers{state="up"|"busy"}           gauge: lease owners heard from recently
+    epreuve_nodes{state="active"|"lost"}         gauge: nodes in the registry (engine/nodes.py)
+    epreuve_node_last_heartbeat_seconds{node}    gauge: unix time of a node's last heartbeat
+    epreuve_node_heartbeat_age_seconds{node}     gauge: seconds since then (the alert's signal)
     epreuve_metrics_database_up                  gauge: 0 when the database did not answer
     DCGM_FI_DEV_GPU_UTIL / _FB_USED / _POWER_USAGE / _TOTAL_ENERGY_CONSUMPTION
                                                  gauges per GPU: gpu, UUID, Hostname labels,
@@ -41,7 +44,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine.db.models import EventRow, JobRow, PhaseRow, SubmissionRow, utcnow
+from engine.db.models import EventRow, JobRow, NodeRow, PhaseRow, SubmissionRow, utcnow
 from engine.gpu_metrics import (  # noqa: F401 - re-exported: one place to look
     DCGM_FIELDS,
     GPU_SAMPLES,
@@ -51,7 +54,7 @@ from engine.gpu_metrics import (  # noqa: F401 - re-exported: one place to look
     gpu_sample_recorder,
     record_gpu_sample,
 )
-from engine.statuses import ACTIVE_JOB_STATES, JobKind, JobStatus, SubmissionStatus
+from engine.statuses import ACTIVE_JOB_STATES, JobKind, JobStatus, NodeState, SubmissionStatus
 from runners.base import FailureReason
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ REASONS = frozenset(reason.value for reason in FailureReason)
 SUBMISSION_STATES = frozenset(state.value for state in SubmissionStatus)
 JOB_STATES = frozenset(state.value for state in JobStatus)
 JOB_KINDS = frozenset(kind.value for kind in JobKind)
+NODE_STATES = frozenset(state.value for state in NodeState)
 QUEUE_STATES = (JobStatus.QUEUED, JobStatus.LEASED, JobStatus.RUNNING, JobStatus.SCORING)
 TERMINAL_SUBMISSION_STATES = (SubmissionStatus.SUCCEEDED, SubmissionStatus.FAILED,
                               SubmissionStatus.CANCELLED)
@@ -101,7 +105,8 @@ class DatabaseCollector:
         try:
             with self.sessions() as session:
                 families = [submissions_total(session), jobs_total(session),
-                            queue_jobs(session), self.workers(session)]
+                            queue_jobs(session), self.workers(session),
+                            *node_families(session, self.clock())]
         except SQLAlchemyError as exc:  # a scrape reports the outage instead of failing
             log.warning("metrics: the database did not answer: %s", exc)
             up.add_metric([], 0)
@@ -122,6 +127,31 @@ class DatabaseCollector:
         family.add_metric(["up"], len(up))
         family.add_metric(["busy"], len(busy))
         return family
+
+
+def node_families(session: Session, now: datetime) -> list[GaugeMetricFamily]:
+    """Nodes by state, and each node's last heartbeat (names are validated host-name-like
+    words, one per registered node: a bounded label set)."""
+    by_state = GaugeMetricFamily("epreuve_nodes", "Nodes in the registry, by state",
+                                 labels=["state"])
+    last = GaugeMetricFamily("epreuve_node_last_heartbeat_seconds",
+                             "Unix time of the node's last heartbeat or claim",
+                             labels=["node", "state"])
+    age = GaugeMetricFamily("epreuve_node_heartbeat_age_seconds",
+                            "Seconds since the node's last heartbeat or claim",
+                            labels=["node", "state"])
+    counts: Counter[str] = Counter()
+    newest: dict[str, NodeRow] = {}  # one series per name: the most recently heard row
+    for node in session.scalars(select(NodeRow).order_by(NodeRow.last_heartbeat)):
+        counts[_allowed(node.state, NODE_STATES)] += 1
+        newest[node.name] = node
+    for state in sorted(NODE_STATES):
+        by_state.add_metric([state], counts[state])
+    for name, node in sorted(newest.items()):
+        state = _allowed(node.state, NODE_STATES)
+        last.add_metric([name, state], node.last_heartbeat.timestamp())
+        age.add_metric([name, state], max(0.0, (now - node.last_heartbeat).total_seconds()))
+    return [by_state, last, age]
 
 
 def _entered(session: Session, entity: str, row, terminal: tuple[str, ...], *extra) -> list:

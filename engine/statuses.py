@@ -47,6 +47,13 @@ class Verdict(StrEnum):
     DIFFERS = "differs"  # a metric moved past its tolerance, or a case's validity changed
 
 
+class NodeState(StrEnum):
+    """A node in the registry (engine/nodes.py): lost when its heartbeats stop."""
+
+    ACTIVE = "active"
+    LOST = "lost"  # its jobs were re-queued; it becomes active again when it is heard from
+
+
 class JobKind(StrEnum):
     SMOKE = "smoke"  # one case first: a broken image costs one case
     MAIN = "main"  # the other cases, in shards, once the smoke job passed

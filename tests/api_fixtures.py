@@ -76,7 +76,9 @@ class LiveServer:
         self.thread.join(timeout=30)
         state = self.server.config.app.state
         service = getattr(state, "worker_service", None)
-        if service is not None:  # its sweeper and scorer threads outlive no test's world
+        # no lifespan here: the sweeper (and scorer) would outlive the server and sweep the
+        # next test's database with this one's lease and node-lost times
+        if service is not None:
             service.stop_sweeper()
         if getattr(state, "sessions", None) is not None:  # nor its idle connections
             state.sessions.kw["bind"].dispose()

@@ -17,7 +17,16 @@ from datetime import timedelta
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from engine.api import challenges, health, leaderboards, submissions, teams, uploads, workers
+from engine.api import (
+    challenges,
+    health,
+    leaderboards,
+    nodes,
+    submissions,
+    teams,
+    uploads,
+    workers,
+)
 from engine.api.auth import authenticated
 from engine.api.errors import install_error_handlers
 from engine.api.middleware import BodyCap, SecurityHeaders
@@ -40,6 +49,7 @@ class ApiOptions:
     worker_lease: timedelta = timedelta(seconds=60)  # a remote attempt's lease; heartbeats renew
     sweep_seconds: float = 5.0  # how often the server re-queues expired leases
     scorer: bool = True  # a scorer thread in the server; False: `epreuve scorer` runs apart
+    node_lost_after: timedelta | None = None  # unheard this long: lost (None: 3 leases)
 
 
 @asynccontextmanager
@@ -65,9 +75,10 @@ def create_app(settings: Settings, options: ApiOptions | None = None) -> FastAPI
     # remote workers: the sweeper starts here, or with the first worker call (no lifespan)
     app.state.worker_service = workers.WorkerService(app.state, options.worker_lease,
                                                      options.sweep_seconds,
+                                                     options.node_lost_after,
                                                      scorer=options.scorer)
     install_error_handlers(app)
-    for module in (health, challenges, leaderboards, submissions, teams, workers):
+    for module in (health, challenges, leaderboards, submissions, teams, workers, nodes):
         app.include_router(module.router)
     # resumable image uploads and submission creation; images are checked after the request
     app.include_router(uploads.build_router(settings, authenticated(),

@@ -1,8 +1,11 @@
 """The worker routes: remote nodes claim jobs and report them over HTTP (worker tokens only).
 
-    POST /api/v1/worker/jobs/claim              {"gpus": N, "wait_seconds": S} -> 201 | 204
+    POST /api/v1/worker/nodes/register          the node's description -> {"node_id": N}
+    POST /api/v1/worker/jobs/claim              {"gpus": N, "wait_seconds": S, "node_id": N}
+                                                -> 201 | 204
     POST /api/v1/worker/jobs/{id}/start         the node confirms it started the attempt
-    POST /api/v1/worker/jobs/{id}/heartbeat     renews the lease
+    POST /api/v1/worker/jobs/{id}/heartbeat     renews the lease ({"node_id", "gpus"}: the
+                                                node's GPUs' latest readings)
     POST /api/v1/worker/jobs/{id}/logs          a chunk of the container's log (bounded)
     GET  /api/v1/worker/jobs/{id}/inputs        the attempt's input files: manifest
     GET  /api/v1/worker/jobs/{id}/inputs/{path} one input file (never ground truth)
@@ -21,7 +24,9 @@ scorer (engine/worker/scorer.py: a thread here unless `serve --no-scorer`, or `e
 scorer` apart) scores it on the trusted side; ground truth never leaves the server. A
 repeated completion of the same attempt is answered 200 with the state it reached
 (scoring, or its end), never applied twice. Deadlines are the server's: a sweeper thread
-re-queues expired leases (started with the first worker call, or the app).
+re-queues expired leases and the jobs of lost nodes
+(engine/nodes.py: no claim nor heartbeat for `lost_after`), started with the first worker
+call, or the app.
 """
 
 from __future__ import annotations
@@ -39,17 +44,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from engine import live_logs
+from engine import live_logs, node_description, nodes
 from engine.api.auth import Principal, authenticated
+from engine.api.database import DbSession
 from engine.api.errors import AUTH_RESPONSES, ErrorBody
 from engine.datasets import DatasetError, VerificationCache
 from engine.db.models import ImageRow, JobRow
 from engine.errors import Conflict, LeaseLost, NotFound
 from engine.evaluation import verified_dataset
+from engine.gpu_metrics import record_gpu_sample
 from engine.statuses import JobStatus
 from engine.store import CHUNK, BlobMissing, checked_digest, open_store
 from engine.tokens import new_secret
@@ -85,6 +93,37 @@ class ClaimRequest(BaseModel):
     gpus: int = Field(0, ge=0, le=1024, description="GPUs free on the node")
     wait_seconds: float = Field(20.0, ge=0, le=MAX_WAIT_SECONDS,
                                 description="How long to wait for a job (long poll)")
+    node_id: int | None = Field(None, ge=1, description="The node's id from registering")
+
+
+class GpuModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    uuid: str = Field(min_length=1, max_length=node_description.MAX_TEXT)
+    model: str = Field(min_length=1, max_length=node_description.MAX_TEXT)
+    driver: str = Field(min_length=1, max_length=node_description.MAX_TEXT)
+    memory_bytes: int = Field(ge=0, lt=1 << 50)
+
+
+class NodeRegistration(BaseModel):
+    """A node's description (engine/nodes.py validates it again, to the byte)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=node_description.NAME.pattern, max_length=63)
+    gpu_slots: int = Field(0, ge=0, le=node_description.MAX_SLOTS)
+    cpu_slots: int = Field(1, ge=0, le=node_description.MAX_SLOTS)
+    gpus: list[GpuModel] = Field(default_factory=list, max_length=node_description.MAX_GPUS)
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class Registered(BaseModel):
+    node_id: int
+    state: str
+
+
+class NodeBeat(BaseModel):
+    node_id: int | None = Field(None, ge=1)
+    gpus: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                            max_length=node_description.MAX_GPUS)
 
 
 class Claimed(BaseModel):
@@ -147,13 +186,14 @@ Fence = Annotated[Attempt, Depends(_attempt)]
 class WorkerService:
     """The server's side of the remote protocol: one DbCoordinator per attempt's owner."""
 
-    def __init__(self, app_state, lease: timedelta, sweep_seconds: float, *,
-                 scorer: bool = True):
+    def __init__(self, app_state, lease: timedelta, sweep_seconds: float,
+                 lost_after: timedelta | None = None, *, scorer: bool = True):
         self.state = app_state
         self.settings = app_state.settings
         self.sessions = app_state.sessions
         self.lease = lease
         self.sweep_seconds = sweep_seconds
+        self.lost_after = lost_after or nodes.DEFAULT_LOST_LEASES * lease
         self.verify_cache = VerificationCache(self.settings.state_dir / "verify")
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
@@ -162,9 +202,40 @@ class WorkerService:
         self.scorer = (Scorer(self.sessions, self.settings, sweep_seconds=None)  # ours sweeps
                        if scorer else None)
 
-    def coordinator(self, owner: str) -> DbCoordinator:
+    def coordinator(self, owner: str, node_id: int | None = None) -> DbCoordinator:
         return DbCoordinator(self.sessions, self.settings, owner, lease_duration=self.lease,
-                             work_dir=self.settings.work_dir / "scoring")
+                             work_dir=self.settings.work_dir / "scoring", node_id=node_id,
+                             lost_after=self.lost_after)
+
+    # -- the node registry --------------------------------------------------------------
+
+    @staticmethod
+    def register(session: Session, description: node_description.NodeDescription,
+                 worker: Principal) -> Registered:
+        node = nodes.register(session, description, worker.token_id,
+                              f"worker token {worker.token_id}")
+        registered = Registered(node_id=node.id, state=node.state)
+        session.commit()
+        log.info("node %s (%s) registered by worker token %s", registered.node_id,
+                 description.name, worker.token_id)
+        return registered
+
+    @staticmethod
+    def heard_from(session: Session, node_id: int, worker: Principal,
+                   samples: dict[str, Any] | None = None) -> None:
+        """A claim or heartbeat of this token's node (404 for any other), its GPUs' latest
+        readings kept and exported under the DCGM names, like a local worker's. Committed
+        here, in the request's session: the claim's long poll and the lease's own sessions
+        must not wait on it (nor on the token's last use)."""
+        node = nodes.node_of(session, node_id, worker.token_id)
+        nodes.heard_from(session, node, f"worker token {worker.token_id}", samples)
+        name = node.name
+        kept = {uuid: node.gpu_samples[uuid] for uuid in samples or {}}
+        session.commit()
+        for uuid, sample in kept.items():
+            record_gpu_sample(name, sample["index"], uuid, sample["utilisation_percent"],
+                              sample["memory_used_mib"], sample["power_watts"],
+                              sample["energy_millijoules"])
 
     def held(self, fence: Attempt) -> tuple[DbCoordinator, JobTicket]:
         coordinator = self.coordinator(fence.owner)
@@ -250,13 +321,25 @@ router = APIRouter(prefix=PREFIX, tags=["workers"], responses={**AUTH_RESPONSES,
 # -- claim and the attempt's life ----------------------------------------------------------
 
 
+@router.post("/nodes/register", response_model=Registered,
+             responses={422: {"model": ErrorBody, "description": "Not a valid description"}})
+def register(body: NodeRegistration, session: DbSession, service: Service,
+             worker: Worker) -> Registered:
+    """A node describes itself once (name, slots, GPUs, facts); the same token and name
+    again is the same node (restarted), active again."""
+    return service.register(session, node_description.validated(body.model_dump()), worker)
+
+
 @router.post("/jobs/claim", status_code=201, response_model=Claimed,
-             responses={204: {"description": "No job within the wait"}})
-def claim(body: ClaimRequest, service: Service, worker: Worker) -> Any:
+             responses={204: {"description": "No job within the wait"},
+                        404: {"model": ErrorBody, "description": "Not this token's node"}})
+def claim(body: ClaimRequest, session: DbSession, service: Service, worker: Worker) -> Any:
     deadline = time.monotonic() + body.wait_seconds
+    if body.node_id is not None:
+        service.heard_from(session, body.node_id, worker)
     while True:
         token = new_secret()
-        ticket = service.coordinator(attempt_owner(token)).lease(body.gpus)
+        ticket = service.coordinator(attempt_owner(token), body.node_id).lease(body.gpus)
         if ticket is not None:
             log.info("job %s attempt %s claimed by worker token %s", ticket.job_id,
                      ticket.attempt, worker.token_id)
@@ -285,7 +368,10 @@ def start(fence: Fence, service: Service, worker: Worker) -> Renewed:
 
 
 @router.post("/jobs/{job_id}/heartbeat", response_model=Renewed)
-def heartbeat(fence: Fence, service: Service, worker: Worker) -> Renewed:
+def heartbeat(fence: Fence, session: DbSession, service: Service, worker: Worker,
+              body: NodeBeat | None = None) -> Renewed:
+    if body is not None and body.node_id is not None:  # alive, even when the attempt is not
+        service.heard_from(session, body.node_id, worker, body.gpus)
     coordinator, ticket = service.held(fence)
     if not coordinator.heartbeat(ticket):
         raise StaleAttempt(f"job {fence.job_id} was taken back: stop it")

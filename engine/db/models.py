@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import DateTime, TypeDecorator
 
-from engine.statuses import IntakeStatus, JobStatus, SubmissionStatus
+from engine.statuses import IntakeStatus, JobStatus, NodeState, SubmissionStatus
 
 
 class UTCDateTime(TypeDecorator):
@@ -226,6 +226,7 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id"))  # its attempt's node
     submission: Mapped[SubmissionRow] = relationship(back_populates="jobs")
 
 
@@ -278,6 +279,26 @@ class AggregateRow(Base):
     submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"))
     metric: Mapped[str] = mapped_column(String(100))  # "dice[1]"
     summary: Mapped[dict[str, Any]]  # mean, median, std, quantiles, n, n_failed, CI
+
+
+class NodeRow(Base):
+    """A machine that runs jobs, as it described itself (engine/nodes.py): seen by
+    organisers, marked lost when its heartbeats stop."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_token_name", "token_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))  # chosen by the node: validated
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("tokens.id"))  # None: local
+    gpu_slots: Mapped[int] = mapped_column(default=0)
+    cpu_slots: Mapped[int] = mapped_column(default=1)
+    gpus: Mapped[list[Any]] = mapped_column(default=list)  # [{uuid, model, driver, memory}]
+    facts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # provenance.node_facts
+    gpu_samples: Mapped[dict[str, Any]] = mapped_column(default=dict)  # latest, per GPU uuid
+    state: Mapped[str] = mapped_column(String(16), default=NodeState.ACTIVE.value)
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class EventRow(Base):

@@ -1,8 +1,9 @@
 """/dashboard: the organisers' view of their challenges (admins: all of them).
 
 The queue by phase and state, the jobs in hand with their elapsed time and log tail
-(a small script polls /dashboard/live.json), failures by reason and day, the workers
-holding leases (there is no node registry yet) and the GPUs heard from
+(a small script polls /dashboard/live.json), failures by reason and day, the nodes
+(engine/nodes.py: slots, GPUs and their readings, state, last heartbeat, jobs; organisers
+and admins), the workers holding leases and the GPUs heard from
 (engine/metrics.GPU_SAMPLES), and the recent submissions with cancel and re-run. Reviewers
 read it without the buttons; participants are refused (403 page).
 """
@@ -24,6 +25,7 @@ from engine.api.auth import Principal
 from engine.api.database import DbSession
 from engine.db.models import JobRow, PhaseRow, SubmissionRow, utcnow
 from engine.metrics import GPU_SAMPLES, QUEUE_STATES
+from engine.nodes import node_views
 from engine.statuses import ACTIVE_JOB_STATES, SubmissionStatus
 from engine.tokens import Forbidden, Role
 from engine.web.rendering import page, render
@@ -122,6 +124,15 @@ def workers(session: Session, reader: Principal) -> list[dict[str, Any]]:
             for owner, n, beat, gpus in rows]
 
 
+def nodes_in_view(session: Session, reader: Principal) -> list[dict[str, Any]] | None:
+    """The node registry for organisers and admins (reviewers: None, not shown); an
+    organiser sees its challenges' jobs on each node, the others counted."""
+    if reader.role not in (Role.ADMIN, Role.ORGANISER):
+        return None
+    return node_views(session, challenge_ids=None if reader.role == Role.ADMIN
+                      else reader.challenge_ids)
+
+
 def recent_submissions(session: Session, reader: Principal) -> list[SubmissionRow]:
     return list(session.scalars(_scoped(
         select(SubmissionRow).join(PhaseRow, PhaseRow.id == SubmissionRow.phase_id), reader)
@@ -141,6 +152,7 @@ def dashboard(request: Request, session: DbSession, principal: Viewer) -> Respon
                   running=running_jobs(session, reader, _state_dir(request)),
                   failures=failures_by_day(session, reader),
                   workers=workers(session, reader), gpus=GPU_SAMPLES.fresh(),
+                  nodes=nodes_in_view(session, reader),
                   submissions=recent_submissions(session, reader),
                   active=(SubmissionStatus.QUEUED, SubmissionStatus.RUNNING))
 

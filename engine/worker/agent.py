@@ -35,6 +35,7 @@ from engine.errors import LeaseLost
 from engine.evaluation import run_spec, verified_dataset
 from engine.gpu_metrics import gpu_sample_recorder
 from engine.image_presence import ImageUnavailable, ensure_image
+from engine.node_description import NodeDescription, describe
 from engine.provenance import node_facts, run_spec_data
 from engine.store import BlobStore, open_store
 from engine.worker.protocol import (
@@ -47,9 +48,9 @@ from engine.worker.protocol import (
 )
 from engine.worker.workdirs import claim_work_dir, remove_dead_workers_dirs, remove_tree
 from gpu.allocator import GPUAllocator, NotEnoughGPUs
-from gpu.inventory import list_gpus
+from gpu.inventory import GPU, list_gpus
 from gpu.telemetry import TelemetrySampler
-from runners.base import FailureReason, Runner, RunResult, RunSpec
+from runners.base import FailureReason, MiB, Runner, RunResult, RunSpec
 from runners.docker import DockerUnavailable, owner_token
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Agent:
                  gpus: GPUAllocator | Sequence[str] | None = None,
                  heartbeat_seconds: float = 10.0, maintenance_seconds: float = 5.0,
                  platform_pause_seconds: float | None = None,
-                 store: BlobStore | None = None):
+                 store: BlobStore | None = None, node_name: str | None = None):
         self.coordinator = coordinator
         self.store = store or open_store(settings.store_dir)  # images, loaded by digest
         self.runner = runner
@@ -85,7 +86,29 @@ class Agent:
         remove_dead_workers_dirs(settings.work_dir)
         self.work_dir = claim_work_dir(settings.work_dir, self.owner)
         self._node: dict | None = None
-        self.gpu_samples = gpu_sample_recorder(socket.gethostname())  # the DCGM-named gauges
+        self.node_name = node_name or socket.gethostname()
+        self.gpu_samples = gpu_sample_recorder(self.node_name)  # the DCGM-named gauges
+        self.gpu_latest: dict[str, dict] = {}  # each GPU's latest reading, for heartbeats
+
+    def describe(self) -> NodeDescription:
+        """This node for the registry (engine/nodes.py): built once, sent on registering."""
+        try:
+            known = {g.uuid: g for g in list_gpus()}
+        except Exception as exc:  # a broken NVML: the GPUs are described by uuid only
+            log.warning("the node's GPUs could not be listed: %s", exc)
+            known = {}
+        gpus = [known.get(uuid) or GPU(uuid=uuid, index=index, name="unknown", memory_bytes=0,
+                                       driver_version="unknown")
+                for index, uuid in enumerate(self.gpus.uuids)]
+        return describe(self.node_name, gpu_slots=len(self.gpus.uuids), cpu_slots=1,
+                        gpus=gpus, facts=self.node)
+
+    def _gpu_sample(self, reading) -> None:
+        self.gpu_samples(reading)
+        self.gpu_latest[reading.uuid] = {
+            "index": reading.index, "utilisation_percent": reading.utilisation_percent,
+            "memory_used_mib": reading.memory_used_bytes / MiB,
+            "power_watts": reading.power_watts, "energy_millijoules": reading.energy_millijoules}
 
     @property
     def node(self) -> dict:
@@ -258,7 +281,7 @@ class Agent:
         with self._heartbeats(ticket) as lost:
             with platform_step("preparing the image"):
                 self.prepare_image(ticket)
-            sampler = TelemetrySampler(spec.gpu_uuids, on_sample=self.gpu_samples).start()
+            sampler = TelemetrySampler(spec.gpu_uuids, on_sample=self._gpu_sample).start()
             try:
                 with platform_step("running the container"):
                     result = self.runner.run(spec, cancel=lost,

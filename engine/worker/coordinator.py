@@ -13,6 +13,7 @@ queue's.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -21,12 +22,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import live_logs, queue
+from engine import live_logs, nodes, queue
 from engine.challenges import challenge_definition
 from engine.config import Settings
-from engine.db.models import EventRow, JobRow, utcnow
+from engine.db.models import EventRow, JobRow, NodeRow, utcnow
 from engine.errors import LeaseLost
 from engine.evaluation import SandboxLimits
+from engine.node_description import InvalidNode
 from engine.statuses import JobStatus
 from engine.worker.protocol import (
     Coordinator,
@@ -41,6 +43,7 @@ from runners.image_user import numeric_pair
 
 __all__ = ["Coordinator", "DbCoordinator", "JobOutcome", "JobTicket", "LeaseLost",
            "PlatformFailure", "attempt_provenance", "messages_platform"]
+log = logging.getLogger(__name__)
 
 
 class DbCoordinator:
@@ -48,7 +51,8 @@ class DbCoordinator:
                  owner_dead: Callable[[str], bool] | None = None,
                  lease_duration: timedelta = queue.DEFAULT_LEASE,
                  runner: Runner | None = None, scoring_workers: int | None = None,
-                 work_dir: Path | None = None, adopts_outcomes: bool = False):
+                 work_dir: Path | None = None, adopts_outcomes: bool = False,
+                 node_id: int | None = None, lost_after: timedelta | None = None):
         self.sessions = sessions
         self.settings = settings
         self.owner = owner
@@ -61,6 +65,9 @@ class DbCoordinator:
         self.adopts_outcomes = adopts_outcomes
         self.scoring = Scoring(settings, runner=runner, work_dir=work_dir or settings.work_dir,
                                workers=scoring_workers)
+        self.node_id = node_id  # the registered node this coordinator leases for, if any
+        self.node_samples: Mapping[str, Any] | None = None  # its GPUs' latest readings
+        self.lost_after = lost_after  # None: this coordinator marks no node lost
 
     @property
     def work_dir(self) -> Path:
@@ -77,12 +84,18 @@ class DbCoordinator:
         with self.sessions() as session:
             job = queue.lease(session, self.owner, self.lease_duration, gpus_available=capacity)
             ticket = None if job is None else self._ticket(job)
+            if self.node_id is not None:
+                self._heard_from(session, quiet_seconds=2.0)
+                if job is not None:
+                    nodes.assign(session, job.id, self.node_id)
             session.commit()
             return ticket
 
     def heartbeat(self, ticket: JobTicket) -> bool:
         with self.sessions() as session:
             renewed = queue.heartbeat(session, ticket.job_id, self.owner, self.lease_duration)
+            if self.node_id is not None:
+                self._heard_from(session, self.node_samples)
             session.commit()
             return renewed
 
@@ -107,8 +120,8 @@ class DbCoordinator:
     def maintenance(self) -> None:
         """Re-queue the jobs of vanished workers (a job out of attempts ends like any other:
         its submission moves on); a stored outcome whose scorer vanished is scored again,
-        never run again."""
-        sweep(self.sessions, self.actor, owner_dead=self.owner_dead)
+        never run again; the jobs of lost nodes (unheard for `lost_after`) are re-queued."""
+        sweep(self.sessions, self.actor, owner_dead=self.owner_dead, lost_after=self.lost_after)
         if self.adopts_outcomes:
             self._score_an_orphan()
 
@@ -185,6 +198,17 @@ class DbCoordinator:
             return job.status if job.attempts == attempt else JobStatus.QUEUED
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _heard_from(self, session: Session, samples: Mapping[str, Any] | None = None, *,
+                    quiet_seconds: float = 0) -> None:
+        node = session.get(NodeRow, self.node_id)
+        if node is not None:
+            try:
+                nodes.heard_from(session, node, self.actor, samples,
+                                 quiet_seconds=quiet_seconds)
+            except InvalidNode as exc:  # our own sampler's reading: dropped, not fatal
+                log.warning("GPU readings of node %s dropped: %s", node.name, exc)
+                nodes.heard_from(session, node, self.actor)
 
     def _held(self, session: Session, ticket: JobTicket) -> JobRow:
         """The ticket's job, still leased to us for this very attempt; else LeaseLost."""

@@ -36,6 +36,7 @@ import httpx
 from engine.datasets import DatasetError, SealedDataset
 from engine.errors import EpreuveError, LeaseLost, Unavailable
 from engine.image_presence import ImageUnavailable, ensure_image
+from engine.node_description import NodeDescription
 from engine.store import DirectoryStore, checked_digest
 from engine.worker.agent import Agent
 from engine.worker.protocol import JobOutcome, JobTicket, PlatformFailure
@@ -59,6 +60,8 @@ LOG_RETRY_SECONDS = 5.0  # a live log chunk: never worth holding a run's thread 
 class ServerRefused(EpreuveError):
     """The server answered 4xx (other than 409) to a worker call: a bug or a bad token."""
 
+    status: int | None = None
+
 
 class ServerUnreachable(Unavailable):
     """The server did not answer within the retries."""
@@ -78,19 +81,37 @@ class HttpCoordinator:
         self.retry_seconds = retry_seconds  # how long a report is retried before giving up
         self._tokens: dict[tuple[int, int], str] = {}
         self.lease_seconds = 60.0
+        self.description: NodeDescription | None = None  # registered before the first claim
+        self.node_id: int | None = None
+        self.gpu_latest: Mapping[str, Any] = {}  # the node's GPUs' latest readings
 
     def close(self) -> None:
         self.client.close()
 
     # -- the protocol --------------------------------------------------------------------
 
+    def register(self) -> None:
+        """This node in the server's registry: its id goes with every claim."""
+        if self.description is not None and self.node_id is None:
+            response = self._send("POST", f"{API}/nodes/register",
+                                  json=self.description.to_json())
+            self.node_id = int(response.json()["node_id"])
+
     def lease(self, capacity: int) -> JobTicket | None:
         try:
+            self.register()
             response = self._send("POST", f"{API}/jobs/claim",
-                                  json={"gpus": capacity, "wait_seconds": self.wait_seconds},
+                                  json={"gpus": capacity, "wait_seconds": self.wait_seconds,
+                                        "node_id": self.node_id},
                                   timeout=self.wait_seconds + 30)
         except ServerUnreachable as exc:
             log.warning("no job claimed: %s", exc)
+            return None
+        except ServerRefused as exc:
+            if self.node_id is None or exc.status != 404:
+                raise
+            log.warning("the server does not know node %s: registering again", self.node_id)
+            self.node_id = None
             return None
         if response.status_code == 204:
             return None
@@ -106,7 +127,8 @@ class HttpCoordinator:
     def heartbeat(self, ticket: JobTicket) -> bool:
         try:
             self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/heartbeat",
-                       retry_seconds=min(self.retry_seconds, 30.0))
+                       retry_seconds=min(self.retry_seconds, 30.0),
+                       json={"node_id": self.node_id, "gpus": dict(self.gpu_latest)})
         except LeaseLost:
             return False
         return True
@@ -220,7 +242,9 @@ def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code == 409:
         raise LeaseLost(_message(response))
     if response.status_code >= 400:
-        raise ServerRefused(f"HTTP {response.status_code}: {_message(response)}")
+        refused = ServerRefused(f"HTTP {response.status_code}: {_message(response)}")
+        refused.status = response.status_code
+        raise refused
     return response
 
 
@@ -248,6 +272,8 @@ class RemoteAgent(Agent):
                  image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES, **kwargs):
         kwargs.setdefault("store", DirectoryStore(settings.data_dir / "image-cache"))
         super().__init__(coordinator, runner, settings, **kwargs)
+        coordinator.description = self.describe()  # sent once, when registering
+        coordinator.gpu_latest = self.gpu_latest
         self.inputs_cache = settings.data_dir / "inputs-cache"
         self.image_cache_bytes = image_cache_bytes  # the archives' disk budget (LRU)
 

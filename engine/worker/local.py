@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import queue
+from engine import nodes, queue
 from engine.config import Settings
 from engine.store import BlobStore
 from engine.worker.agent import Agent
@@ -25,13 +25,22 @@ class Worker(Agent):
                  heartbeat_seconds: float = 10.0, scoring_workers: int | None = None,
                  gpus: GPUAllocator | Sequence[str] | None = None,
                  maintenance_seconds: float = 5.0, store: BlobStore | None = None,
-                 platform_pause_seconds: float | None = None):
+                 platform_pause_seconds: float | None = None, node_name: str | None = None):
         owner = owner_token()
         coordinator = DbCoordinator(sessions, settings, owner, owner_dead=dead_on_this_host,
                                     lease_duration=lease_duration, runner=runner,
-                                    scoring_workers=scoring_workers, adopts_outcomes=True)
+                                    scoring_workers=scoring_workers, adopts_outcomes=True,
+                                    lost_after=nodes.DEFAULT_LOST_LEASES * lease_duration)
         super().__init__(coordinator, runner, settings, owner=owner, gpus=gpus,
                          heartbeat_seconds=heartbeat_seconds,
                          maintenance_seconds=maintenance_seconds, store=store,
-                         platform_pause_seconds=platform_pause_seconds)
+                         platform_pause_seconds=platform_pause_seconds, node_name=node_name)
         coordinator.work_dir = self.work_dir  # the evaluation image's scratch: ours
+        coordinator.node_id = self._register(sessions)  # in the registry, like remote nodes
+        coordinator.node_samples = self.gpu_latest
+
+    def _register(self, sessions: sessionmaker[Session]) -> int:
+        with sessions() as session:
+            node = nodes.register(session, self.describe(), None, self.actor)
+            session.commit()
+            return node.id

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from engine import queue
+from engine import nodes, queue
 from engine.challenges import Challenge, challenge_definition
 from engine.config import Settings
 from engine.datasets import DatasetError, VerificationCache
@@ -266,7 +266,8 @@ def attempt_provenance(job: JobRow, *, node: Mapping[str, Any],
 
 
 def sweep(sessions: sessionmaker[Session], actor: str, *,
-          owner_dead: Callable[[str], bool] | None = None) -> list[int]:
+          owner_dead: Callable[[str], bool] | None = None,
+          lost_after: timedelta | None = None) -> list[int]:
     """Re-queue the jobs of vanished workers, hand the outcomes of vanished scorers to the
     next; a job that ended here moves its submission on (an INFRASTRUCTURE end never counts
     against the team)."""
@@ -275,6 +276,8 @@ def sweep(sessions: sessionmaker[Session], actor: str, *,
 
     with sessions() as session:
         swept = queue.sweep(session, actor, owner_dead=dead)
+        if lost_after is not None:  # nodes unheard this long: their jobs run elsewhere
+            swept += nodes.sweep_lost(session, lost_after, actor)
         for job_id in swept:
             job = session.get(JobRow, job_id, populate_existing=True)
             if job is not None and job.status == JobStatus.FAILED:
