@@ -390,12 +390,12 @@ def test_a_lost_nodes_job_being_scored_is_left_to_the_server(tmp_path):
     with world.sessions() as session:
         node = nodes.register(session, validated(GOOD), None, "test")
         jobs = {}
-        for submission_id in (scored, running):
-            job = queue.lease(session, f"owner-{submission_id}")
-            assert job.submission_id == submission_id
+        for owner in ("owner-1", "owner-2"):  # fair share picks the order: map by submission
+            job = queue.lease(session, owner)
             nodes.assign(session, job.id, node.id)
-            jobs[submission_id] = job
-        queue.transition(session, jobs[scored], "scoring", f"owner-{scored}")
+            jobs[job.submission_id] = job
+        assert set(jobs) == {scored, running}
+        queue.transition(session, jobs[scored], "scoring", jobs[scored].lease_owner)
         node.last_heartbeat -= timedelta(minutes=10)
         moved = nodes.sweep_lost(session, timedelta(minutes=3), "test sweeper")
         session.commit()
