@@ -516,6 +516,10 @@ def worker(
                              "or UUIDs separated by commas."),
     poll_seconds: float = typer.Option(20, "--poll-seconds", help="With --server: how long "
                                        "one claim waits for a job (long poll, at most 30)."),
+    cpu_slots: int = typer.Option(1, "--cpu-slots", min=0, help="Jobs needing no GPU run "
+                                  "at once in this many slots (GPU jobs: one per GPU). One "
+                                  "by default: a job may use several cores, and GPU jobs "
+                                  "need the node's CPUs to feed them."),
 ) -> None:
     """Run jobs from the queue until stopped (Ctrl-C), or until idle."""
     import signal
@@ -539,7 +543,7 @@ def worker(
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
         coordinator = HttpCoordinator(server, token, wait_seconds=min(poll_seconds, 30.0))
         agent = RemoteAgent(coordinator, runner, settings, gpus=chosen,
-                            heartbeat_seconds=heartbeat_seconds)
+                            heartbeat_seconds=heartbeat_seconds, cpu_slots=cpu_slots)
     else:
         from engine.worker import Worker
 
@@ -547,10 +551,11 @@ def worker(
         runner = make_runner(settings.runner, state_dir=settings.state_dir / "runs")
         agent = Worker(sessions, settings, runner,
                        lease_duration=timedelta(seconds=lease_seconds),
-                       heartbeat_seconds=heartbeat_seconds, gpus=chosen)
+                       heartbeat_seconds=heartbeat_seconds, gpus=chosen, cpu_slots=cpu_slots)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU(s); waiting for jobs"
+    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU slot(s), {cpu_slots} CPU "
+                  "slot(s); waiting for jobs"
                   + (f" from {server}" if server else ""))
     try:
         done = agent.run(stop, until_idle=until_idle, max_jobs=max_jobs)

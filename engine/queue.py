@@ -60,14 +60,16 @@ def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[s
 
 
 def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
-          gpus_available: int = 0) -> JobRow | None:
-    """Lease the next queued job this node can run to `owner`, or None. Flushes; the
+          gpus_available: int = 0, gpus_at_least: int = 0) -> JobRow | None:
+    """Lease the next queued job this node can run to `owner`, or None (`gpus_at_least`:
+    only a job needing that many GPUs or more, for a node's free GPU slot). Flushes; the
     caller commits (on PostgreSQL the row stays locked until then)."""
     tried: set[int] = set()
     while True:
         candidate = session.execute(
             select(JobRow.id)
             .where(JobRow.status == JobStatus.QUEUED, JobRow.gpus <= gpus_available,
+                   JobRow.gpus >= gpus_at_least,
                    JobRow.id.not_in(tried) if tried else True)
             .order_by(JobRow.priority, JobRow.id)
             .limit(1)

@@ -1,6 +1,7 @@
 """The worker routes: remote nodes claim jobs and report them over HTTP (worker tokens only).
 
-    POST /api/v1/worker/jobs/claim              {"gpus": N, "wait_seconds": S} -> 201 | 204
+    POST /api/v1/worker/jobs/claim              {"gpus": N, "min_gpus": M, "wait_seconds": S}
+                                                -> 201 | 204
     POST /api/v1/worker/jobs/{id}/start         the node confirms it started the attempt
     POST /api/v1/worker/jobs/{id}/heartbeat     renews the lease
     POST /api/v1/worker/jobs/{id}/logs          a chunk of the container's log (bounded)
@@ -80,6 +81,8 @@ class StaleAttempt(LeaseLost):
 
 class ClaimRequest(BaseModel):
     gpus: int = Field(0, ge=0, le=1024, description="GPUs free on the node")
+    min_gpus: int = Field(0, ge=0, le=1024, description="Only a job needing at least this "
+                          "many GPUs (a GPU slot is free, no CPU slot is)")
     wait_seconds: float = Field(20.0, ge=0, le=MAX_WAIT_SECONDS,
                                 description="How long to wait for a job (long poll)")
 
@@ -233,7 +236,8 @@ def claim(body: ClaimRequest, service: Service, worker: Worker) -> Any:
     deadline = time.monotonic() + body.wait_seconds
     while True:
         token = new_secret()
-        ticket = service.coordinator(attempt_owner(token)).lease(body.gpus)
+        ticket = service.coordinator(attempt_owner(token)).lease(body.gpus,
+                                                                 min_gpus=body.min_gpus)
         if ticket is not None:
             log.info("job %s attempt %s claimed by worker token %s", ticket.job_id,
                      ticket.attempt, worker.token_id)

@@ -77,10 +77,11 @@ class HttpCoordinator:
 
     # -- the protocol --------------------------------------------------------------------
 
-    def lease(self, capacity: int) -> JobTicket | None:
+    def lease(self, capacity: int, *, min_gpus: int = 0) -> JobTicket | None:
+        wanted = {"gpus": capacity, "wait_seconds": self.wait_seconds,
+                  **({"min_gpus": min_gpus} if min_gpus else {})}  # absent: any server reads it
         try:
-            response = self._send("POST", f"{API}/jobs/claim",
-                                  json={"gpus": capacity, "wait_seconds": self.wait_seconds},
+            response = self._send("POST", f"{API}/jobs/claim", json=wanted,
                                   timeout=self.wait_seconds + 30)
         except ServerUnreachable as exc:
             log.warning("no job claimed: %s", exc)
