@@ -252,3 +252,10 @@ def test_busy_fractions_sum_each_slots_container_time_within_the_window():
     uses = [SlotUse(("gpu-a",), 1, 0.0, 4.0), SlotUse(("gpu-a", "gpu-b"), 2, 5.0, 10.0)]
     assert busy_fractions(uses, ["gpu-a", "gpu-b", "cpu-0"], 0.0, 10.0) == {
         "gpu-a": 0.9, "gpu-b": 0.5, "cpu-0": 0.0}
+
+
+def test_busy_fractions_leave_out_the_spans_when_the_queue_was_dry():
+    from engine.worker.slots import SlotUse
+
+    uses = [SlotUse(("cpu-0",), 1, 0.0, 4.0), SlotUse(("cpu-0",), 2, 6.0, 10.0)]
+    assert busy_fractions(uses, ["cpu-0"], 0.0, 10.0, [(4.0, 6.0)]) == {"cpu-0": 1.0}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +65,8 @@ class Slots:
         self._cpu_held: set[str] = set()
         self._busy = 0
         self.uses: list[SlotUse] = []  # every container's time in its slots, for the record
+        self.dry: list[tuple[float, float]] = []  # when a slot was free and nothing queued
+        self._dry_since: float | None = None
 
     @property
     def total(self) -> int:
@@ -111,6 +114,17 @@ class Slots:
     def wait(self, seconds: float) -> None:
         with self._changed:
             self._changed.wait(seconds)
+
+    def note_lease(self, *, found: bool, had_room: bool) -> None:
+        """Keep the spans when the queue had nothing for a free slot (a busy fraction is
+        of the time the queue holds work)."""
+        now = time.monotonic()
+        with self._changed:
+            if not found and had_room and self._dry_since is None:
+                self._dry_since = now
+            elif found and self._dry_since is not None:
+                self.dry.append((self._dry_since, now))
+                self._dry_since = None
 
     def record(self, taken: Taken, job_id: int, started: float, ended: float) -> None:
         with self._changed:
@@ -172,10 +186,13 @@ class SlotLoop:
         """A job that fits what is free now, or None (nothing free, or nothing queued)."""
         free_gpus, free_cpu = self.slots.gpus.free_count(), self.slots.free_cpu()
         if free_cpu > 0:
-            return self.agent.coordinator.lease(free_gpus)
-        if free_gpus > 0:
-            return self.agent.coordinator.lease(free_gpus, min_gpus=1)
-        return None
+            ticket = self.agent.coordinator.lease(free_gpus)
+        elif free_gpus > 0:
+            ticket = self.agent.coordinator.lease(free_gpus, min_gpus=1)
+        else:
+            return None
+        self.slots.note_lease(found=ticket is not None, had_room=True)
+        return ticket
 
     def start(self, ticket: JobTicket, reporter: Reporter) -> None:
         try:
@@ -199,13 +216,17 @@ class SlotLoop:
             self.slots.release(taken)
 
 
-def busy_fractions(uses: list[SlotUse], names: list[str], start: float,
-                   end: float) -> dict[str, float]:
-    """Each slot's share of the window [start, end] with a container running in it."""
-    window = max(end - start, 1e-9)
+def busy_fractions(uses: list[SlotUse], names: list[str], start: float, end: float,
+                   excluded: list[tuple[float, float]] = ()) -> dict[str, float]:
+    """Each slot's share of the window [start, end] with a container running in it, the
+    `excluded` spans (disjoint: the queue had nothing to give) left out of both sides."""
+    def within(a: float, b: float) -> float:
+        inside = max(0.0, min(b, end) - max(a, start))
+        return inside - sum(max(0.0, min(b, e, end) - max(a, s, start)) for s, e in excluded)
+
+    window = max(within(start, end), 1e-9)
     busy = dict.fromkeys(names, 0.0)
     for use in uses:
-        overlap = max(0.0, min(use.ended, end) - max(use.started, start))
         for name in use.slots:
-            busy[name] = busy.get(name, 0.0) + overlap
+            busy[name] = busy.get(name, 0.0) + within(use.started, use.ended)
     return {name: seconds / window for name, seconds in busy.items()}
