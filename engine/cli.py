@@ -522,6 +522,10 @@ def worker(
     node_name: str | None = typer.Option(None, "--node-name", envvar="EPREUVE_NODE_NAME",
                                          help="This node's name in the registry (default: "
                                          "the host name)."),
+    cpu_slots: int = typer.Option(1, "--cpu-slots", min=0, help="Jobs needing no GPU run "
+                                  "at once in this many slots (GPU jobs: one per GPU). One "
+                                  "by default: a job may use several cores, and GPU jobs "
+                                  "need the node's CPUs to feed them."),
 ) -> None:
     """Run jobs from the queue until stopped (Ctrl-C), or until idle."""
     import signal
@@ -546,7 +550,8 @@ def worker(
         coordinator = HttpCoordinator(server, token, wait_seconds=min(poll_seconds, 30.0))
         agent = RemoteAgent(coordinator, runner, settings, gpus=chosen,
                             heartbeat_seconds=heartbeat_seconds, node_name=node_name,
-                            platform_pause_seconds=PLATFORM_PAUSE_SECONDS)
+                            platform_pause_seconds=PLATFORM_PAUSE_SECONDS,
+                            cpu_slots=cpu_slots)
     else:
         from engine.worker import Worker
 
@@ -555,10 +560,11 @@ def worker(
         agent = Worker(sessions, settings, runner,
                        lease_duration=timedelta(seconds=lease_seconds),
                        heartbeat_seconds=heartbeat_seconds, gpus=chosen, node_name=node_name,
-                       platform_pause_seconds=PLATFORM_PAUSE_SECONDS)
+                       platform_pause_seconds=PLATFORM_PAUSE_SECONDS, cpu_slots=cpu_slots)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU(s); waiting for jobs"
+    console.print(f"{agent.actor}: {len(agent.gpus.uuids)} GPU slot(s), {cpu_slots} CPU "
+                  "slot(s); waiting for jobs"
                   + (f" from {server}" if server else ""))
     try:
         done = agent.run(stop, until_idle=until_idle, max_jobs=max_jobs)

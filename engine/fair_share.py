@@ -90,18 +90,21 @@ def team_key(team_id: int, service: TeamService) -> tuple:
     return (round(service.seconds, 3), service.last_lease or NEVER, team_id)
 
 
-def lease_order(session: Session, gpus_available: int) -> Iterator[list[int]]:
+def lease_order(session: Session, gpus_available: int,
+                gpus_at_least: int = 0) -> Iterator[list[int]]:
     """For each team in the order the policy tries them, its waiting submissions in
-    round-robin order, at the lowest priority level this node has work at. Lazy: a lease
-    usually needs only the first team's."""
+    round-robin order, at the lowest priority level this node has work at (jobs needing
+    between `gpus_at_least` and `gpus_available` GPUs). Lazy: a lease usually needs only the
+    first team's."""
+    fits = (JobRow.gpus <= gpus_available, JobRow.gpus >= gpus_at_least)
     level = session.scalar(select(func.min(JobRow.priority)).where(
-        JobRow.status == JobStatus.QUEUED, JobRow.gpus <= gpus_available))
+        JobRow.status == JobStatus.QUEUED, *fits))
     if level is None:
         return
     waiting = session.execute(
         select(SubmissionRow.team_id, JobRow.submission_id).join(SubmissionRow)
-        .where(JobRow.status == JobStatus.QUEUED, JobRow.priority == level,
-               JobRow.gpus <= gpus_available).distinct()).all()
+        .where(JobRow.status == JobStatus.QUEUED, JobRow.priority == level, *fits)
+        .distinct()).all()
     by_team: dict[int, list[int]] = defaultdict(list)
     for team_id, submission_id in waiting:
         by_team[team_id].append(submission_id)

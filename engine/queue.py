@@ -70,20 +70,22 @@ def enqueue(session: Session, submission: SubmissionRow, shards: Iterable[list[s
 
 
 def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
-          gpus_available: int = 0) -> JobRow | None:
+          gpus_available: int = 0, gpus_at_least: int = 0) -> JobRow | None:
     """Lease the next queued job this node can run to `owner` (the fair-share order of
-    engine/fair_share.py), or None. Flushes; the caller commits (on PostgreSQL the row
+    engine/fair_share.py), or None (`gpus_at_least`: only a job needing that many GPUs or
+    more, for a node's free GPU slot). Flushes; the caller commits (on PostgreSQL the row
     stays locked until then)."""
-    for submissions in fair_share.lease_order(session, gpus_available):
+    for submissions in fair_share.lease_order(session, gpus_available, gpus_at_least):
         for submission_id in submissions:
-            job = lease_from(session, submission_id, owner, duration, gpus_available)
+            job = lease_from(session, submission_id, owner, duration, gpus_available,
+                             gpus_at_least)
             if job is not None:
                 return job
     return None
 
 
 def lease_from(session: Session, submission_id: int, owner: str, duration: timedelta,
-               gpus_available: int) -> JobRow | None:
+               gpus_available: int, gpus_at_least: int = 0) -> JobRow | None:
     """Lease this submission's oldest queued job at its lowest level, skipping rows another
     worker holds (PostgreSQL) or has just taken (SQLite's conditional UPDATE)."""
     tried: set[int] = set()
@@ -91,7 +93,7 @@ def lease_from(session: Session, submission_id: int, owner: str, duration: timed
         candidate = session.execute(
             select(JobRow.id)
             .where(JobRow.submission_id == submission_id, JobRow.status == JobStatus.QUEUED,
-                   JobRow.gpus <= gpus_available,
+                   JobRow.gpus <= gpus_available, JobRow.gpus >= gpus_at_least,
                    JobRow.id.not_in(tried) if tried else True)
             .order_by(JobRow.priority, JobRow.id)
             .limit(1)

@@ -145,9 +145,12 @@ def test_throughput_quick(docker_engine, tmp_path):
     from benchmarks import throughput
 
     throughput.main(["--quick", "--json", str(tmp_path / "t.json")])
-    (result,) = read_json(tmp_path / "t.json")["results"].values()
-    assert result["names"] == ["engine", "bare loop"]
+    results = read_json(tmp_path / "t.json")["results"]
+    fractions = results.pop("slot busy fraction")
+    (result,) = results.values()
+    assert result["names"] == ["engine", "bare loop", "server + remote worker"]
     assert len(result["rounds"]) == 1
+    assert list(fractions) == ["cpu-0"] and 0.0 < fractions["cpu-0"] <= 1.0
 
 
 def test_metrics_scrape_quick(tmp_path):

@@ -50,8 +50,9 @@ class Node:
         self.ticket: dict = {}
         self.token = ""
 
-    def claim(self, gpus: int = 0, wait: float = 0) -> httpx.Response:
-        response = self.http.post(f"{API}/jobs/claim", json={"gpus": gpus, "wait_seconds": wait})
+    def claim(self, gpus: int = 0, wait: float = 0, **extra) -> httpx.Response:
+        response = self.http.post(f"{API}/jobs/claim",
+                                  json={"gpus": gpus, "wait_seconds": wait, **extra})
         if response.status_code == 201:
             self.ticket, self.token = response.json()["ticket"], response.json()["attempt_token"]
         return response
@@ -150,6 +151,25 @@ def test_a_claim_without_work_is_204_and_only_a_worker_token_may_claim(live):
     assert refused.status_code == 403
     with live.client("worker") as worker:  # and a worker token may make no other call
         assert worker.get("/api/v1/challenges").status_code == 403
+
+
+def test_a_first_claim_on_sqlite_is_not_locked_out_by_its_own_token_and_min_gpus_holds(
+        tmp_path):
+    """The token's last use is written by the request's authentication: left open for the
+    whole request, on SQLite it locked out the claim's own lease (503 after the busy
+    timeout). A node whose CPU slots are full asks min_gpus 1: a CPU job is not for it."""
+    world = build_world(tmp_path, "sqlite")
+    server = start_server(world, ApiOptions(rate=Rate(burst=10_000, per_second=1000.0),
+                                            sweep_seconds=3600))
+    try:
+        queued_submission(world, "ch-a", "team-a")
+        queued_submission(world, "ch-a", "team-b")
+        node = Node(server)
+        assert node.claim(gpus=4).status_code == 201  # the token's first use, and a lease
+        assert node.claim(gpus=4, min_gpus=1).status_code == 204  # the other needs no GPU
+        assert node.claim(gpus=4).status_code == 201
+    finally:
+        server.stop()
 
 
 def test_an_attempt_runs_is_scored_on_the_server_and_completing_twice_changes_nothing(live):

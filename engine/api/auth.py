@@ -57,6 +57,9 @@ def _principal(session, credentials: HTTPAuthorizationCredentials | None) -> Pri
     if credentials is None:
         raise Unauthenticated("this call needs a token: send 'Authorization: Bearer epv_...'")
     row = authenticate(session, credentials.credentials)
+    # the token's last use is its own unit of work: on SQLite a write left open for the
+    # whole request would lock out the request's other sessions (a worker's claim)
+    session.commit()
     return Principal(token_id=row.id, role=Role(row.role), team_id=row.team_id,
                      challenge_ids=frozenset(row.challenge_ids or ()))
 

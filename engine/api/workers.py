@@ -1,7 +1,8 @@
 """The worker routes: remote nodes claim jobs and report them over HTTP (worker tokens only).
 
     POST /api/v1/worker/nodes/register          the node's description -> {"node_id": N}
-    POST /api/v1/worker/jobs/claim              {"gpus": N, "wait_seconds": S, "node_id": N}
+    POST /api/v1/worker/jobs/claim              {"gpus": N, "min_gpus": M, "wait_seconds": S,
+                                                 "node_id": N}
                                                 -> 201 | 204
     POST /api/v1/worker/jobs/{id}/start         the node confirms it started the attempt
     POST /api/v1/worker/jobs/{id}/heartbeat     renews the lease ({"node_id", "gpus"}: the
@@ -91,6 +92,8 @@ class StaleAttempt(LeaseLost):
 
 class ClaimRequest(BaseModel):
     gpus: int = Field(0, ge=0, le=1024, description="GPUs free on the node")
+    min_gpus: int = Field(0, ge=0, le=1024, description="Only a job needing at least this "
+                          "many GPUs (a GPU slot is free, no CPU slot is)")
     wait_seconds: float = Field(20.0, ge=0, le=MAX_WAIT_SECONDS,
                                 description="How long to wait for a job (long poll)")
     node_id: int | None = Field(None, ge=1, description="The node's id from registering")
@@ -339,7 +342,8 @@ def claim(body: ClaimRequest, session: DbSession, service: Service, worker: Work
         service.heard_from(session, body.node_id, worker)
     while True:
         token = new_secret()
-        ticket = service.coordinator(attempt_owner(token), body.node_id).lease(body.gpus)
+        ticket = service.coordinator(attempt_owner(token), body.node_id).lease(
+            body.gpus, min_gpus=body.min_gpus)
         if ticket is not None:
             log.info("job %s attempt %s claimed by worker token %s", ticket.job_id,
                      ticket.attempt, worker.token_id)

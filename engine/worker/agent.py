@@ -14,6 +14,11 @@ the results in the same transaction that ends the job, no case is ever written t
 A worker survives anything one job does: any exception while staging, running or
 completing ends THAT job as INFRASTRUCTURE (retried, never counted against the team),
 with the traceback kept where only organisers look, and the worker goes on to the next.
+
+`run` keeps the node's slots full (slots.py: one job per GPU, CPU slots for CPU jobs, each
+job with its own heartbeat, telemetry, work dir and cancel) and reports ended runs apart
+from the slots (reporter.py): a GPU never waits for scoring. `run_once` is one job, start
+to report, in the caller's thread.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from engine.config import Settings
 from engine.datasets import DatasetError, SealedDataset, VerificationCache, stage
@@ -38,6 +44,7 @@ from engine.image_presence import ImageUnavailable, ensure_image
 from engine.node_description import NodeDescription, describe
 from engine.provenance import node_facts, run_spec_data
 from engine.store import BlobStore, open_store
+from engine.worker.heartbeat import Heartbeat
 from engine.worker.protocol import (
     Coordinator,
     JobOutcome,
@@ -46,8 +53,10 @@ from engine.worker.protocol import (
     messages_platform,
     platform_step,
 )
+from engine.worker.reporter import Report
+from engine.worker.slots import DEFAULT_CPU_SLOTS, SlotLoop, Slots, Taken
 from engine.worker.workdirs import claim_work_dir, remove_dead_workers_dirs, remove_tree
-from gpu.allocator import GPUAllocator, NotEnoughGPUs
+from gpu.allocator import Allocation, GPUAllocator, NotEnoughGPUs
 from gpu.inventory import GPU, list_gpus
 from gpu.telemetry import TelemetrySampler
 from runners.base import FailureReason, MiB, Runner, RunResult, RunSpec
@@ -55,17 +64,19 @@ from runners.docker import DockerUnavailable, owner_token
 
 log = logging.getLogger(__name__)
 MAX_PLATFORM_PAUSE_SECONDS = 300.0
+T = TypeVar("T")
 
 
 class Agent:
-    """One worker process on a node: runs one job at a time, reports to a Coordinator."""
+    """One worker process on a node: runs a job per free slot, reports to a Coordinator."""
 
     def __init__(self, coordinator: Coordinator, runner: Runner, settings: Settings, *,
                  owner: str | None = None,
                  gpus: GPUAllocator | Sequence[str] | None = None,
                  heartbeat_seconds: float = 10.0, maintenance_seconds: float = 5.0,
                  platform_pause_seconds: float | None = None,
-                 store: BlobStore | None = None, node_name: str | None = None):
+                 store: BlobStore | None = None, node_name: str | None = None,
+                 cpu_slots: int = DEFAULT_CPU_SLOTS, reports_backlog: int | None = None):
         self.coordinator = coordinator
         self.store = store or open_store(settings.store_dir)  # images, loaded by digest
         self.runner = runner
@@ -83,6 +94,8 @@ class Agent:
         self.gpus = gpus if isinstance(gpus, GPUAllocator) else GPUAllocator(
             [g.uuid for g in list_gpus()] if gpus is None else list(gpus),
             settings.state_dir / "gpus")
+        self.slots = Slots(self.gpus, cpu_slots)
+        self.reports_backlog = reports_backlog  # None: as many as the node has slots
         remove_dead_workers_dirs(settings.work_dir)
         self.work_dir = claim_work_dir(settings.work_dir, self.owner)
         self._node: dict | None = None
@@ -100,7 +113,8 @@ class Agent:
         gpus = [known.get(uuid) or GPU(uuid=uuid, index=index, name="unknown", memory_bytes=0,
                                        driver_version="unknown")
                 for index, uuid in enumerate(self.gpus.uuids)]
-        return describe(self.node_name, gpu_slots=len(self.gpus.uuids), cpu_slots=1,
+        return describe(self.node_name, gpu_slots=len(self.gpus.uuids),
+                        cpu_slots=self.slots.cpu_slots,
                         gpus=gpus, facts=self.node)
 
     def _gpu_sample(self, reading) -> None:
@@ -145,22 +159,11 @@ class Agent:
 
     def run(self, stop: threading.Event | None = None, *, until_idle: bool = False,
             idle_seconds: float = 2.0, max_jobs: int | None = None) -> int:
-        done = 0
-        stop = stop or threading.Event()
-        while not stop.is_set() and (max_jobs is None or done < max_jobs):
-            if not self.ready_to_claim():
-                stop.wait(idle_seconds)  # a job claimed now would only fail as INFRASTRUCTURE
-                continue
-            if self.run_once():
-                done += 1
-            elif until_idle:
-                self.maintain(now=True)  # idle only once nothing is left to sweep back
-                if not self.run_once():
-                    break
-                done += 1
-            else:
-                stop.wait(idle_seconds)
-        return done
+        """Keep the slots full until `stop` is set (or the queue is idle, or `max_jobs` were
+        leased); running jobs finish and are reported before it returns. The jobs leased."""
+        loop = SlotLoop(self, self.slots, reports_backlog=self.reports_backlog)
+        return loop.run(stop or threading.Event(), until_idle=until_idle,
+                        idle_seconds=idle_seconds, max_jobs=max_jobs)
 
     def ready_to_claim(self) -> bool:
         """Not while the runtime rests after failing a run (a daemon restarting answers
@@ -204,15 +207,39 @@ class Agent:
         return answers
 
     def survive(self, ticket: JobTicket) -> None:
-        """Process one job; whatever it raises ends that job, never the worker."""
+        """Process one job, start to report; whatever it raises ends that job, never the
+        worker."""
+        self._guarded(ticket, lambda: self.process(ticket))
+
+    def survive_run(self, ticket: JobTicket, taken: Taken) -> Report | None:
+        """Run one job in its slots up to its container's end; its report still to make
+        (its heartbeat going on), or None when the job already ended here."""
+        def run() -> Report | None:
+            heartbeat = Heartbeat(self.coordinator, ticket, self.heartbeat_seconds)
+            outcome = self.execute(ticket, taken.allocation, taken=taken)
+            return Report(ticket, outcome, heartbeat.start()) if outcome else None
+        return self._guarded(ticket, run)
+
+    def deliver(self, report: Report) -> None:
+        """Report one ended run (the reporter's thread): as survive, a failure ends only
+        that job, as the platform's."""
+        self._guarded(report.ticket,
+                      lambda: self.coordinator.complete(report.ticket, report.outcome))
+
+    def give_back_unfit(self, ticket: JobTicket, exc: NotEnoughGPUs) -> None:
+        """GPUs taken by another process between the lease and the allocation."""
+        self._guarded(ticket, lambda: self.coordinator.retry(ticket, str(exc), node=self.node))
+
+    def _guarded(self, ticket: JobTicket, work: Callable[[], T]) -> T | None:
         try:
-            self.process(ticket)
+            return work()
         except LeaseLost as exc:
             log.info("job %s was taken back: %s", ticket.job_id, exc)
         except PlatformFailure as exc:
             self._give_back(ticket, exc.stage, exc.detail)
         except Exception as exc:
             self._give_back(ticket, "handling the job", "".join(traceback.format_exception(exc)))
+        return None
 
     def _give_back(self, ticket: JobTicket, stage: str, detail: str) -> None:
         log.error("job %s failed on the platform's side while %s:\n%s", ticket.job_id, stage,
@@ -239,12 +266,22 @@ class Agent:
             raise PlatformFailure("loading the image", exc) from exc
 
     def process(self, ticket: JobTicket) -> None:
+        """One job in this thread: run it, then report it."""
+        outcome = self.execute(ticket)
+        if outcome is not None:
+            self.coordinator.complete(ticket, outcome)
+
+    def execute(self, ticket: JobTicket, allocation: Allocation | None = None, *,
+                taken: Taken | None = None) -> JobOutcome | None:
+        """Stage, start, run: the outcome to report, or None when the job was given back
+        already. `allocation`: the GPUs its slot holds (else allocated here, after staging,
+        and released when the container ends)."""
         try:
             dataset = self._dataset(ticket)
         except DatasetError as exc:
             self.coordinator.retry(ticket, f"the test set failed verification: {exc}",
                                    node=self.node)
-            return
+            return None
         job_dir = self.work_dir / f"job-{ticket.job_id}-{ticket.attempt}"
         output_dir = (self.settings.outputs_dir / f"submission-{ticket.submission_id}"
                       / f"job-{ticket.job_id}")
@@ -252,18 +289,21 @@ class Agent:
         try:
             with platform_step("staging the inputs"):
                 staged = stage(dataset, list(ticket.case_ids), job_dir / "input")
-            try:
-                allocation = self.gpus.allocate(ticket.gpus)
-            except NotEnoughGPUs as exc:
-                self.coordinator.retry(ticket, str(exc), node=self.node)
-                return
-            with allocation:
+            if allocation is None:
+                try:
+                    allocation = self.gpus.allocate(ticket.gpus)
+                except NotEnoughGPUs as exc:
+                    self.coordinator.retry(ticket, str(exc), node=self.node)
+                    return None
+                held: contextlib.AbstractContextManager = allocation
+            else:
+                held = contextlib.nullcontext()  # the slot's: released by the slot
+            with held:
                 self.coordinator.started(ticket)
                 spec = self._spec(ticket, staged, output_dir, allocation.uuids)
-                result, gpu_usage = self._run(ticket, spec)
-            self.coordinator.complete(ticket, JobOutcome(
-                result, gpu_usage, str(output_dir), node=self.node,
-                run_spec=run_spec_data(spec)))
+                result, gpu_usage = self._run(ticket, spec, taken)
+            return JobOutcome(result, gpu_usage, str(output_dir), node=self.node,
+                              run_spec=run_spec_data(spec))
         finally:
             remove_tree(job_dir)
 
@@ -277,17 +317,21 @@ class Agent:
                         len(ticket.case_ids), gpu_uuids, labels=dict(ticket.labels),
                         user=ticket.image_user)
 
-    def _run(self, ticket: JobTicket, spec: RunSpec) -> tuple[RunResult, dict]:
+    def _run(self, ticket: JobTicket, spec: RunSpec,
+             taken: Taken | None = None) -> tuple[RunResult, dict]:
         with self._heartbeats(ticket) as lost:
             with platform_step("preparing the image"):
                 self.prepare_image(ticket)
             sampler = TelemetrySampler(spec.gpu_uuids, on_sample=self._gpu_sample).start()
+            started = time.monotonic()
             try:
                 with platform_step("running the container"):
                     result = self.runner.run(spec, cancel=lost,
                                              on_log=functools.partial(self._log, ticket))
             finally:
                 usage = sampler.stop()
+                if taken is not None:
+                    self.slots.record(taken, ticket.job_id, started, time.monotonic())
         self._after_run(result)
         if lost.is_set():
             raise LeaseLost(f"job {ticket.job_id} was taken back while it ran")
@@ -300,24 +344,8 @@ class Agent:
     @contextlib.contextmanager
     def _heartbeats(self, ticket: JobTicket):
         """Renew the lease while the body runs; the event yielded is set when it was lost."""
-        lost, done = threading.Event(), threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(ticket, lost, done), daemon=True,
-                                name="epreuve-heartbeat")
-        beat.start()
+        heartbeat = Heartbeat(self.coordinator, ticket, self.heartbeat_seconds).start()
         try:
-            yield lost
+            yield heartbeat.lost
         finally:
-            done.set()
-            beat.join()
-
-    def _heartbeat(self, ticket: JobTicket, lost: threading.Event,
-                   done: threading.Event) -> None:
-        while not done.wait(self.heartbeat_seconds):
-            try:
-                alive = self.coordinator.heartbeat(ticket)
-            except Exception:  # the coordinator is unreachable: the lease may still hold
-                log.exception("heartbeat of job %s failed", ticket.job_id)
-                continue
-            if not alive:
-                lost.set()  # swept or cancelled: stop the container
-                return
+            heartbeat.stop()

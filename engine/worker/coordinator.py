@@ -80,9 +80,10 @@ class DbCoordinator:
 
     # -- the queue ----------------------------------------------------------------------
 
-    def lease(self, capacity: int) -> JobTicket | None:
+    def lease(self, capacity: int, *, min_gpus: int = 0) -> JobTicket | None:
         with self.sessions() as session:
-            job = queue.lease(session, self.owner, self.lease_duration, gpus_available=capacity)
+            job = queue.lease(session, self.owner, self.lease_duration, gpus_available=capacity,
+                              gpus_at_least=min_gpus)
             ticket = None if job is None else self._ticket(job)
             if self.node_id is not None:
                 self._heard_from(session, quiet_seconds=2.0)

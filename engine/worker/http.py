@@ -97,12 +97,13 @@ class HttpCoordinator:
                                   json=self.description.to_json())
             self.node_id = int(response.json()["node_id"])
 
-    def lease(self, capacity: int) -> JobTicket | None:
+    def lease(self, capacity: int, *, min_gpus: int = 0) -> JobTicket | None:
         try:
             self.register()
-            response = self._send("POST", f"{API}/jobs/claim",
-                                  json={"gpus": capacity, "wait_seconds": self.wait_seconds,
-                                        "node_id": self.node_id},
+            wanted = {"gpus": capacity, "wait_seconds": self.wait_seconds,
+                      "node_id": self.node_id,
+                      **({"min_gpus": min_gpus} if min_gpus else {})}  # absent: any server
+            response = self._send("POST", f"{API}/jobs/claim", json=wanted,
                                   timeout=self.wait_seconds + 30)
         except ServerUnreachable as exc:
             log.warning("no job claimed: %s", exc)

@@ -57,8 +57,9 @@ class Coordinator(Protocol):
     """Every call is one unit of work on the coordinator's side. A call about a job that
     is no longer this attempt's (swept, cancelled) raises `LeaseLost`."""
 
-    def lease(self, capacity: int) -> JobTicket | None:
-        """The next job this node can run with `capacity` free GPUs, or None."""
+    def lease(self, capacity: int, *, min_gpus: int = 0) -> JobTicket | None:
+        """The next job this node can run with `capacity` free GPUs, or None. `min_gpus`:
+        only a job needing at least that many (1: a GPU slot is free, no CPU slot is)."""
         ...
 
     def heartbeat(self, ticket: JobTicket) -> bool:
