@@ -54,7 +54,13 @@ from engine.gpu_metrics import (  # noqa: F401 - re-exported: one place to look
     gpu_sample_recorder,
     record_gpu_sample,
 )
-from engine.statuses import ACTIVE_JOB_STATES, JobKind, JobStatus, NodeState, SubmissionStatus
+from engine.statuses import (
+    ON_A_NODE_JOB_STATES,
+    JobKind,
+    JobStatus,
+    NodeState,
+    SubmissionStatus,
+)
 from runners.base import FailureReason
 
 log = logging.getLogger(__name__)
@@ -119,7 +125,8 @@ class DatabaseCollector:
     def workers(self, session: Session) -> GaugeMetricFamily:
         busy = set(session.scalars(
             select(JobRow.lease_owner).distinct()
-            .where(JobRow.status.in_(ACTIVE_JOB_STATES), JobRow.lease_owner.is_not(None),
+            .where(JobRow.status.in_(ON_A_NODE_JOB_STATES),  # a scorer is not a worker
+                   JobRow.lease_owner.is_not(None),
                    JobRow.heartbeat_at >= self.clock() - self.heartbeat_window)))
         up = busy | set(self.registered_workers() if self.registered_workers else ())
         family = GaugeMetricFamily("epreuve_workers", "Workers up, and busy with a job",

@@ -36,7 +36,13 @@ from sqlalchemy.orm import Session
 from engine import fair_share
 from engine.db.models import EventRow, JobRow, SubmissionRow, utcnow
 from engine.errors import LeaseLost
-from engine.statuses import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobKind, JobStatus
+from engine.statuses import (
+    ACTIVE_JOB_STATES,
+    ON_A_NODE_JOB_STATES,
+    TERMINAL_JOB_STATES,
+    JobKind,
+    JobStatus,
+)
 from runners.base import FailureReason
 
 ACTIVE = ACTIVE_JOB_STATES
@@ -270,7 +276,7 @@ def estimated_wait(session: Session, submission: SubmissionRow) -> timedelta | N
         return None
     mean = sum(durations) / len(durations)
     busy = session.scalar(select(func.count(func.distinct(JobRow.lease_owner))).where(
-        JobRow.status.in_(ACTIVE))) or 0
+        JobRow.status.in_(ON_A_NODE_JOB_STATES))) or 0  # scorers are no workers
     workers = max(busy, 1)
     # the jobs ahead, shared among the busy workers, plus half a job still running on average
     return timedelta(seconds=mean * (ahead / workers + (0.5 if busy else 0.0)))

@@ -60,4 +60,6 @@ class JobKind(StrEnum):
 
 
 ACTIVE_JOB_STATES = (JobStatus.LEASED, JobStatus.RUNNING, JobStatus.SCORING)
+# a node holds these; a SCORING job may be held by a scorer on the server's side instead
+ON_A_NODE_JOB_STATES = (JobStatus.LEASED, JobStatus.RUNNING)
 TERMINAL_JOB_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)

@@ -162,6 +162,21 @@ def test_workers_up_and_busy_from_recent_heartbeats(scene, busy):
     assert values(scrape(silent), "epreuve_workers") == {("up",): 0, ("busy",): 0}
 
 
+def test_a_scorer_holding_a_job_is_not_counted_as_a_worker(scene, busy):
+    """A SCORING job held by the server's scorer (not a node) counts no worker up or busy."""
+    from sqlalchemy import update
+
+    from engine.db.models import JobRow
+    with scene.sessions() as session:
+        job = queue.lease(session, "w-three")
+        step(session, job, "w-three", JobStatus.RUNNING, JobStatus.SCORING)
+        session.execute(update(JobRow).where(JobRow.id == job.id).values(
+            lease_owner="scorer:0123456789ab@host:1:2", heartbeat_at=utcnow()))
+        session.commit()
+    families = scrape(metrics.build_registry(scene.sessions, gpu_samples=metrics.GPUSamples()))
+    assert values(families, "epreuve_workers") == {("up",): 1, ("busy",): 1}  # w-two only
+
+
 def test_counters_never_go_down_as_jobs_move_on(scene, busy):
     registry = metrics.build_registry(scene.sessions, gpu_samples=metrics.GPUSamples())
     before = values(scrape(registry), "epreuve_jobs_total")

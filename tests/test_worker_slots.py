@@ -42,13 +42,14 @@ class MadeUpGpusRunner(DockerRunner):
         self.entered = threading.Semaphore(0)
         self.results: dict[str, RunResult] = {}  # by the job's output dir name
 
-    def run(self, spec: RunSpec, cancel: threading.Event | None = None) -> RunResult:
+    def run(self, spec: RunSpec, cancel: threading.Event | None = None, *,
+            on_log=None) -> RunResult:
         with self.lock:
             index, self.count = self.count, self.count + 1
         self.entered.release()
         if self.together is not None and index < self.together.parties:
             self.together.wait(timeout=GUARD_SECONDS)  # the first ones start together
-        result = super().run(replace(spec, gpu_uuids=()), cancel=cancel)
+        result = super().run(replace(spec, gpu_uuids=()), cancel=cancel, on_log=on_log)
         with self.lock:
             self.results[Path(spec.output_dir).name] = result
         return result
