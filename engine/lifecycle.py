@@ -31,7 +31,11 @@ def shards(case_ids: list[str], size: int) -> list[list[str]]:
 
 
 def after_job(session: Session, job: JobRow, actor: str) -> None:
-    """What follows a finished job: the main jobs after a smoke job, or the submission's end."""
+    """What follows a finished job: the main jobs after a smoke job, or the submission's end.
+    The submission's row is locked first (PostgreSQL): two of its jobs ending at once would
+    each see the other still pending, and neither would end the submission."""
+    session.execute(select(SubmissionRow.id).where(SubmissionRow.id == job.submission_id)
+                    .with_for_update())
     submission = job.submission
     phase = challenge_definition(submission.phase.challenge).phase(submission.phase.slug)
     if job.kind == JobKind.SMOKE and job.status == JobStatus.FAILED:

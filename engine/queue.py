@@ -112,7 +112,8 @@ def lease_from(session: Session, submission_id: int, owner: str, duration: timed
             update(JobRow)
             .where(JobRow.id == candidate, JobRow.status == JobStatus.QUEUED)
             .values(status=JobStatus.LEASED, lease_owner=owner, lease_expires_at=now + duration,
-                    heartbeat_at=now, leased_at=now, attempts=JobRow.attempts + 1)
+                    heartbeat_at=now, leased_at=now, attempts=JobRow.attempts + 1,
+                    node_id=None)  # its node, if any, is named by the claim (nodes.assign)
         ).rowcount
         if taken == 1:
             record(session, "job", candidate, JobStatus.QUEUED, JobStatus.LEASED, owner)
@@ -275,8 +276,10 @@ def estimated_wait(session: Session, submission: SubmissionRow) -> timedelta | N
     if not durations:
         return None
     mean = sum(durations) / len(durations)
-    busy = session.scalar(select(func.count(func.distinct(JobRow.lease_owner))).where(
-        JobRow.status.in_(ON_A_NODE_JOB_STATES))) or 0  # scorers are no workers
-    workers = max(busy, 1)
-    # the jobs ahead, shared among the busy workers, plus half a job still running on average
-    return timedelta(seconds=mean * (ahead / workers + (0.5 if busy else 0.0)))
+    # jobs on nodes, one per busy slot (a local worker's slots share one owner; scorers
+    # hold no slot)
+    busy = session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.status.in_(ON_A_NODE_JOB_STATES))) or 0
+    slots = max(busy, 1)
+    # the jobs ahead, shared among the busy slots, plus half a job still running on average
+    return timedelta(seconds=mean * (ahead / slots + (0.5 if busy else 0.0)))

@@ -175,16 +175,16 @@ def test_openapi_docs_health_and_metrics_by_route_template(live):
     assert labels and not any(re.search(r"/\d", label) for label in labels)
 
 
-def test_a_failed_request_commits_nothing(live):
+def test_a_tokens_use_is_recorded_at_once_even_when_the_request_fails(live):
+    """Authentication commits the token's last use apart from the request's own unit of
+    work: a long request (a worker's claim long-poll) never holds that write open."""
     with live.world.sessions() as session:
         _, secret = create_token(session, "admin")
         session.commit()
     live.world.tokens["fresh"] = secret
     with live.client("fresh") as client:
         assert client.get("/api/v1/submissions/987654").status_code == 404
-        assert token_row(live.world, "fresh").last_used_at is None  # rolled back
-        assert client.get("/api/v1/submissions").status_code == 200
-    assert token_row(live.world, "fresh").last_used_at is not None  # committed
+        assert token_row(live.world, "fresh").last_used_at is not None
 
 
 def test_an_organiser_creates_only_the_challenge_its_token_names(live):

@@ -256,3 +256,19 @@ def test_a_gpu_jobs_samples_reach_the_dcgm_gauges_and_its_provenance(tmp_path, m
             assert record["run_spec"]["gpu_uuids"][0] in FAKE_GPUS
             assert set(job.run_result["gpus"]) == set(record["run_spec"]["gpu_uuids"])
     gpu_metrics.GPU_SAMPLES.clear()
+
+
+def test_one_outage_failing_several_slots_pauses_claims_once_not_once_per_slot(tmp_path):
+    """A daemon restart fails every slot's run at once: the claim pause is the outage's,
+    doubled only by a failure after it ended (else 6 slots reach the 300 s cap and an
+    idle, healthy node is marked lost)."""
+    scene, _ = gpu_scene(tmp_path)
+    worker = Worker(scene.sessions, scene.settings, FakeRunner(tmp_path / "locks"),
+                    scoring_workers=1, gpus=FAKE_GPUS, platform_pause_seconds=15.0)
+    infrastructure = failed(FailureReason.INFRASTRUCTURE, "the daemon went away")
+    for _ in range(6):  # six slots' runs fail together
+        worker._after_run(infrastructure)
+    assert worker._platform_pause == 15.0 and not worker.ready_to_claim()
+    worker._claims_resume_at = 0.0  # the pause is over; the next failure doubles it
+    worker._after_run(infrastructure)
+    assert worker._platform_pause == 30.0

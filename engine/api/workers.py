@@ -375,11 +375,27 @@ def start(fence: Fence, service: Service, worker: Worker) -> Renewed:
 def heartbeat(fence: Fence, session: DbSession, service: Service, worker: Worker,
               body: NodeBeat | None = None) -> Renewed:
     if body is not None and body.node_id is not None:  # alive, even when the attempt is not
-        service.heard_from(session, body.node_id, worker, body.gpus)
+        _heard_from(session, service, body.node_id, worker, body.gpus)
     coordinator, ticket = service.held(fence)
     if not coordinator.heartbeat(ticket):
         raise StaleAttempt(f"job {fence.job_id} was taken back: stop it")
     return Renewed(status="renewed")
+
+
+def _heard_from(session: Session, service: WorkerService, node_id: int, worker: Principal,
+                samples: dict[str, Any] | None) -> None:
+    """The node's part of a heartbeat never costs the job its lease: readings that do not
+    validate are dropped (the node is still heard from), an unknown node is left to its
+    next claim (which registers it again)."""
+    try:
+        service.heard_from(session, node_id, worker, samples)
+    except node_description.InvalidNode as exc:
+        session.rollback()
+        log.warning("GPU readings of node %s dropped: %s", node_id, exc)
+        service.heard_from(session, node_id, worker)
+    except NotFound:
+        session.rollback()
+        log.warning("a heartbeat names node %s, not this worker token's", node_id)
 
 
 @router.post("/jobs/{job_id}/logs", response_model=Renewed)

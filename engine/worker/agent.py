@@ -90,6 +90,7 @@ class Agent:
         self.platform_pause_seconds = platform_pause_seconds
         self._platform_pause = 0.0
         self._claims_resume_at = 0.0
+        self._pause_lock = threading.Lock()  # slots fail and succeed on their own threads
         self.verify_cache = VerificationCache(settings.state_dir / "verify")
         self.gpus = gpus if isinstance(gpus, GPUAllocator) else GPUAllocator(
             [g.uuid for g in list_gpus()] if gpus is None else list(gpus),
@@ -180,16 +181,22 @@ class Agent:
         if result.reason is FailureReason.INFRASTRUCTURE:
             self._pause_claims("the runtime failed a run")
         else:
-            self._platform_pause = 0.0
+            with self._pause_lock:
+                self._platform_pause = 0.0
 
     def _pause_claims(self, why: str) -> None:
         """The node failed a job on its own side (its runtime, its disk): claiming the next
         one at once would fail it too."""
         if self.platform_pause_seconds is None:
             return
-        self._platform_pause = min(max(self._platform_pause * 2, self.platform_pause_seconds),
-                                   MAX_PLATFORM_PAUSE_SECONDS)
-        self._claims_resume_at = time.monotonic() + self._platform_pause
+        with self._pause_lock:
+            now = time.monotonic()
+            if now < self._claims_resume_at:
+                return  # the same outage failing several slots at once: one pause, not N
+            self._platform_pause = min(max(self._platform_pause * 2,
+                                           self.platform_pause_seconds),
+                                       MAX_PLATFORM_PAUSE_SECONDS)
+            self._claims_resume_at = now + self._platform_pause
         log.warning("%s; no job is claimed for %.0f s", why, self._platform_pause)
 
     def runtime_answers(self) -> bool:
@@ -330,6 +337,8 @@ class Agent:
                                              on_log=functools.partial(self._log, ticket))
             finally:
                 usage = sampler.stop()
+                for uuid in spec.gpu_uuids:  # idle now: no stale reading on later heartbeats
+                    self.gpu_latest.pop(uuid, None)
                 if taken is not None:
                     self.slots.record(taken, ticket.job_id, started, time.monotonic())
         self._after_run(result)

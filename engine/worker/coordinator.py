@@ -96,7 +96,8 @@ class DbCoordinator:
         with self.sessions() as session:
             renewed = queue.heartbeat(session, ticket.job_id, self.owner, self.lease_duration)
             if self.node_id is not None:
-                self._heard_from(session, self.node_samples)
+                # a copy: the slots' samplers write the readings while this reads them
+                self._heard_from(session, dict(self.node_samples or {}))
             session.commit()
             return renewed
 

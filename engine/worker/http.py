@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -277,6 +278,9 @@ class RemoteAgent(Agent):
         coordinator.gpu_latest = self.gpu_latest
         self.inputs_cache = settings.data_dir / "inputs-cache"
         self.image_cache_bytes = image_cache_bytes  # the archives' disk budget (LRU)
+        # slots share the cache: one slot's eviction must not take the archive another
+        # slot fetched and is about to load
+        self._image_lock = threading.Lock()
 
     def _dataset(self, ticket: JobTicket) -> SealedDataset:
         """The attempt's inputs in the node's cache, each file verified against the sha256
@@ -310,9 +314,10 @@ class RemoteAgent(Agent):
         never against the participant's time)."""
         digest = ticket.image_archive_sha256
         try:
-            if digest and not self.runner.has_image(ticket.image_id):
-                _cached_blob(self.coordinator, self.store, digest, self.image_cache_bytes)
-            ensure_image(self.runner, self.store, ticket.image_id, digest)
+            with self._image_lock:
+                if digest and not self.runner.has_image(ticket.image_id):
+                    _cached_blob(self.coordinator, self.store, digest, self.image_cache_bytes)
+                ensure_image(self.runner, self.store, ticket.image_id, digest)
         except DockerUnavailable:
             pass  # no daemon to ask: the run reports it (INFRASTRUCTURE)
         except (ImageUnavailable, CacheDiskFull) as exc:
