@@ -92,6 +92,10 @@ def cancel(session: Session, submission_id: int, actor: str, why: str = "") -> S
     if submission.status in queue.TERMINAL:
         raise SubmissionRefused(f"submission {submission_id} already ended ({submission.status})")
     message = f"cancelled by {actor}" + (f": {why}" if why else "")
+    # the jobs' rows before the submission's, as a job's end locks them (after_job): the
+    # same order everywhere, so a cancel and a scoring never wait on each other in a cycle
+    session.execute(select(JobRow.id).where(JobRow.submission_id == submission_id)
+                    .order_by(JobRow.id).with_for_update())
     for job in submission.jobs:
         if job.status not in queue.TERMINAL:
             queue.record(session, "job", job.id, job.status, JobStatus.CANCELLED, actor, message)
