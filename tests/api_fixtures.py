@@ -247,8 +247,8 @@ def token_row(world: World, principal: str) -> TokenRow:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def live(request, tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp(f"api-{request.param}"), request.param)
+def live(request, module_tmp):
+    world = build_world(module_tmp(f"api-{request.param}"), request.param)
     server = start_server(world, ApiOptions(rate=Rate(burst=10_000, per_second=1000.0)))
     yield server
     server.stop()

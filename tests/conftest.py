@@ -7,7 +7,9 @@ by silently testing nothing. scripts/test starts the engine before pytest runs.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,25 @@ def adversarial(docker_engine) -> dict[str, str]:
                             "--target", target)
         for target in ADVERSARIAL_TARGETS
     }
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Iterator[Callable[[str], Path]]:
+    """Directories that live as long as one module's tests, removed once they all passed.
+
+    A whole run saves image archives worth tens of GB; kept to the session's end they
+    filled CI's disk. A module with a failure keeps its directories to be read."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ TUS_PREFIX = "/api/v1/uploads"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def schema_server(request, tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp(f"schema-{request.param}"), request.param)
+def schema_server(request, module_tmp):
+    world = build_world(module_tmp(f"schema-{request.param}"), request.param)
     server = start_server(world, ApiOptions(rate=Rate(burst=100_000, per_second=1000.0)))
     yield server
     server.stop()

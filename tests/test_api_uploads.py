@@ -68,12 +68,12 @@ def metadata(challenge: str = "test-liver", phase: str = "validation") -> str:
 
 
 @pytest.fixture(scope="module", params=["sqlite"])
-def scene(request, tmp_path_factory):
+def scene(request, module_tmp):
     url = None
     if request.param == "postgres":
         sessions = postgres_sessions()
         url = str(sessions.kw["bind"].url.render_as_string(hide_password=False))
-    scene = make_scene(tmp_path_factory.mktemp("scene"), database_url=url)
+    scene = make_scene(module_tmp("scene"), database_url=url)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)
         alpha, beta = get_or_create_team(session, "alpha"), get_or_create_team(session, "beta")
@@ -85,9 +85,9 @@ def scene(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(scene, tmp_path_factory):
+def server(scene, module_tmp):
     """One server per module and database (tests use their own uploads and keys)."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = module_tmp("server") / "server.log"
     server = UploadServer(scene.settings, scene.tokens, log).start()
     yield server
     server.stop()

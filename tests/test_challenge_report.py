@@ -134,8 +134,8 @@ def finished_scene(root: Path, teams: dict, database_url: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    return finished_scene(tmp_path_factory.mktemp("report"), TEAMS)
+def scene(module_tmp):
+    return finished_scene(module_tmp("report"), TEAMS)
 
 
 @pytest.fixture(scope="module")

@@ -125,8 +125,8 @@ BAD = [
 
 
 @pytest.fixture(scope="module")
-def sealed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("challenge")
+def sealed(module_tmp):
+    root = module_tmp("challenge")
     synth_dataset(root / "data", cases=2, seed=3, size=16)
     seal(root / "data")
     return root

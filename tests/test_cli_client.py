@@ -24,8 +24,8 @@ EPREUVE = str(Path(sys.executable).parent / "epreuve")
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp("cli-client"), "sqlite")
+def live(module_tmp):
+    world = build_world(module_tmp("cli-client"), "sqlite")
     server = start_server(world, ApiOptions(rate=Rate(burst=10_000, per_second=1000.0)))
     yield server
     server.stop()

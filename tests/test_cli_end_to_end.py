@@ -21,8 +21,8 @@ USER = os.environ.get("USER", "unknown")
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    return build_examples(tmp_path_factory.mktemp("example-images"))
+def images(docker_engine, module_tmp):
+    return build_examples(module_tmp("example-images"))
 
 
 class Cli:

@@ -37,13 +37,13 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    return build_examples(tmp_path_factory.mktemp("example-images"))
+def images(docker_engine, module_tmp):
+    return build_examples(module_tmp("example-images"))
 
 
 @pytest.fixture(scope="module")
-def tars(tmp_path_factory):
-    return tmp_path_factory.mktemp("tars")
+def tars(module_tmp):
+    return module_tmp("tars")
 
 
 def run_worker(scene) -> int:
@@ -99,10 +99,10 @@ def aggregates(session, submission_id: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def added(tmp_path_factory, images, tars):
+def added(module_tmp, images, tars):
     """One finished submission; one queued when the dataset was re-sealed with a new case;
     one submitted after."""
-    root = tmp_path_factory.mktemp("added")
+    root = module_tmp("added")
     scene = make_scene(root, cases_per_run=3)
     with scene.sessions() as session:
         register_challenge(session, scene.challenge_file)

@@ -34,13 +34,13 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    return build_examples(tmp_path_factory.mktemp("example-images"))
+def images(docker_engine, module_tmp):
+    return build_examples(module_tmp("example-images"))
 
 
 @pytest.fixture(scope="module")
-def tars(tmp_path_factory):
-    return tmp_path_factory.mktemp("tars")
+def tars(module_tmp):
+    return module_tmp("tars")
 
 
 def worker_for(scene) -> Worker:
@@ -100,10 +100,10 @@ def test_a_phase_that_opens_in_the_future_refuses_until_it_opens(tmp_path, image
 
 
 @pytest.fixture(scope="module")
-def evaluated(images, tmp_path_factory):
+def evaluated(images, module_tmp):
     """Two teams evaluated with lesion-wise metrics on; the ranking is changed afterwards
     (an organiser may re-rank without re-running anything)."""
-    root = tmp_path_factory.mktemp("evaluated")
+    root = module_tmp("evaluated")
     scene = make_scene(root, cases_per_run=2, scheme="aggregate-then-rank")
     edit_challenge(scene, "nsd_tolerance_mm: 4.0}", "nsd_tolerance_mm: 4.0, lesion_wise: true}")
     with scene.sessions() as session:

@@ -69,8 +69,8 @@ def wait_for(what: str, check, timeout: float = 60.0):
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def live(request, tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp(f"nodes-{request.param}"), request.param)
+def live(request, module_tmp):
+    world = build_world(module_tmp(f"nodes-{request.param}"), request.param)
     server = start_server(world, ApiOptions(rate=FAST))
     yield server
     server.stop()

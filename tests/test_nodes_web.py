@@ -51,8 +51,8 @@ def _node_running_a_job(world, url: str, name: str, challenge: str, gpus: list) 
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp("nodes-web"), "sqlite")
+def site(module_tmp):
+    world = build_world(module_tmp("nodes-web"), "sqlite")
     server = start_server(world, app=create_site(world.settings, ApiOptions(
         rate=Rate(burst=10_000, per_second=1000.0))))
     server.jobs = {"gpu-node-a": _node_running_a_job(world, server.url, "gpu-node-a", "ch-a",

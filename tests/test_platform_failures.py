@@ -71,22 +71,22 @@ def docker_build(directory: Path, tag: str, dockerfile: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    return build_examples(tmp_path_factory.mktemp("example-images"))
+def images(docker_engine, module_tmp):
+    return build_examples(module_tmp("example-images"))
 
 
 @pytest.fixture(scope="module")
-def evaluators(docker_engine, tmp_path_factory):
+def evaluators(docker_engine, module_tmp):
     base = build_image(REPO / "images/examples/evaluator", "epreuve-test/evaluator:latest")
-    root = tmp_path_factory.mktemp("evaluators")
+    root = module_tmp("evaluators")
     return {name: docker_build(root / name, f"epreuve-test/{name}:latest",
                                f"FROM {base}\n{entrypoint}\n")
             for name, entrypoint in EVALUATOR_VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
-def tars(tmp_path_factory):
-    return tmp_path_factory.mktemp("tars")
+def tars(module_tmp):
+    return module_tmp("tars")
 
 
 def worker_for(scene, runner: DockerRunner | None = None) -> Worker:

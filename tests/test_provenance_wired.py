@@ -55,14 +55,14 @@ def runtime_count(kind: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    return build_examples(tmp_path_factory.mktemp("example-images"))
+def images(docker_engine, module_tmp):
+    return build_examples(module_tmp("example-images"))
 
 
 @pytest.fixture(scope="module")
-def ran(images, tmp_path_factory):
+def ran(images, module_tmp):
     """One submission of the example image, run to the end by a real worker."""
-    root = tmp_path_factory.mktemp("provenance")
+    root = module_tmp("provenance")
     scene = make_scene(root)
     before = runtime_count("smoke"), runtime_count("main")
     with scene.sessions() as session:

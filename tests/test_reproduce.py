@@ -76,10 +76,10 @@ def remove(*references: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(docker_engine, tmp_path_factory):
+def finished(docker_engine, module_tmp):
     """A finished challenge: `alpha` (smoothing) and `beta` (no smoothing), evaluated by a
     real worker on SQLite, and alpha's bundle exported."""
-    root = tmp_path_factory.mktemp("reproduce")
+    root = module_tmp("reproduce")
     threshold = build_image(REPO / "images/examples/threshold",
                             "epreuve-example/threshold:latest")
     alpha = own_image(root / "alpha", threshold)

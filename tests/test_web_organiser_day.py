@@ -55,8 +55,8 @@ for n in range(600):
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    root = tmp_path_factory.mktemp("day-images")
+def images(docker_engine, module_tmp):
+    root = module_tmp("day-images")
     built = build_examples(root)
     built["chatty"] = _entrypoint_image(built["threshold"], CHATTY, "epreuve-test/chatty:latest",
                                         root / "chatty")

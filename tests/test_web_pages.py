@@ -44,8 +44,8 @@ HOSTILE_LOG = '<img src=x onerror="alert(2)"> RUNNING-LOG-LINE'
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def site(request, tmp_path_factory):
-    world = build_world(tmp_path_factory.mktemp(f"web-{request.param}"), request.param)
+def site(request, module_tmp):
+    world = build_world(module_tmp(f"web-{request.param}"), request.param)
     with world.sessions() as session:
         image = session.scalar(select(ImageRow))
         from engine.submissions import get_or_create_team

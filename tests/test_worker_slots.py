@@ -56,13 +56,13 @@ class MadeUpGpusRunner(DockerRunner):
 
 
 @pytest.fixture(scope="module")
-def images(docker_engine, tmp_path_factory):
-    return build_examples(tmp_path_factory.mktemp("example-images"))
+def images(docker_engine, module_tmp):
+    return build_examples(module_tmp("example-images"))
 
 
 @pytest.fixture(scope="module")
-def tars(tmp_path_factory):
-    return tmp_path_factory.mktemp("tars")
+def tars(module_tmp):
+    return module_tmp("tars")
 
 
 def scene_with(tmp_path, image_id, *, gpus: bool, teams=("alpha", "beta")):

@@ -42,8 +42,8 @@ def threshold(docker_engine):
 
 
 @pytest.fixture(scope="module")
-def tars(tmp_path_factory):
-    return tmp_path_factory.mktemp("tars")
+def tars(module_tmp):
+    return module_tmp("tars")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
