@@ -11,17 +11,31 @@ have rendered it: every chunk is rendered again on the way in (runners/logs.show
 control character but newline and tab) and the file is capped per attempt (beyond, chunks
 are dropped and the caller told). The pages read only its tail, rendered once more (a
 cut may split a character), and escape it like any other text.
+
+The pages read the live log of a job's current attempt only while the job is in hand;
+once it moved on, the recorded tail (its run result) is what they show. So the sweep
+(`DbCoordinator.maintenance`) removes the logs of other attempts once unwritten for an
+hour: without it, every attempt ever run would keep up to MAX_LOG_BYTES on the server.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from engine.db.models import JobRow
+from engine.statuses import ACTIVE_JOB_STATES
 from runners.logs import shown
 
 MAX_LOG_BYTES = 4 << 20  # kept per attempt; beyond, chunks are dropped
 TAIL_BYTES = 16 << 10  # the most a page reads of it
+IDLE_BEFORE_PRUNED = 3600.0  # seconds unwritten before the log of an attempt not in hand goes
+_LOG_NAME = re.compile(r"job-(\d+)-(\d+)\.log")
 
 
 def log_path(state_dir: Path, job_id: int, attempt: int) -> Path:
@@ -54,3 +68,31 @@ def tail(state_dir: Path, job_id: int, attempt: int, max_bytes: int = TAIL_BYTES
     except FileNotFoundError:
         return ""
     return shown(data.decode("utf-8", errors="replace")).lstrip("\ufffd")
+
+
+def attempts_in_hand(session: Session) -> set[tuple[int, int]]:
+    """(job id, attempt) of every job leased, running or being scored: the logs pages read."""
+    rows = session.execute(select(JobRow.id, JobRow.attempts)
+                           .where(JobRow.status.in_(ACTIVE_JOB_STATES)))
+    return {(job_id, attempt) for job_id, attempt in rows}
+
+
+def prune(state_dir: Path, in_hand: set[tuple[int, int]], *,
+          idle_seconds: float = IDLE_BEFORE_PRUNED, now: float | None = None) -> int:
+    """Remove the logs of attempts not in hand and unwritten for `idle_seconds` (the grace
+    covers an attempt leased after `in_hand` was read); how many went."""
+    directory = Path(state_dir) / "worker-logs"
+    now = time.time() if now is None else now
+    removed = 0
+    for path in directory.glob("job-*.log") if directory.is_dir() else ():
+        name = _LOG_NAME.fullmatch(path.name)
+        if name is None or (int(name[1]), int(name[2])) in in_hand:
+            continue
+        try:
+            if now - path.lstat().st_mtime < idle_seconds:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # another sweeper took it
+            continue
+        removed += 1
+    return removed

@@ -7,7 +7,9 @@ place the worker route and DbCoordinator.log keep it; capped; read back rendered
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import pytest
 
@@ -150,3 +152,75 @@ def test_a_link_planted_in_place_of_the_log_is_not_followed(tmp_path):
     with pytest.raises(OSError):
         live_logs.append(tmp_path, 9, 1, "x")
     assert target.read_text() == ""
+
+
+# -- pruning: the logs no page reads any more go ------------------------------------------
+
+LONG_AGO = 2 * live_logs.IDLE_BEFORE_PRUNED
+
+
+def _aged(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def _written(state_dir, job_id: int, attempt: int, age: float = LONG_AGO):
+    live_logs.append(state_dir, job_id, attempt, f"job {job_id} attempt {attempt}\n")
+    path = live_logs.log_path(state_dir, job_id, attempt)
+    _aged(path, age)
+    return path
+
+
+def test_logs_of_attempts_not_in_hand_go_once_idle(tmp_path):
+    in_hand = _written(tmp_path, 1, 2)
+    earlier_attempt = _written(tmp_path, 1, 1)
+    ended = _written(tmp_path, 2, 1)
+    just_written = _written(tmp_path, 3, 1, age=5)  # maybe leased after in_hand was read
+    stranger = tmp_path / "worker-logs" / "notes.txt"
+    stranger.write_text("not ours to remove")
+    _aged(stranger, LONG_AGO)
+
+    assert live_logs.prune(tmp_path, {(1, 2)}) == 2
+
+    assert in_hand.exists() and just_written.exists() and stranger.exists()
+    assert not earlier_attempt.exists() and not ended.exists()
+
+
+def test_a_planted_link_is_removed_not_its_target(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("kept")
+    link = live_logs.log_path(tmp_path, 5, 1)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    _aged(link, LONG_AGO)
+    assert live_logs.prune(tmp_path, set()) == 1
+    assert not link.is_symlink() and target.read_text() == "kept"
+
+
+def test_no_log_directory_is_nothing_to_prune(tmp_path):
+    assert live_logs.prune(tmp_path / "absent", set()) == 0
+
+
+def test_the_sweep_prunes_the_logs_of_jobs_that_moved_on(tmp_path):
+    from engine import queue
+    from engine.config import Settings
+    from engine.db import session_factory
+    from engine.worker.coordinator import DbCoordinator
+    from tests.test_queue import fill
+
+    sessions = session_factory(f"sqlite:///{tmp_path / 'logs.db'}")
+    fill(sessions, 2)
+    with sessions() as session:
+        running = queue.lease(session, "node-a", queue.DEFAULT_LEASE)
+        session.commit()
+        running_id, attempt = running.id, running.attempts
+    settings = Settings(data_dir=tmp_path / "data", database_url="sqlite://",
+                        state_dir=tmp_path / "state")
+    kept = _written(settings.state_dir, running_id, attempt)
+    earlier = _written(settings.state_dir, running_id, attempt - 1)
+    other = _written(settings.state_dir, running_id + 1, 1)  # queued: not in hand
+
+    DbCoordinator(sessions, settings, "sweeper").maintenance()
+
+    assert kept.exists()
+    assert not earlier.exists() and not other.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +69,7 @@ class DbCoordinator:
         self.node_id = node_id  # the registered node this coordinator leases for, if any
         self.node_samples: Mapping[str, Any] | None = None  # its GPUs' latest readings
         self.lost_after = lost_after  # None: this coordinator marks no node lost
+        self._logs_pruned_at: float | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -126,6 +128,17 @@ class DbCoordinator:
         sweep(self.sessions, self.actor, owner_dead=self.owner_dead, lost_after=self.lost_after)
         if self.adopts_outcomes:
             self._score_an_orphan()
+        self._prune_live_logs_when_due()
+
+    def _prune_live_logs_when_due(self, every_seconds: float = 60.0) -> None:
+        """The live logs of attempts no page reads any more go (engine/live_logs.py)."""
+        clock = time.monotonic()
+        if self._logs_pruned_at is not None and clock - self._logs_pruned_at < every_seconds:
+            return
+        self._logs_pruned_at = clock
+        with self.sessions() as session:
+            in_hand = live_logs.attempts_in_hand(session)
+        live_logs.prune(self.settings.state_dir, in_hand)
 
     def _score_an_orphan(self) -> None:
         """One stored outcome no scorer holds, scored here (at most one per sweep: the
