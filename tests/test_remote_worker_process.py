@@ -127,6 +127,35 @@ def test_a_remote_worker_runs_a_submission_to_the_leaderboard_and_keeps_no_groun
     assert not (node / "outputs").exists() or not any((node / "outputs").rglob("*.nii.gz"))
 
 
+
+def test_an_until_idle_worker_is_not_idle_while_its_runs_are_being_scored(tmp_path,
+                                                                         monkeypatch):
+    """The server answers a completion before scoring it, and the main jobs are queued only
+    once the smoke job is scored. With scoring slower than a claim's wait, the node must
+    not stop after the smoke job: each empty claim tells it how many of its runs are
+    still being scored."""
+    from engine.worker import scorer
+
+    score_job = scorer.score_job
+
+    def slow_score_job(*args, **kwargs):
+        time.sleep(4)  # longer than the worker's claim waits (--poll-seconds 1)
+        return score_job(*args, **kwargs)
+
+    monkeypatch.setattr(scorer, "score_job", slow_score_job)  # the server's scorer thread
+    world, submission_id, token = server_world(tmp_path / "server",
+                                               "epreuve-example/threshold:latest")
+    server = start_server(world, ApiOptions(rate=Rate(burst=10_000, per_second=1000.0)))
+    try:
+        worker = worker_process(server.url, token, tmp_path / "node", "--until-idle")
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output
+        wait_for("the last run scored",
+                 lambda: submission_status(world, submission_id) == "succeeded", 60)
+    finally:
+        server.stop()
+    assert "after 3 job(s)" in output, output  # the smoke job, then both shards
+
 @pytest.fixture
 def slow_image(tmp_path):
     """The threshold segmenter after a pause: long enough to outlive a short lease."""

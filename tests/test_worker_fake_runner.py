@@ -217,6 +217,26 @@ class IdleCoordinator:
     def maintenance(self) -> None:
         self.sweeps += 1
 
+    def awaiting_scoring(self) -> int:
+        return 0
+
+
+class ScoringElsewhereCoordinator(IdleCoordinator):
+    """Nothing to hand out yet, while the server still scores `pending` of the node's runs
+    (each claim hears one fewer): what their ends queue would be the node's next jobs."""
+
+    def __init__(self, pending: int):
+        super().__init__()
+        self.pending = pending
+
+    def lease(self, capacity: int):
+        self.leases += 1
+        self.pending = max(0, self.pending - 1)
+        return None
+
+    def awaiting_scoring(self) -> int:
+        return self.pending
+
 
 def test_the_agent_sweeps_at_most_every_few_seconds_not_on_every_poll(tmp_path):
     from engine.config import Settings
@@ -230,6 +250,20 @@ def test_the_agent_sweeps_at_most_every_few_seconds_not_on_every_poll(tmp_path):
     assert (coordinator.leases, coordinator.sweeps) == (5, 1)
     assert agent.run(until_idle=True) == 0  # idle only once a last sweep found nothing
     assert coordinator.sweeps == 2
+
+
+def test_until_idle_waits_for_the_nodes_runs_still_being_scored(tmp_path):
+    """A server answers a completion before scoring it: a smoke job's end queues the main
+    jobs later. An --until-idle node is not idle while its runs are still being scored."""
+    from engine.config import Settings
+    from engine.worker import Agent
+
+    settings = Settings(data_dir=tmp_path, database_url="sqlite://", state_dir=tmp_path / "s")
+    coordinator = ScoringElsewhereCoordinator(pending=4)
+    agent = Agent(coordinator, FakeRunner(tmp_path / "locks"), settings, gpus=FAKE_GPUS,
+                  maintenance_seconds=3600)
+    assert agent.run(until_idle=True) == 0
+    assert coordinator.pending == 0 and coordinator.leases >= 5  # asked until none was left
 
 
 def test_a_gpu_jobs_samples_reach_the_dcgm_gauges_and_its_provenance(tmp_path, monkeypatch):

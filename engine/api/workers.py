@@ -46,7 +46,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -66,6 +66,7 @@ from engine.worker.coordinator import DbCoordinator
 from engine.worker.protocol import JobOutcome, JobTicket
 from engine.worker.scorer import Scorer
 from engine.worker.wire import (
+    AWAITING_SCORING_HEADER,
     OutputsRefused,
     extract_outputs,
     result_from_json,
@@ -334,7 +335,9 @@ def register(body: NodeRegistration, session: DbSession, service: Service,
 
 
 @router.post("/jobs/claim", status_code=201, response_model=Claimed,
-             responses={204: {"description": "No job within the wait"},
+             responses={204: {"description": "No job within the wait; the "
+                                       f"{AWAITING_SCORING_HEADER} header counts the "
+                                       "node's runs still being scored"},
                         404: {"model": ErrorBody, "description": "Not this token's node"}})
 def claim(body: ClaimRequest, session: DbSession, service: Service, worker: Worker) -> Any:
     deadline = time.monotonic() + body.wait_seconds
@@ -350,8 +353,17 @@ def claim(body: ClaimRequest, session: DbSession, service: Service, worker: Work
             return Claimed(ticket=ticket_to_json(ticket), attempt_token=token,
                            lease_seconds=service.lease.total_seconds())
         if time.monotonic() >= deadline:
-            return Response(status_code=204)
+            return Response(status_code=204, headers={
+                AWAITING_SCORING_HEADER: str(_being_scored(session, body.node_id))})
         time.sleep(POLL_SECONDS)
+
+
+def _being_scored(session: Session, node_id: int | None) -> int:
+    """The node's reported runs not scored yet: their ends may queue its next jobs."""
+    if node_id is None:
+        return 0
+    return session.scalar(select(func.count()).select_from(JobRow).where(
+        JobRow.node_id == node_id, JobRow.status == JobStatus.SCORING)) or 0
 
 
 @router.post("/jobs/{job_id}/start", response_model=Renewed)

@@ -130,6 +130,9 @@ class DbCoordinator:
             self._score_an_orphan()
         self._prune_live_logs_when_due()
 
+    def awaiting_scoring(self) -> int:
+        return 0  # a local run is scored inside complete(), before it returns
+
     def _prune_live_logs_when_due(self, every_seconds: float = 60.0) -> None:
         """The live logs of attempts no page reads any more go (engine/live_logs.py)."""
         clock = time.monotonic()

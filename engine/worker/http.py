@@ -44,6 +44,7 @@ from engine.worker.protocol import JobOutcome, JobTicket, PlatformFailure
 from engine.worker.wire import (
     ATTEMPT_HEADER,
     ATTEMPT_TOKEN_HEADER,
+    AWAITING_SCORING_HEADER,
     pack_outputs,
     ticket_from_json,
 )
@@ -73,6 +74,14 @@ class CacheDiskFull(Unavailable):
     organisers (which disk, how much was needed), never the team's."""
 
 
+def _count(header: str | None) -> int:
+    """A count the server put in a header (an older server puts none: 0)."""
+    try:
+        return max(0, int(header or 0))
+    except ValueError:
+        return 0
+
+
 class HttpCoordinator:
     def __init__(self, server_url: str, token: str, *, wait_seconds: float = 20.0,
                  retry_seconds: float = 300.0, timeout: float = 60.0):
@@ -85,6 +94,7 @@ class HttpCoordinator:
         self.description: NodeDescription | None = None  # registered before the first claim
         self.node_id: int | None = None
         self.gpu_latest: Mapping[str, Any] = {}  # the node's GPUs' latest readings
+        self._awaiting_scoring = 0  # as the last claim that found nothing heard
 
     def close(self) -> None:
         self.client.close()
@@ -116,12 +126,16 @@ class HttpCoordinator:
             self.node_id = None
             return None
         if response.status_code == 204:
+            self._awaiting_scoring = _count(response.headers.get(AWAITING_SCORING_HEADER))
             return None
         body = response.json()
         ticket = ticket_from_json(body["ticket"])
         self._tokens[(ticket.job_id, ticket.attempt)] = body["attempt_token"]
         self.lease_seconds = float(body.get("lease_seconds") or self.lease_seconds)
         return ticket
+
+    def awaiting_scoring(self) -> int:
+        return self._awaiting_scoring
 
     def started(self, ticket: JobTicket) -> None:
         self._call(ticket, "POST", f"{API}/jobs/{ticket.job_id}/start")

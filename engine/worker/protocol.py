@@ -91,6 +91,12 @@ class Coordinator(Protocol):
         """Sweep: re-queue the jobs of vanished workers, end those out of attempts."""
         ...
 
+    def awaiting_scoring(self) -> int:
+        """How many of this node's reported runs the trusted side is still scoring, as the
+        last lease that found nothing heard: their ends may queue this node's next jobs
+        (a smoke job's, the main ones), so `--until-idle` is not idle before they end."""
+        ...
+
 
 class PlatformFailure(RuntimeError):
     """Something of ours failed while a job was handled: INFRASTRUCTURE for that job."""

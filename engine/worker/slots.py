@@ -169,15 +169,12 @@ class SlotLoop:
                     self.slots.wait(idle_seconds)  # as INFRASTRUCTURE: the runtime rests
                     continue
                 ticket = self.lease()
-                if ticket is None and until_idle:
-                    if self.slots.busy or reporter.pending:  # what they end may queue more
-                        self.slots.wait(min(idle_seconds, 0.5))
-                        continue
+                if ticket is None and until_idle and self._idle(reporter):
                     self.agent.maintain(now=True)  # idle only once nothing is left to sweep
-                    if (ticket := self.lease()) is None:
+                    if (ticket := self.lease()) is None and self._idle(reporter):
                         break
                 if ticket is None:
-                    self.slots.wait(idle_seconds)
+                    self.slots.wait(min(idle_seconds, 0.5) if until_idle else idle_seconds)
                     continue
                 leased += 1
                 self.start(ticket, reporter)
@@ -186,6 +183,12 @@ class SlotLoop:
                 thread.join()
             reporter.close()  # ...and are reported
         return leased
+
+    def _idle(self, reporter: Reporter) -> bool:
+        """Nothing of ours may still queue more: no run going, no report being made, no
+        reported run still being scored (its end queues the next jobs)."""
+        return not (self.slots.busy or reporter.pending
+                    or self.agent.coordinator.awaiting_scoring())
 
     def lease(self) -> JobTicket | None:
         """A job that fits what is free now, or None (nothing free, or nothing queued)."""

@@ -24,6 +24,8 @@ from runners.base import FailureReason, RunResult, RunStatus
 
 ATTEMPT_HEADER = "Epreuve-Attempt"
 ATTEMPT_TOKEN_HEADER = "Epreuve-Attempt-Token"
+# on a claim that found nothing: how many of the node's reported runs are being scored
+AWAITING_SCORING_HEADER = "Epreuve-Awaiting-Scoring"
 MAX_OUTPUT_FILES = 10_000  # regular files in one upload
 MAX_OUTPUT_DEPTH = 32
 MAX_NAME_BYTES = 1024
