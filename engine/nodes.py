@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 from engine.db.models import JobRow, NodeRow, PhaseRow, SubmissionRow, utcnow
 from engine.errors import NotFound
 from engine.node_description import NodeDescription, validated_samples
-from engine.queue import record
-from engine.statuses import ACTIVE_JOB_STATES, JobStatus, NodeState
+from engine.queue import record, take_back
+from engine.statuses import ACTIVE_JOB_STATES, ON_A_NODE_JOB_STATES, NodeState
 from runners.base import FailureReason
 
 DEFAULT_LOST_LEASES = 3  # a node is lost after this many lease lengths unheard
@@ -119,23 +119,13 @@ def requeue_jobs_of(session: Session, node: NodeRow, actor: str, now: datetime) 
     leases cleared: whatever the node says of them later is refused (409). A job being
     scored is the server's now, not the node's: left alone."""
     moved = []
-    for job in session.scalars(select(JobRow).where(JobRow.node_id == node.id, JobRow.status.in_(
-            (JobStatus.LEASED, JobStatus.RUNNING)))).all():
-        message = f"the node running this job ({node.name}) was lost; it is run again"
-        out = job.attempts >= job.max_attempts
-        values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
-        if out:
-            values.update(reason=FailureReason.INFRASTRUCTURE.value, finished_at=now,
-                          message="the job's nodes were lost too often; the platform will "
-                                  "look into it")
-        to_state = JobStatus.FAILED if out else JobStatus.QUEUED
-        changed = session.execute(
-            update(JobRow).where(JobRow.id == job.id, JobRow.status == job.status,
-                                 JobRow.lease_owner == job.lease_owner)
-            .values(status=to_state, **values)).rowcount
-        if changed:
-            record(session, "job", job.id, job.status, to_state, actor,
-                   f"{FailureReason.INFRASTRUCTURE.value}: {message}")
+    for job in session.scalars(select(JobRow).where(
+            JobRow.node_id == node.id, JobRow.status.in_(ON_A_NODE_JOB_STATES))).all():
+        if take_back(session, job, actor, now,
+                     why=f"{FailureReason.INFRASTRUCTURE.value}: the node running this job "
+                         f"({node.name}) was lost; it is run again",
+                     too_often="the job's nodes were lost too often; the platform will look "
+                               "into it"):
             moved.append(job.id)
     return moved
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -182,24 +183,34 @@ def sweep(session: Session, actor: str, now: datetime | None = None, *,
                 swept.append(job.id)
             continue
         why = "lease expired" if expired else "worker process died"
-        message = f"the worker running this job vanished ({why}); it is run again"
-        out_of_attempts = job.attempts >= job.max_attempts
-        values = dict(lease_owner=None, lease_expires_at=None, outcome=None)
-        if out_of_attempts:
-            values.update(reason=FailureReason.INFRASTRUCTURE.value, finished_at=now,
-                          message="the job's workers vanished too often; the platform will "
-                                  "look into it")
-        changed = session.execute(
-            update(JobRow).where(JobRow.id == job.id, JobRow.status == job.status,
-                                 JobRow.lease_owner == job.lease_owner)
-            .values(status=JobStatus.FAILED if out_of_attempts else JobStatus.QUEUED, **values)
-        ).rowcount
-        if changed:
-            record(session, "job", job.id, job.status,
-                   JobStatus.FAILED if out_of_attempts else JobStatus.QUEUED, actor, message)
+        if take_back(session, job, actor, now,
+                     why=f"the worker running this job vanished ({why}); it is run again",
+                     too_often="the job's workers vanished too often; the platform will "
+                               "look into it"):
             swept.append(job.id)
     session.flush()
     return swept
+
+
+def take_back(session: Session, job: JobRow, actor: str, now: datetime, *, why: str,
+              too_often: str) -> bool:
+    """A job in hand whose worker or node is gone, back to the queue, or failed
+    (INFRASTRUCTURE, `too_often` for the team) when out of attempts. Its lease is cleared,
+    so whatever the old attempt says later is refused; only if nobody moved the job
+    meanwhile (False then). `why` goes to the job's lifecycle."""
+    out_of_attempts = job.attempts >= job.max_attempts
+    to_state = JobStatus.FAILED if out_of_attempts else JobStatus.QUEUED
+    values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None, outcome=None)
+    if out_of_attempts:
+        values.update(reason=FailureReason.INFRASTRUCTURE.value, finished_at=now,
+                      message=too_often)
+    changed = session.execute(
+        update(JobRow).where(JobRow.id == job.id, JobRow.status == job.status,
+                             JobRow.lease_owner == job.lease_owner)
+        .values(status=to_state, **values)).rowcount
+    if changed:
+        record(session, "job", job.id, job.status, to_state, actor, why)
+    return bool(changed)
 
 
 def _rescore(session: Session, job: JobRow, actor: str, now: datetime) -> bool:
