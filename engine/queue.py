@@ -93,34 +93,42 @@ def lease(session: Session, owner: str, duration: timedelta = DEFAULT_LEASE, *,
 
 def lease_from(session: Session, submission_id: int, owner: str, duration: timedelta,
                gpus_available: int, gpus_at_least: int = 0) -> JobRow | None:
-    """Lease this submission's oldest queued job at its lowest level, skipping rows another
-    worker holds (PostgreSQL) or has just taken (SQLite's conditional UPDATE)."""
+    """Lease this submission's oldest queued job at its lowest level."""
+    return _take_first(
+        session, (JobRow.submission_id == submission_id, JobRow.status == JobStatus.QUEUED,
+                  JobRow.gpus <= gpus_available, JobRow.gpus >= gpus_at_least),
+        lambda now: dict(status=JobStatus.LEASED, lease_owner=owner,
+                         lease_expires_at=now + duration, heartbeat_at=now, leased_at=now,
+                         attempts=JobRow.attempts + 1,
+                         node_id=None),  # its node, if any, is named by the claim (nodes.assign)
+        (JobStatus.QUEUED, JobStatus.LEASED), owner)
+
+
+def _take_first(session: Session, eligible: tuple[Any, ...],
+                values: Callable[[datetime], dict[str, Any]], states: tuple[str, str],
+                owner: str, detail: str | None = None) -> JobRow | None:
+    """The first eligible job (by level, then age) that this call wins with a conditional
+    UPDATE: rows another worker holds are skipped (PostgreSQL's SKIP LOCKED), a row another
+    has just taken (SQLite) is tried no more, and nothing of ours was changed. Flushes."""
     tried: set[int] = set()
     while True:
         candidate = session.execute(
             select(JobRow.id)
-            .where(JobRow.submission_id == submission_id, JobRow.status == JobStatus.QUEUED,
-                   JobRow.gpus <= gpus_available, JobRow.gpus >= gpus_at_least,
-                   JobRow.id.not_in(tried) if tried else True)
+            .where(*eligible, JobRow.id.not_in(tried) if tried else True)
             .order_by(JobRow.priority, JobRow.id)
             .limit(1)
             .with_for_update(skip_locked=True)
         ).scalar_one_or_none()
         if candidate is None:
             return None
-        now = utcnow()
         taken = session.execute(
-            update(JobRow)
-            .where(JobRow.id == candidate, JobRow.status == JobStatus.QUEUED)
-            .values(status=JobStatus.LEASED, lease_owner=owner, lease_expires_at=now + duration,
-                    heartbeat_at=now, leased_at=now, attempts=JobRow.attempts + 1,
-                    node_id=None)  # its node, if any, is named by the claim (nodes.assign)
+            update(JobRow).where(JobRow.id == candidate, *eligible).values(**values(utcnow()))
         ).rowcount
         if taken == 1:
-            record(session, "job", candidate, JobStatus.QUEUED, JobStatus.LEASED, owner)
+            record(session, "job", candidate, *states, owner, detail)
             session.flush()
             return session.get(JobRow, candidate, populate_existing=True)
-        tried.add(candidate)  # another worker won it: nothing of ours was changed
+        tried.add(candidate)
 
 
 def transition(session: Session, job: JobRow, to_state: str, actor: str,
@@ -239,33 +247,12 @@ def lease_scoring(session: Session, owner: str, duration: timedelta = DEFAULT_LE
                   ) -> JobRow | None:
     """Take the next stored outcome no scorer holds, for `owner` until the lease ends (a
     scorer renews it with `heartbeat`). Flushes; the caller commits."""
-    tried: set[int] = set()
-    while True:
-        candidate = session.execute(
-            select(JobRow.id)
-            .where(JobRow.status == JobStatus.SCORING, JobRow.outcome.is_not(None),
-                   JobRow.lease_owner.is_(None),
-                   JobRow.id.not_in(tried) if tried else True)
-            .order_by(JobRow.priority, JobRow.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).scalar_one_or_none()
-        if candidate is None:
-            return None
-        now = utcnow()
-        taken = session.execute(
-            update(JobRow)
-            .where(JobRow.id == candidate, JobRow.status == JobStatus.SCORING,
-                   JobRow.lease_owner.is_(None))
-            .values(lease_owner=owner, lease_expires_at=now + duration, heartbeat_at=now,
-                    scorings=JobRow.scorings + 1)
-        ).rowcount
-        if taken == 1:
-            record(session, "job", candidate, JobStatus.SCORING, JobStatus.SCORING, owner,
-                   "scoring the stored outcome")
-            session.flush()
-            return session.get(JobRow, candidate, populate_existing=True)
-        tried.add(candidate)  # another scorer won it
+    return _take_first(
+        session, (JobRow.status == JobStatus.SCORING, JobRow.outcome.is_not(None),
+                  JobRow.lease_owner.is_(None)),
+        lambda now: dict(lease_owner=owner, lease_expires_at=now + duration,
+                         heartbeat_at=now, scorings=JobRow.scorings + 1),
+        (JobStatus.SCORING, JobStatus.SCORING), owner, "scoring the stored outcome")
 
 
 def position(session: Session, submission: SubmissionRow) -> int | None:

@@ -27,10 +27,12 @@ def _end(session, job_id: int, owner: str) -> None:
     after_job(session, job, "test")
 
 
-def _someone_waits_on_a_lock(session) -> bool:
-    return bool(session.scalar(text(
-        "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
-        "and datname = current_database()")))
+def _someone_waits_on_a_lock(sessions) -> bool:
+    # a new transaction each time: pg_stat_activity is one snapshot per transaction
+    with sessions() as session:
+        return bool(session.scalar(text(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
+            "and datname = current_database()")))
 
 
 def test_two_jobs_ending_at_once_end_their_submission(tmp_path):
@@ -68,16 +70,17 @@ def test_two_jobs_ending_at_once_end_their_submission(tmp_path):
         finally:
             done.set()
 
-    thread = threading.Thread(target=end_second)
+    thread = threading.Thread(target=end_second, daemon=True)
     thread.start()
-    with sessions() as watcher:  # the second waits on the submission's lock, or is done
+    try:  # the second waits on the submission's lock, or is done
         deadline = time.monotonic() + 30
-        while not done.is_set() and not _someone_waits_on_a_lock(watcher):
+        while not done.is_set() and not _someone_waits_on_a_lock(sessions):
             assert time.monotonic() < deadline, "the second job's end neither waited nor ended"
             time.sleep(0.05)
-    first.commit()
+        first.commit()
+    finally:
+        first.close()  # a failure above must not leave the second waiting for ever
     thread.join(timeout=60)
-    first.close()
     second.close()
     with sessions() as session:
         assert session.get(SubmissionRow, submission_id).status == SubmissionStatus.SUCCEEDED
