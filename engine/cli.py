@@ -67,6 +67,9 @@ app.add_typer(store_app, name="store")
 token_app = typer.Typer(help="API tokens: create (shown once), list, revoke.",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
+nodes_app = typer.Typer(help="The nodes that run jobs; retiring one gone for good.",
+                        invoke_without_command=True)
+app.add_typer(nodes_app, name="nodes")
 
 console = PipeAwareConsole()
 errors = PipeAwareConsole(stderr=True)
@@ -591,37 +594,63 @@ def _chosen_gpus(text: str) -> list[str] | None:
     return uuids
 
 
-@app.command("nodes")
+@nodes_app.callback()
 def nodes_command(
+    context: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="As JSON."),
+    retired: bool = typer.Option(False, "--retired", help="Retired nodes too."),
     server: str | None = SERVER_OPTION,
     token: str | None = TOKEN_OPTION,
 ) -> None:
     """The nodes that run jobs: slots, GPUs and their latest readings, last heartbeat,
     state (active | lost), running jobs (an organiser's or admin's token with --server)."""
+    if context.invoked_subcommand is not None:
+        return
     if server:
         with _api(server, token) as api:
-            views = api.nodes()
+            views = api.nodes(retired=retired)
     else:
         from engine.nodes import node_views
 
         _, sessions = _sessions()
         with sessions() as session:
-            views = node_views(session)
+            views = node_views(session, include_retired=retired)
     if as_json:
         console.print_json(json.dumps(views))
         return
     console.print(nodes_table(views))
 
 
+@nodes_app.command("retire")
+def nodes_retire(
+    node_id: int = typer.Argument(..., min=1, help="The node's id (`epreuve nodes`)."),
+    server: str | None = SERVER_OPTION,
+    token: str | None = TOKEN_OPTION,
+) -> None:
+    """Take a node gone for good out of the list and the "node lost" alert (an admin's
+    token with --server). Refused while jobs run there; it comes back if heard from."""
+    if server:
+        with _api(server, token) as api:
+            retired = api.retire_node(node_id)
+    else:
+        from engine.nodes import retire, view
+
+        _, sessions = _sessions()
+        with sessions() as session:
+            node = retire(session, node_id, _actor())
+            retired = view(node, [], 0, node.last_heartbeat)
+            session.commit()
+    console.print(f"node {retired['id']} ({escape(retired['name'])}) retired")
+
+
 def nodes_table(views: list[dict]) -> Table:
     table = Table(title="nodes")
-    for column in ("node", "state", "slots gpu/cpu", "GPUs", "last heartbeat", "jobs"):
+    for column in ("id", "node", "state", "slots gpu/cpu", "GPUs", "last heartbeat", "jobs"):
         table.add_column(column)
     for node in views:
         gpus = "\n".join(_gpu_line(gpu) for gpu in node["gpus"]) or "-"
         jobs = ", ".join(f"{j['job']} ({j['status']})" for j in node["jobs"]) or "-"
-        table.add_row(escape(node["name"]), node["state"],
+        table.add_row(str(node["id"]), escape(node["name"]), node["state"],
                       f"{node['slots']['gpu']}/{node['slots']['cpu']}", escape(gpus),
                       f"{node['last_heartbeat']} ({node['seconds_since_heartbeat']:.0f}s ago)",
                       jobs)

@@ -111,9 +111,14 @@ class Api:
             offset = following if isinstance(following, int) and following > offset else None
         return entries
 
-    def nodes(self) -> list[dict]:
-        """The node registry (organisers and admins)."""
-        return self.request("GET", "/api/v1/nodes").json()["items"]
+    def nodes(self, *, retired: bool = False) -> list[dict]:
+        """The node registry (organisers and admins); retired nodes only when asked."""
+        return self.request("GET", "/api/v1/nodes",
+                            params={"retired": "true"} if retired else None).json()["items"]
+
+    def retire_node(self, node_id: int) -> dict:
+        """Take a node gone for good out of the registry (admins)."""
+        return self.request("POST", f"/api/v1/nodes/{int(node_id)}/retire").json()
 
     def cancel(self, submission_id: int) -> dict:
         return self.request("POST", f"/api/v1/submissions/{submission_id}/cancel").json()

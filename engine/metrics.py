@@ -5,9 +5,10 @@
     epreuve_queue_jobs{challenge,phase,state}    gauge: jobs queued, leased, running, scoring
     epreuve_job_runtime_seconds{kind}            histogram: observed when a job ends
     epreuve_workers{state="up"|"busy"}           gauge: lease owners heard from recently
-    epreuve_nodes{state="active"|"lost"}         gauge: nodes in the registry (engine/nodes.py)
+    epreuve_nodes{state="active"|"lost"|"retired"}  gauge: nodes in the registry (engine/nodes.py)
     epreuve_node_last_heartbeat_seconds{node}    gauge: unix time of a node's last heartbeat
-    epreuve_node_heartbeat_age_seconds{node}     gauge: seconds since then (the alert's signal)
+    epreuve_node_heartbeat_age_seconds{node}     gauge: seconds since then (the alert's signal;
+                                                 none for a retired node)
     epreuve_metrics_database_up                  gauge: 0 when the database did not answer
     DCGM_FI_DEV_GPU_UTIL / _FB_USED / _POWER_USAGE / _TOTAL_ENERGY_CONSUMPTION
                                                  gauges per GPU: gpu, UUID, Hostname labels,
@@ -151,7 +152,8 @@ def node_families(session: Session, now: datetime) -> list[GaugeMetricFamily]:
     newest: dict[str, NodeRow] = {}  # one series per name: the most recently heard row
     for node in session.scalars(select(NodeRow).order_by(NodeRow.last_heartbeat)):
         counts[_allowed(node.state, NODE_STATES)] += 1
-        newest[node.name] = node
+        if node.state != NodeState.RETIRED:  # gone for good: nothing to alert on
+            newest[node.name] = node
     for state in sorted(NODE_STATES):
         by_state.add_metric([state], counts[state])
     for name, node in sorted(newest.items()):

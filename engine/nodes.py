@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from engine.db.models import JobRow, NodeRow, PhaseRow, SubmissionRow, utcnow
-from engine.errors import NotFound
+from engine.errors import Conflict, NotFound
 from engine.node_description import NodeDescription, validated_samples
 from engine.queue import record, take_back
 from engine.statuses import ACTIVE_JOB_STATES, ON_A_NODE_JOB_STATES, NodeState
@@ -53,6 +53,26 @@ def register(session: Session, description: NodeDescription, token_id: int | Non
     node.gpu_slots, node.cpu_slots = description.gpu_slots, description.cpu_slots
     node.gpus, node.facts = [dict(g) for g in description.gpus], dict(description.facts)
     heard_from(session, node, actor)
+    return node
+
+
+def retire(session: Session, node_id: int, actor: str) -> NodeRow:
+    """Take a node out of the registry (a machine gone for good): its row and history stay
+    (the provenance of its runs names it), it is no longer listed or alerted on. Refused
+    while jobs run there: a node still heard from would only come back."""
+    node = session.get(NodeRow, node_id, populate_existing=True)
+    if node is None:
+        raise NotFound(f"no node {node_id}")
+    in_hand = session.scalars(select(JobRow.id).where(
+        JobRow.node_id == node.id, JobRow.status.in_(ON_A_NODE_JOB_STATES))
+        .order_by(JobRow.id)).all()
+    if in_hand:
+        raise Conflict(f"node {node.name} runs job(s) {', '.join(map(str, in_hand))}: stop its "
+                       "worker first (its jobs are re-queued once it is lost), then retire it")
+    if node.state != NodeState.RETIRED:
+        record(session, "node", node.id, node.state, NodeState.RETIRED, actor, "retired")
+        node.state = NodeState.RETIRED.value
+        session.flush()
     return node
 
 
@@ -134,13 +154,17 @@ def requeue_jobs_of(session: Session, node: NodeRow, actor: str, now: datetime) 
 
 
 def node_views(session: Session, *, challenge_ids: Iterable[str] | None = None,
-               now: datetime | None = None) -> list[dict[str, Any]]:
-    """Every node with its slots, GPUs (and each one's latest reading), last heartbeat,
-    state and the jobs it runs now. A node is shared: with `challenge_ids` (an organiser's),
-    only those challenges' jobs are listed, the others only counted (`other_jobs`)."""
+               now: datetime | None = None, include_retired: bool = False
+               ) -> list[dict[str, Any]]:
+    """Every node (retired ones only when asked) with its slots, GPUs (and each one's
+    latest reading), last heartbeat, state and the jobs it runs now. A node is shared: with
+    `challenge_ids` (an organiser's), only those challenges' jobs are listed, the others
+    only counted (`other_jobs`)."""
     now = now or utcnow()
     scope = None if challenge_ids is None else set(challenge_ids)
-    nodes = session.scalars(select(NodeRow).order_by(NodeRow.name, NodeRow.id)).all()
+    nodes = session.scalars(select(NodeRow).where(
+        True if include_retired else NodeRow.state != NodeState.RETIRED)
+        .order_by(NodeRow.name, NodeRow.id)).all()
     running: dict[int, list[dict[str, Any]]] = {}
     others: Counter[int] = Counter()
     for job_id, node_id, status, submission_id, challenge in session.execute(

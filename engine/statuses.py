@@ -52,6 +52,9 @@ class NodeState(StrEnum):
 
     ACTIVE = "active"
     LOST = "lost"  # its jobs were re-queued; it becomes active again when it is heard from
+    # taken out of the registry by an admin (a machine gone for good): not listed, not
+    # alerted on; active again if it is ever heard from
+    RETIRED = "retired"
 
 
 class JobKind(StrEnum):

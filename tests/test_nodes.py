@@ -436,3 +436,78 @@ def test_a_job_leased_again_is_not_its_old_nodes(tmp_path):
         assert nodes.sweep_lost(session, timedelta(minutes=3), "test sweeper") == []
         session.commit()
         assert session.get(JobRow, job.id).status == "leased"
+
+
+# -- retiring a node gone for good ----------------------------------------------------------
+
+
+def _heartbeat_series(world) -> set[str]:
+    from engine.db.models import utcnow
+    from engine.metrics import node_families
+
+    with world.sessions() as session:
+        _, _, age = node_families(session, utcnow())
+    return {sample.labels["node"] for sample in age.samples}
+
+
+def test_an_admin_retires_a_node_and_it_leaves_the_list_and_the_alert(live):
+    with client(live, live.world.tokens["worker"]) as worker:
+        node_id = worker.post(f"{API}/nodes/register",
+                              json={**GOOD, "name": "decommissioned-07"}).json()["node_id"]
+    assert "decommissioned-07" in _heartbeat_series(live.world)
+    with client(live, live.world.tokens["organiser-a"]) as organiser:
+        refused = organiser.post(f"/api/v1/nodes/{node_id}/retire")
+        assert refused.status_code == 403  # nodes are shared: an admin's call
+    with client(live, live.world.tokens["admin"]) as admin:
+        retired = admin.post(f"/api/v1/nodes/{node_id}/retire")
+        assert retired.status_code == 200, retired.text
+        assert (retired.json()["name"], retired.json()["state"]) == ("decommissioned-07",
+                                                                      "retired")
+        assert admin.post(f"/api/v1/nodes/{node_id}/retire").status_code == 200  # idempotent
+        listed = {n["name"] for n in admin.get("/api/v1/nodes").json()["items"]}
+        assert "decommissioned-07" not in listed
+        everything = admin.get("/api/v1/nodes", params={"retired": "true"}).json()["items"]
+        assert {"decommissioned-07": "retired"}.items() <= {
+            n["name"]: n["state"] for n in everything}.items()
+        missing = admin.post("/api/v1/nodes/999999/retire")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFound"
+    assert "decommissioned-07" not in _heartbeat_series(live.world)  # the alert clears
+
+    with client(live, live.world.tokens["worker"]) as worker:  # the machine came back after all
+        worker.post(f"{API}/nodes/register",
+                    json={**GOOD, "name": "decommissioned-07"}).raise_for_status()
+    with live.world.sessions() as session:
+        assert session.get(NodeRow, node_id).state == "active"
+        history = [(e.from_state, e.to_state) for e in session.scalars(
+            select(EventRow).where(EventRow.entity == "node", EventRow.entity_id == node_id)
+            .order_by(EventRow.id))]
+    assert history == [(None, "active"), ("active", "retired"), ("retired", "active")]
+
+
+def test_a_node_running_a_job_is_not_retired(tmp_path):
+    """Retiring is for a machine gone for good: while its job is in hand the call is
+    refused, naming the job, and nothing changes (the CLI's local path)."""
+    from engine import queue
+    from engine.node_description import validated
+    from tests.test_cli_client import Cli
+
+    world = build_world(tmp_path, "sqlite")
+    queued_submission(world, "ch-a", "team-a")
+    with world.sessions() as session:
+        node = nodes.register(session, validated(GOOD), None, "test")
+        job = queue.lease(session, "node-a", queue.DEFAULT_LEASE)
+        nodes.assign(session, job.id, node.id)
+        session.commit()
+        node_id, job_id = node.id, job.id
+    local = Cli(tmp_path, EPREUVE_DATABASE_URL=world.settings.database_url)
+    refused = local("nodes", "retire", str(node_id), code=EXIT_REFUSED)
+    assert f"runs job(s) {job_id}" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    with world.sessions() as session:
+        assert session.get(NodeRow, node_id).state == "active"
+        queue.sweep(session, "test", now=session.get(JobRow, job_id).lease_expires_at
+                    + timedelta(seconds=1))  # its worker is gone: the job goes back
+        session.commit()
+    assert "retired" in local("nodes", "retire", str(node_id)).stdout
+    assert "gpu-node-01" not in local("nodes").stdout
+    assert "gpu-node-01" in local("nodes", "--retired").stdout
