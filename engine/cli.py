@@ -507,7 +507,8 @@ def _submit_to_server(server: str, token: str | None, image: str, challenge: str
 
 @app.command()
 def worker(
-    until_idle: bool = typer.Option(False, "--until-idle", help="Stop when the queue is empty."),
+    until_idle: bool = typer.Option(False, "--until-idle", help="Stop when the queue is empty "
+                                    "and none of this node's runs is still being scored."),
     max_jobs: int | None = typer.Option(None, help="Stop after this many jobs."),
     lease_seconds: float = typer.Option(60, help="Lease length; heartbeats renew it (local "
                                         "worker: a remote one gets the server's)."),
