@@ -605,7 +605,10 @@ def nodes_command(
 ) -> None:
     """The nodes that run jobs: slots, GPUs and their latest readings, last heartbeat,
     state (active | lost), running jobs (an organiser's or admin's token with --server)."""
-    if context.invoked_subcommand is not None:
+    if context.invoked_subcommand is not None:  # `nodes --server URL retire 7`: for it
+        if as_json or retired:
+            _fail("--json and --retired list the nodes: give them without a subcommand", 2)
+        context.obj = {"server": server, "token": token}
         return
     if server:
         with _api(server, token) as api:
@@ -624,12 +627,15 @@ def nodes_command(
 
 @nodes_app.command("retire")
 def nodes_retire(
+    context: typer.Context,
     node_id: int = typer.Argument(..., min=1, help="The node's id (`epreuve nodes`)."),
     server: str | None = SERVER_OPTION,
     token: str | None = TOKEN_OPTION,
 ) -> None:
     """Take a node gone for good out of the list and the "node lost" alert (an admin's
     token with --server). Refused while jobs run there; it comes back if heard from."""
+    given = context.obj or {}  # --server and --token may come before `retire`
+    server, token = server or given.get("server"), token or given.get("token")
     if server:
         with _api(server, token) as api:
             retired = api.retire_node(node_id)

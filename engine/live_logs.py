@@ -20,6 +20,7 @@ hour: without it, every attempt ever run would keep up to MAX_LOG_BYTES on the s
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -35,6 +36,7 @@ from runners.logs import shown
 MAX_LOG_BYTES = 4 << 20  # kept per attempt; beyond, chunks are dropped
 TAIL_BYTES = 16 << 10  # the most a page reads of it
 IDLE_BEFORE_PRUNED = 3600.0  # seconds unwritten before the log of an attempt not in hand goes
+log = logging.getLogger(__name__)
 _LOG_NAME = re.compile(r"job-(\d+)-(\d+)\.log")
 
 
@@ -93,6 +95,9 @@ def prune(state_dir: Path, in_hand: set[tuple[int, int]], *,
                 continue
             path.unlink()
         except FileNotFoundError:  # another sweeper took it
+            continue
+        except OSError as exc:  # not ours to remove (a directory, another user's): left
+            log.warning("live log %s not pruned: %s", path, exc)
             continue
         removed += 1
     return removed

@@ -152,11 +152,12 @@ def node_families(session: Session, now: datetime) -> list[GaugeMetricFamily]:
     newest: dict[str, NodeRow] = {}  # one series per name: the most recently heard row
     for node in session.scalars(select(NodeRow).order_by(NodeRow.last_heartbeat)):
         counts[_allowed(node.state, NODE_STATES)] += 1
-        if node.state != NodeState.RETIRED:  # gone for good: nothing to alert on
-            newest[node.name] = node
+        newest[node.name] = node
     for state in sorted(NODE_STATES):
         by_state.add_metric([state], counts[state])
     for name, node in sorted(newest.items()):
+        if node.state == NodeState.RETIRED:  # gone for good (its older rows too): no alert
+            continue
         state = _allowed(node.state, NODE_STATES)
         last.add_metric([name, state], node.last_heartbeat.timestamp())
         age.add_metric([name, state], max(0.0, (now - node.last_heartbeat).total_seconds()))

@@ -63,16 +63,23 @@ def retire(session: Session, node_id: int, actor: str) -> NodeRow:
     node = session.get(NodeRow, node_id, populate_existing=True)
     if node is None:
         raise NotFound(f"no node {node_id}")
-    in_hand = session.scalars(select(JobRow.id).where(
-        JobRow.node_id == node.id, JobRow.status.in_(ON_A_NODE_JOB_STATES))
-        .order_by(JobRow.id)).all()
-    if in_hand:
-        raise Conflict(f"node {node.name} runs job(s) {', '.join(map(str, in_hand))}: stop its "
-                       "worker first (its jobs are re-queued once it is lost), then retire it")
-    if node.state != NodeState.RETIRED:
-        record(session, "node", node.id, node.state, NodeState.RETIRED, actor, "retired")
-        node.state = NodeState.RETIRED.value
-        session.flush()
+    jobs_there = select(JobRow.id).where(JobRow.node_id == node.id,
+                                         JobRow.status.in_(ON_A_NODE_JOB_STATES))
+    was = node.state
+    changed = session.execute(  # one statement: no job may be assigned between check and write
+        update(NodeRow).where(NodeRow.id == node.id, NodeRow.state != NodeState.RETIRED,
+                              ~jobs_there.exists())
+        .values(state=NodeState.RETIRED.value)).rowcount
+    if changed:
+        record(session, "node", node.id, was, NodeState.RETIRED, actor, "retired")
+    else:
+        in_hand = session.scalars(jobs_there.order_by(JobRow.id)).all()
+        if in_hand:
+            raise Conflict(f"node {node.name} runs job(s) {', '.join(map(str, in_hand))}: "
+                           "stop its worker first (its jobs are re-queued once it is lost), "
+                           "then retire it")
+    session.flush()
+    session.refresh(node)
     return node
 
 

@@ -197,6 +197,15 @@ def test_a_planted_link_is_removed_not_its_target(tmp_path):
     assert not link.is_symlink() and target.read_text() == "kept"
 
 
+def test_what_cannot_be_removed_is_left_and_the_sweep_goes_on(tmp_path):
+    odd = live_logs.log_path(tmp_path, 6, 1)
+    odd.mkdir(parents=True)  # a directory by the log's name: unlink refuses it
+    _aged(odd, LONG_AGO)
+    ended = _written(tmp_path, 7, 1)
+    assert live_logs.prune(tmp_path, set()) == 1
+    assert odd.is_dir() and not ended.exists()
+
+
 def test_no_log_directory_is_nothing_to_prune(tmp_path):
     assert live_logs.prune(tmp_path / "absent", set()) == 0
 

@@ -24,10 +24,10 @@ from sqlalchemy import func, select
 from engine import nodes
 from engine.api.app import ApiOptions
 from engine.api.ratelimit import Rate
-from engine.db.models import CaseResultRow, EventRow, JobRow, NodeRow
+from engine.db.models import CaseResultRow, EventRow, JobRow, NodeRow, TokenRow
 from engine.errors import EXIT_REFUSED
 from engine.node_description import InvalidNode, validated
-from engine.tokens import create_token
+from engine.tokens import create_token, hash_secret
 from tests.api_fixtures import build_world, queued_submission, start_server
 from tests.test_remote_worker_process import (  # noqa: F401 - slow_image is a fixture
     server_world,
@@ -482,6 +482,46 @@ def test_an_admin_retires_a_node_and_it_leaves_the_list_and_the_alert(live):
             select(EventRow).where(EventRow.entity == "node", EventRow.entity_id == node_id)
             .order_by(EventRow.id))]
     assert history == [(None, "active"), ("active", "retired"), ("retired", "active")]
+
+
+def test_the_cli_retires_through_the_server_whichever_side_of_retire_its_options_are(
+        live, tmp_path):
+    from tests.test_cli_client import Cli
+
+    with client(live, live.world.tokens["worker"]) as worker:
+        ids = [worker.post(f"{API}/nodes/register", json={**GOOD, "name": name}).json()[
+            "node_id"] for name in ("old-rack-1", "old-rack-2")]
+    cli = Cli(tmp_path)  # no server in the environment: only the options name it
+    admin = ("--server", live.url, "--token", live.world.tokens["admin"])
+    assert "old-rack-1" in cli("nodes", *admin, "retire", str(ids[0])).stdout
+    assert "old-rack-2" in cli("nodes", "retire", str(ids[1]), *admin).stdout
+    with live.world.sessions() as session:
+        assert {session.get(NodeRow, i).state for i in ids} == {"retired"}
+    usage = cli("nodes", "--json", *admin, "retire", str(ids[0]), code=2)
+    assert "without a subcommand" in usage.stdout + usage.stderr
+
+
+def test_a_name_whose_newest_row_is_retired_has_no_heartbeat_series(tmp_path):
+    """The same machine registered under an older token long ago (lost) and a newer one
+    (retired): retiring the newer must not bring the older row's alert back."""
+    world = build_world(tmp_path, "sqlite")
+    with world.sessions() as session:
+        _, old_token = create_token(session, role="worker")
+        _, new_token = create_token(session, role="worker")
+        session.commit()
+    rows = []
+    for token in (old_token, new_token):
+        with world.sessions() as session:
+            token_id = session.scalar(select(TokenRow.id).where(
+                TokenRow.hash == hash_secret(token)))
+            rows.append(nodes.register(session, validated({**GOOD, "name": "twice"}),
+                                       token_id, "test").id)
+            session.commit()
+    with world.sessions() as session:
+        session.get(NodeRow, rows[0]).state = "lost"
+        nodes.retire(session, rows[1], "test")
+        session.commit()
+    assert "twice" not in _heartbeat_series(world)
 
 
 def test_a_node_running_a_job_is_not_retired(tmp_path):

@@ -128,7 +128,8 @@ def test_containers_of_a_crashed_process_are_reaped_on_next_start(runner, advers
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     # The container outlives its owner, but any runner on this host (a worker that an
-    # earlier test left ending) may reap it before the next line: only the end is checked.
+    # earlier test left ending) may reap the container first. Its run directory is in this
+    # state dir, which only the new runner reaps: that part proves the new runner did.
 
     DockerRunner(state_dir=state)  # a new runner starts: it reaps what is left
 

@@ -118,6 +118,7 @@ class HttpCoordinator:
                                   timeout=self.wait_seconds + 30)
         except ServerUnreachable as exc:
             log.warning("no job claimed: %s", exc)
+            self._awaiting_scoring = 0  # unknown: a server that is gone scores nothing
             return None
         except ServerRefused as exc:
             if self.node_id is None or exc.status != 404:
@@ -126,7 +127,10 @@ class HttpCoordinator:
             self.node_id = None
             return None
         if response.status_code == 204:
-            self._awaiting_scoring = _count(response.headers.get(AWAITING_SCORING_HEADER))
+            awaiting = _count(response.headers.get(AWAITING_SCORING_HEADER))
+            if awaiting and awaiting != self._awaiting_scoring:
+                log.info("%d run(s) of this node still being scored on the server", awaiting)
+            self._awaiting_scoring = awaiting
             return None
         body = response.json()
         ticket = ticket_from_json(body["ticket"])
