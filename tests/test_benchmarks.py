@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import harness
+from tests.conftest import REPO
 
 
 def counter(values: list[float], calls: list[str], name: str):
@@ -210,7 +213,7 @@ def test_upload_benchmark_tar_passes_the_intake_checks(tmp_path):
 
 
 def test_queue_over_http_quick(tmp_path, capsys):
-    from benchmarks import queue as queue_benchmark
+    from benchmarks import queue_over_http as queue_benchmark
     from tests.conftest import postgres_sessions
 
     postgres_sessions()  # a skip without PostgreSQL (a failure in CI); the run has its schema
@@ -224,3 +227,17 @@ def test_queue_over_http_quick(tmp_path, capsys):
     assert figures["backlog_jobs_before_small"] <= 4  # the slots: 4 workers
     assert figures["small_team_place"] < figures["fifo_place"]
     assert "small team's first job leased at place" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", sorted(
+    p.name for p in (REPO / "benchmarks").glob("*.py")
+    if p.name not in {"__init__.py", "harness.py"}))
+def test_each_benchmark_starts_as_the_readme_runs_it(script):
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path: a script there named
+    like a standard module (a queue.py once) broke every other script's imports."""
+    shadowing = {p.stem for p in (REPO / "benchmarks").glob("*.py")} & sys.stdlib_module_names
+    assert not shadowing, f"benchmarks/ shadows the standard library: {shadowing}"
+    started = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert "usage:" in started.stdout

@@ -1,6 +1,6 @@
 """The job queue over HTTP: remote workers claim, start and complete jobs on PostgreSQL.
 
-    .venv/bin/python benchmarks/queue.py [--jobs 10000] [--workers 16] [--backlog 2000]
+    .venv/bin/python benchmarks/queue_over_http.py [--jobs 10000] [--workers 16] [--backlog 2000]
         [--teams 8] [--cases 10] [--postgres postgresql+psycopg://user@host:port/db]
         [--quick] [--json out.json]
 
@@ -69,7 +69,7 @@ phases:
 """
 
 
-# -- the server (python -m uvicorn --factory benchmarks.queue:bench_app) -------------------
+# -- the server (python -m uvicorn --factory benchmarks.queue_over_http:bench_app) -------
 
 
 def bench_app():
@@ -318,7 +318,8 @@ def run(args, database_url: str) -> dict:
         server_env = {k: v for k, v in os.environ.items() if not k.startswith("EPREUVE_")}
         server_env.update(EPREUVE_DATA_DIR=str(root / "state"),
                           EPREUVE_DATABASE_URL=database_url)
-        server, url = harness.start_uvicorn("benchmarks.queue:bench_app", root, server_env)
+        server, url = harness.start_uvicorn("benchmarks.queue_over_http:bench_app", root,
+                                            server_env)
         try:
             harness.progress(f"{args.workers} workers draining the queue over HTTP")
             tally, wall = run_load(url, filled.worker_token, args.jobs, args.workers)
