@@ -25,6 +25,7 @@ from engine.api.ratelimit import Rate
 from engine.api.workers import Attempt
 from engine.db.models import CaseResultRow, EventRow, JobRow, SubmissionRow, utcnow
 from engine.medio import Volume, read_volume, write_nifti
+from engine.tokens import create_token
 from engine.worker.wire import ATTEMPT_HEADER, ATTEMPT_TOKEN_HEADER
 from runners.base import FailureReason, RunResult, RunStatus, failed
 from tests.api_fixtures import build_world, queued_submission, start_server
@@ -406,3 +407,50 @@ def test_a_nodes_live_log_is_kept_rendered_where_the_pages_read_it(live):
     expire_and_sweep(live, job)
     assert node.post("logs", json={"text": "late\n"}).status_code == 409
     assert "late" not in live_logs.tail(state_dir, job, attempt)
+
+
+def test_an_empty_claim_counts_the_nodes_runs_still_being_scored(live):
+    """A node's `--until-idle` is not idle while its reported runs are being scored (their
+    ends queue its next jobs): an empty claim says how many, for its own node only."""
+    from engine.worker.wire import AWAITING_SCORING_HEADER
+    from tests.test_nodes import GOOD
+
+    node = Node(live)
+    node_id = node.http.post(f"{API}/nodes/register", json=GOOD).json()["node_id"]
+    assert node.claim(wait=0, node_id=node_id).headers[AWAITING_SCORING_HEADER] == "0"
+    queued_submission(live.world, "ch-a", "team-a")
+    assert node.claim(node_id=node_id).status_code == 201
+    with live.world.sessions() as session:  # reported: parked for the server's scorer
+        session.execute(update(JobRow).where(JobRow.id == node.ticket["job_id"]).values(
+            status="scoring", lease_owner=None))
+        session.commit()
+    assert node.claim(wait=0, node_id=node_id).headers[AWAITING_SCORING_HEADER] == "1"
+    with live.client("worker") as other_token:  # another node hears its own count only
+        with live.world.sessions() as session:
+            _, token = create_token(session, role="worker")
+            session.commit()
+        other_token.headers["Authorization"] = f"Bearer {token}"
+        other_id = other_token.post(f"{API}/nodes/register",
+                                    json={**GOOD, "name": "other"}).json()["node_id"]
+        other = other_token.post(f"{API}/jobs/claim", json={
+            "gpus": 0, "wait_seconds": 0, "node_id": other_id})
+        assert other.headers[AWAITING_SCORING_HEADER] == "0"
+
+
+def test_a_waiting_claim_is_told_when_this_process_queued_jobs(live):
+    """The scorer in the server's process tells waiting claims when it scored a job (a
+    smoke job's end queues the main ones): they look again at once, not at their next
+    poll. Here the wait is far longer than the deadline, so only the signal ends it."""
+    import threading
+
+    service = live.server.config.app.state.worker_service
+    woken = threading.Event()
+    waiter = threading.Thread(target=lambda: (service.wait_for_jobs(3600), woken.set()),
+                              daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 60
+    while not woken.is_set():
+        assert time.monotonic() < deadline, "the waiting claim was never told"
+        service.queue_changed()  # again until heard: the waiter may not be waiting yet
+        woken.wait(0.05)
+    assert service.scorer is not None and service.scorer.on_scored == service.queue_changed

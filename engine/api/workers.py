@@ -202,9 +202,23 @@ class WorkerService:
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # a claim's long poll waits on it: told when this process may have queued jobs
+        self._queue_changed = threading.Condition()
         # scores stored outcomes in this process (None: `serve --no-scorer`, a scorer apart)
-        self.scorer = (Scorer(self.sessions, self.settings, sweep_seconds=None)  # ours sweeps
+        self.scorer = (Scorer(self.sessions, self.settings, sweep_seconds=None,  # ours sweeps
+                              on_scored=self.queue_changed)
                        if scorer else None)
+
+    def queue_changed(self) -> None:
+        """Jobs may have been queued here: waiting claims look again at once."""
+        with self._queue_changed:
+            self._queue_changed.notify_all()
+
+    def wait_for_jobs(self, seconds: float) -> None:
+        """Until this process may have queued jobs, or `seconds` (another process may have:
+        a scorer apart, a submission through another server)."""
+        with self._queue_changed:
+            self._queue_changed.wait(seconds)
 
     def coordinator(self, owner: str, node_id: int | None = None) -> DbCoordinator:
         return DbCoordinator(self.sessions, self.settings, owner, lease_duration=self.lease,
@@ -301,6 +315,7 @@ class WorkerService:
         while not self._stop.wait(self.sweep_seconds):
             try:
                 sweeper.maintenance()
+                self.queue_changed()  # a swept job is queued again
             except Exception:  # the database restarts: the next sweep tries again
                 log.exception("the lease sweep failed")
 
@@ -355,7 +370,7 @@ def claim(body: ClaimRequest, session: DbSession, service: Service, worker: Work
         if time.monotonic() >= deadline:
             return Response(status_code=204, headers={
                 AWAITING_SCORING_HEADER: str(_being_scored(session, body.node_id))})
-        time.sleep(POLL_SECONDS)
+        service.wait_for_jobs(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
 def _being_scored(session: Session, node_id: int | None) -> int:

@@ -309,7 +309,7 @@ class Scorer:
     def __init__(self, sessions: sessionmaker[Session], settings: Settings, *,
                  lease: timedelta = SCORING_LEASE, poll_seconds: float = 1.0,
                  sweep_seconds: float | None = 5.0, scoring: Scoring | None = None,
-                 owner: str | None = None):
+                 owner: str | None = None, on_scored: Callable[[], None] | None = None):
         self.sessions = sessions
         self.owner = owner or scorer_owner()
         self.lease = lease
@@ -317,6 +317,9 @@ class Scorer:
         self.sweep_seconds = sweep_seconds
         self.scoring = scoring or Scoring(settings, runner=default_runner(settings))
         self.wake = threading.Event()  # set by a completion: no wait for the next poll
+        # told after each job scored: its end may have queued more (a smoke job's: the main
+        # ones), which a claim waiting in this process takes at once
+        self.on_scored = on_scored
         self._swept_at: float | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -336,6 +339,8 @@ class Scorer:
             except LeaseLost as exc:
                 log.warning("job %s: the scoring lease was lost, nothing written: %s",
                             job_id, exc)
+        if self.on_scored is not None:
+            self.on_scored()
         return job_id
 
     def run(self, stop: threading.Event, *, until_idle: bool = False) -> int:
