@@ -340,6 +340,39 @@ def test_a_forged_post_is_refused_and_changes_nothing(site):
     assert _status(site, queued) == SubmissionStatus.CANCELLED
 
 
+
+def test_an_admin_retires_a_lost_node_from_the_dashboard_and_no_one_else_may(site):
+    """A machine gone for good: its Retire button is an admin's, on a lost node with no
+    job; the form carries the session's CSRF token; the node then leaves the table."""
+    from engine import nodes
+    from engine.db.models import NodeRow
+    from engine.node_description import validated
+    from tests.test_nodes import GOOD
+
+    with site.world.sessions() as session:
+        node = nodes.register(session, validated({**GOOD, "name": "gone-rack-9"}), None, "test")
+        node.state = "lost"
+        session.commit()
+        node_id = node.id
+    action = f'action="/nodes/{node_id}/retire"'
+
+    organiser, organiser_csrf = _signed_in_client(site, "organiser-a")
+    page = organiser.get("/dashboard").text
+    assert "gone-rack-9" in page and action not in page
+    refused = organiser.post(f"/nodes/{node_id}/retire", data={"csrf": organiser_csrf})
+    assert refused.status_code == 403 and "only an admin" in refused.text
+
+    admin, csrf = _signed_in_client(site, "admin")
+    assert action in admin.get("/dashboard").text
+    assert admin.post(f"/nodes/{node_id}/retire", data={"csrf": "x" * 64}).status_code == 403
+    with site.world.sessions() as session:
+        assert session.get(NodeRow, node_id).state == "lost"
+    retired = admin.post(f"/nodes/{node_id}/retire", data={"csrf": csrf})
+    assert retired.status_code == 303 and retired.headers["location"] == "/dashboard#nodes"
+    with site.world.sessions() as session:
+        assert session.get(NodeRow, node_id).state == "retired"
+    assert "gone-rack-9" not in admin.get("/dashboard").text
+
 def test_sign_in_without_its_nonce_is_refused(site):
     client = httpx.Client(base_url=site.url, timeout=30)
     answer = client.post("/sign-in", data={"token": site.world.tokens["admin"]})

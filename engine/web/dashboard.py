@@ -5,7 +5,8 @@ The queue by phase and state, the jobs in hand with their elapsed time and log t
 (engine/nodes.py: slots, GPUs and their readings, state, last heartbeat, jobs; organisers
 and admins), the workers holding leases and the GPUs heard from
 (engine/metrics.GPU_SAMPLES), and the recent submissions with cancel and re-run. Reviewers
-read it without the buttons; participants are refused (403 page).
+read it without the buttons; participants are refused (403 page). Admins may retire a lost
+node (a machine gone for good: it leaves the list and the node-lost alert).
 """
 
 from __future__ import annotations
@@ -13,23 +14,24 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, joinedload
 
 from engine import live_logs
 from engine.api.auth import Principal
 from engine.api.database import DbSession
+from engine.api.pagination import RowId
 from engine.db.models import JobRow, PhaseRow, SubmissionRow, utcnow
 from engine.metrics import GPU_SAMPLES, QUEUE_STATES
-from engine.nodes import node_views
+from engine.nodes import node_views, retire
 from engine.statuses import ACTIVE_JOB_STATES, SubmissionStatus
 from engine.tokens import Forbidden, Role
 from engine.web.rendering import page, render
-from engine.web.session import Viewer, signed_in
+from engine.web.session import Viewer, check_csrf, signed_in
 
 router = APIRouter(include_in_schema=False)
 RECENT = 50
@@ -154,7 +156,21 @@ def dashboard(request: Request, session: DbSession, principal: Viewer) -> Respon
                   workers=workers(session, reader), gpus=GPU_SAMPLES.fresh(),
                   nodes=nodes_in_view(session, reader),
                   submissions=recent_submissions(session, reader),
-                  active=(SubmissionStatus.QUEUED, SubmissionStatus.RUNNING))
+                  active=(SubmissionStatus.QUEUED, SubmissionStatus.RUNNING),
+                  may_retire=reader.role == Role.ADMIN)
+
+
+@router.post("/nodes/{node_id}/retire")
+@page
+def retire_node(node_id: RowId, request: Request, session: DbSession, principal: Viewer,
+                csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """An admin takes a node gone for good out of the list (engine/nodes.py `retire`)."""
+    reader = signed_in(principal)
+    check_csrf(request, csrf)
+    if reader.role != Role.ADMIN:
+        raise Forbidden("only an admin may retire a node: nodes serve every challenge")
+    retire(session, node_id, reader.actor)
+    return RedirectResponse("/dashboard#nodes", status_code=303)
 
 
 @router.get("/dashboard/live.json")
