@@ -104,3 +104,31 @@ def test_reviewers_are_not_shown_the_nodes(site, browser):
     assert page.locator("#nodes").count() == 0
     assert "shown to organisers and admins" in page.inner_text("main")
     watched.assert_quiet()
+
+
+@pytest.mark.browser
+def test_an_admin_retires_a_lost_node_with_its_button(site, browser):
+    """A machine gone for good: the Retire button of a lost node with no job (none on the
+    nodes running jobs), reachable from the keyboard; the node then leaves the table."""
+    from engine import nodes
+    from engine.node_description import validated
+
+    with site.world.sessions() as session:
+        gone = nodes.register(session, validated({
+            "name": "gone-rack-3", "gpu_slots": 0, "cpu_slots": 1, "gpus": [], "facts": {}}),
+            None, "test")
+        gone.state = "lost"
+        session.commit()
+    watched = watched_page(browser, site.url)
+    page = watched.page
+    sign_in(watched, site.world.tokens["admin"])
+    page.goto("/dashboard")
+    assert page.locator("#nodes tr", has_text="gpu-node-a").locator("button").count() == 0
+    button = page.locator("#nodes tr", has_text="gone-rack-3").get_by_role(
+        "button", name="Retire node gone-rack-3")
+    assert serious_violations(page) == []
+    button.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/dashboard#nodes")
+    assert "gone-rack-3" not in page.inner_text("#nodes")
+    watched.assert_quiet()
