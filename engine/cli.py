@@ -638,16 +638,15 @@ def nodes_retire(
     server, token = server or given.get("server"), token or given.get("token")
     if server:
         with _api(server, token) as api:
-            retired = api.retire_node(node_id)
+            name = api.retire_node(node_id)["name"]
     else:
-        from engine.nodes import retire, view
+        from engine.nodes import retire
 
         _, sessions = _sessions()
         with sessions() as session:
-            node = retire(session, node_id, _actor())
-            retired = view(node, [], 0, node.last_heartbeat)
+            name = retire(session, node_id, _actor()).name
             session.commit()
-    console.print(f"node {retired['id']} ({escape(retired['name'])}) retired")
+    console.print(f"node {node_id} ({escape(name)}) retired")
 
 
 def nodes_table(views: list[dict]) -> Table:
